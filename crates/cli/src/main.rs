@@ -1,0 +1,82 @@
+//! The `agentvm` binary.
+
+mod run;
+mod units;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status when the sandbox could not be set up.
+pub const EXIT_SETUP: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "agentvm",
+    version,
+    about = "Run AI coding agents and any command in an isolated sandbox"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run COMMAND in a sandbox: /workspace is a copy-on-write view of --repo.
+    ///
+    /// Exit status: COMMAND's own; 128+N when killed by signal N; 124 on
+    /// timeout; 137 when killed for exceeding --memory; 125 when the sandbox
+    /// could not be set up; 126 when COMMAND is not executable; 127 when it
+    /// is not found.
+    Run(Box<run::RunArgs>),
+    /// Report which isolation layers this kernel and this user can use.
+    Doctor {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 2,
+                // `agentvm run` with bad options is a setup failure (125),
+                // like `env` or `timeout`: the command never ran.
+                _ if std::env::args().nth(1).as_deref() == Some("run") => EXIT_SETUP,
+                _ => 2,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run::main(*args),
+        Command::Doctor { json } => doctor(json),
+    }
+}
+
+fn doctor(json: bool) -> ExitCode {
+    let report = agentvm_sandbox::doctor::check();
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("agentvm doctor: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.sandbox_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,492 @@
+//! `agentvm run`: validate the request, run the sandbox, capture the
+//! changes, and report.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentvm_sandbox::spec::{DEFAULT_DISK, DEFAULT_ROOT_MAPS_TO, HOME_DIR, WORKSPACE_DIR};
+use agentvm_sandbox::{
+    Ended, ExecFailure, Layers, Limits, Network, RoBind, RunError, SandboxSpec, SetupError,
+};
+use clap::Args;
+use serde::Serialize;
+
+use crate::units;
+use crate::EXIT_SETUP;
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// /workspace is a copy-on-write view of DIR; DIR itself is never written.
+    #[arg(long, value_name = "DIR")]
+    repo: Option<PathBuf>,
+    /// Write every change under /workspace as a git-style patch (empty when nothing changed).
+    #[arg(long, value_name = "FILE")]
+    patch_out: Option<PathBuf>,
+    /// Write one JSON object describing how the run ended.
+    #[arg(long, value_name = "FILE")]
+    result_json: Option<PathBuf>,
+    /// none: a private loopback only. host: the host's network (no isolation).
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_network)]
+    network: Network,
+    /// Memory limit, swap included (e.g. 512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    memory: Option<u64>,
+    /// Maximum number of processes and threads.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4_194_304))]
+    pids: Option<u64>,
+    /// CPUs to pin to (e.g. 0, 0-1, 0,2).
+    #[arg(long, value_name = "LIST", value_parser = units::parse_cpus)]
+    cpus: Option<String>,
+    /// CPU bandwidth in cores (e.g. 0.5, 2).
+    #[arg(long, value_name = "CORES", value_parser = units::parse_cores)]
+    cpu_quota: Option<f64>,
+    /// What /workspace changes, /tmp, /dev/shm and HOME may add together.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
+    disk: Option<u64>,
+    /// Wall-clock limit (e.g. 30s, 5m); the whole process tree is killed.
+    #[arg(long, value_name = "DURATION", value_parser = units::parse_duration)]
+    timeout: Option<Duration>,
+    /// Set KEY=VALUE in the sandbox (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Copy KEY from this environment into the sandbox (repeatable).
+    #[arg(long = "env-pass", value_name = "KEY", value_parser = parse_env_key)]
+    env_pass: Vec<String>,
+    /// Extra read-only path, e.g. a tool installed outside /usr (repeatable).
+    #[arg(long = "ro-bind", value_name = "SRC[:DST]")]
+    ro_bind: Vec<String>,
+    /// Cgroup (relative to each hierarchy's root) to create the sandbox's cgroup under.
+    #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
+    cgroup_parent: Option<PathBuf>,
+    /// Largest binary file encoded in the patch; larger ones are only marked.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size, default_value = "8M")]
+    patch_binary_max: u64,
+    /// DANGEROUS: run without the seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// DANGEROUS: run without landlock.
+    #[arg(long)]
+    no_landlock: bool,
+    /// Run without cgroups; refuses any cgroup limit (--memory, --pids, --cpus, --cpu-quota).
+    #[arg(long)]
+    no_cgroup: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn parse_network(s: &str) -> Result<Network, String> {
+    match s {
+        "none" => Ok(Network::None),
+        "host" => Ok(Network::Host),
+        _ if s.starts_with("allow:") => {
+            Err("allow:HOST,... needs the egress proxy, which this build does not have yet".into())
+        }
+        _ => Err(format!("invalid network mode {s:?}: expected none or host")),
+    }
+}
+
+fn valid_key(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn parse_env_key(s: &str) -> Result<String, String> {
+    if valid_key(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "invalid variable name {s:?}: letters, digits and _ only, not starting with a digit"
+        ))
+    }
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("invalid --env {s:?}: expected KEY=VALUE"))?;
+    parse_env_key(k)?;
+    if v.contains('\0') {
+        return Err("invalid --env: the value contains a NUL byte".into());
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// Variables passed through from the caller when set (nothing secret).
+const ENV_PASS_THROUGH: [&str; 9] = [
+    "TERM",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "COLORTERM",
+    "NO_COLOR",
+    "LANGUAGE",
+];
+const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn build_env(args: &RunArgs) -> Result<Vec<(OsString, OsString)>, String> {
+    let mut env: Vec<(String, OsString)> = vec![
+        ("PATH".into(), SANDBOX_PATH.into()),
+        ("HOME".into(), HOME_DIR.into()),
+        ("USER".into(), "root".into()),
+        ("LOGNAME".into(), "root".into()),
+        ("SHELL".into(), "/bin/sh".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("PWD".into(), WORKSPACE_DIR.into()),
+        ("HOSTNAME".into(), agentvm_sandbox::spec::HOSTNAME.into()),
+    ];
+    let mut set = |k: &str, v: OsString| {
+        env.retain(|(x, _)| x != k);
+        env.push((k.to_string(), v));
+    };
+    for k in ENV_PASS_THROUGH {
+        if let Some(v) = std::env::var_os(k) {
+            set(k, v);
+        }
+    }
+    if std::env::var_os("LANG").is_none() {
+        set("LANG", "C.UTF-8".into());
+    }
+    for k in &args.env_pass {
+        match std::env::var_os(k) {
+            Some(v) => set(k, v),
+            None => {
+                return Err(format!(
+                    "--env-pass {k}: {k} is not set in this environment"
+                ))
+            }
+        }
+    }
+    for (k, v) in &args.env {
+        set(k, v.into());
+    }
+    Ok(env.into_iter().map(|(k, v)| (k.into(), v)).collect())
+}
+
+/// Paths a --ro-bind may not cover: they are the sandbox's own.
+const RESERVED: [&str; 6] = ["/", "/proc", "/dev", "/tmp", "/etc", HOME_DIR];
+
+fn parse_ro_bind(s: &str) -> Result<RoBind, String> {
+    let (src, dst) = match s.split_once(':') {
+        Some((a, b)) => (a, Some(b)),
+        None => (s, None),
+    };
+    if src.is_empty() {
+        return Err(format!("--ro-bind {s:?}: empty source"));
+    }
+    let src =
+        std::fs::canonicalize(src).map_err(|e| format!("--ro-bind {s:?}: source {src}: {e}"))?;
+    let dst = match dst {
+        Some(d) => PathBuf::from(d),
+        None => src.clone(),
+    };
+    if !dst.is_absolute()
+        || dst
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(format!(
+            "--ro-bind {s:?}: destination must be an absolute path without . or .."
+        ));
+    }
+    let ws = Path::new(WORKSPACE_DIR);
+    if RESERVED.iter().any(|r| dst == Path::new(r))
+        || dst.starts_with(ws)
+        || dst.starts_with("/proc")
+        || dst.starts_with("/dev")
+    {
+        return Err(format!(
+            "--ro-bind {s:?}: {} belongs to the sandbox and cannot be replaced",
+            dst.display()
+        ));
+    }
+    Ok(RoBind { src, dst })
+}
+
+/// What --result-json holds.
+#[derive(Serialize)]
+struct RunResult {
+    status: &'static str,
+    exit_code: i32,
+    signal: Option<i32>,
+    duration_ms: u64,
+    setup_ms: Option<u64>,
+    changed_files: Vec<String>,
+    binary_omitted: Vec<String>,
+    patch_bytes: usize,
+    oom_kills: u64,
+    memory_peak_bytes: Option<u64>,
+    timeout_ms: Option<u64>,
+    network: Network,
+    landlock_abi: u32,
+    layers_disabled: Vec<&'static str>,
+    error: Option<ErrorJson>,
+}
+
+#[derive(Serialize)]
+struct ErrorJson {
+    layer: String,
+    message: String,
+}
+
+struct Outputs {
+    patch: Option<File>,
+    result: Option<File>,
+}
+
+fn open_out(p: &Path, what: &str) -> Result<File, String> {
+    File::create(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("agentvm: {msg}");
+    ExitCode::from(EXIT_SETUP)
+}
+
+pub fn main(args: RunArgs) -> ExitCode {
+    // --- validate everything before anything runs
+    let repo = match &args.repo {
+        None => None,
+        Some(r) => match std::fs::canonicalize(r) {
+            Ok(p) if p.is_dir() => Some(p),
+            Ok(p) => return fail(&format!("--repo {}: not a directory", p.display())),
+            Err(e) => return fail(&format!("--repo {}: {e}", r.display())),
+        },
+    };
+    let env = match build_env(&args) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    let ro_binds = match args
+        .ro_bind
+        .iter()
+        .map(|s| parse_ro_bind(s))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    let limits = Limits {
+        memory: args.memory,
+        pids: args.pids,
+        cpus: args.cpus.clone(),
+        cpu_quota: args.cpu_quota,
+        disk: args.disk.unwrap_or(DEFAULT_DISK),
+        timeout: args.timeout,
+    };
+    let layers = Layers {
+        seccomp: !args.no_seccomp,
+        landlock: !args.no_landlock,
+        cgroup: !args.no_cgroup,
+    };
+    if args.no_cgroup && !agentvm_sandbox::cgroup::needed(&limits).is_empty() {
+        return fail("--no-cgroup cannot enforce --memory, --pids, --cpus or --cpu-quota; drop one or the other");
+    }
+    let mut disabled = Vec::new();
+    if args.no_seccomp {
+        disabled.push("seccomp");
+    }
+    if args.no_landlock {
+        disabled.push("landlock");
+    }
+    if args.no_cgroup {
+        disabled.push("cgroup");
+    }
+    for d in &disabled {
+        eprintln!("agentvm: WARNING: the {d} layer is switched off for this run; the sandbox is weaker than the default");
+    }
+    if args.network == Network::Host {
+        eprintln!("agentvm: WARNING: --network host: the command shares the host's network (it can reach every address and local service the host can)");
+    }
+    let mut outs = Outputs {
+        patch: None,
+        result: None,
+    };
+    if let Some(p) = &args.patch_out {
+        match open_out(p, "--patch-out") {
+            Ok(f) => outs.patch = Some(f),
+            Err(e) => return fail(&e),
+        }
+    }
+    if let Some(p) = &args.result_json {
+        match open_out(p, "--result-json") {
+            Ok(f) => outs.result = Some(f),
+            Err(e) => return fail(&e),
+        }
+    }
+
+    let spec = SandboxSpec {
+        argv: args.command.clone(),
+        env,
+        repo: repo.clone(),
+        ro_binds,
+        network: args.network,
+        limits: limits.clone(),
+        layers,
+        root_maps_to: DEFAULT_ROOT_MAPS_TO,
+        cgroup_parent: args.cgroup_parent.clone(),
+    };
+    let mut result = RunResult {
+        status: "error",
+        exit_code: EXIT_SETUP as i32,
+        signal: None,
+        duration_ms: 0,
+        setup_ms: None,
+        changed_files: Vec::new(),
+        binary_omitted: Vec::new(),
+        patch_bytes: 0,
+        oom_kills: 0,
+        memory_peak_bytes: None,
+        timeout_ms: limits.timeout.map(|t| t.as_millis() as u64),
+        network: args.network,
+        landlock_abi: 0,
+        layers_disabled: disabled,
+        error: None,
+    };
+
+    let outcome = agentvm_sandbox::run(&spec);
+    let code: i32 = match outcome {
+        Err(RunError::Setup(e)) => {
+            report_setup_error(&e, &mut result);
+            EXIT_SETUP as i32
+        }
+        Err(RunError::Exec {
+            command,
+            kind,
+            reason,
+        }) => {
+            eprintln!("agentvm: {command}: {reason}");
+            let code = match kind {
+                ExecFailure::NotFound => 127,
+                ExecFailure::NotExecutable => 126,
+            };
+            result.exit_code = code;
+            result.error = Some(ErrorJson {
+                layer: "exec".into(),
+                message: format!("{command}: {reason}"),
+            });
+            code
+        }
+        Ok(o) => {
+            let (status, code, signal) = match o.ended {
+                Ended::Exited(c) => ("exited", c, None),
+                Ended::Signaled(s) => ("signaled", 128 + s, Some(s)),
+                Ended::Timeout => ("timeout", 124, None),
+                Ended::Oom => ("oom", 137, Some(9)),
+            };
+            if o.ended == Ended::Timeout {
+                eprintln!(
+                    "agentvm: timed out after {}",
+                    humanize(limits.timeout.unwrap_or_default())
+                );
+            }
+            if o.ended == Ended::Oom {
+                eprintln!("agentvm: killed: the sandbox exceeded its memory limit");
+            }
+            result.status = status;
+            result.exit_code = code;
+            result.signal = signal;
+            result.duration_ms = o.duration.as_millis() as u64;
+            result.setup_ms = Some(o.setup.as_millis() as u64);
+            result.oom_kills = o.oom_kills;
+            result.memory_peak_bytes = o.memory_peak;
+            result.landlock_abi = o.landlock_abi;
+            if outs.patch.is_some() || outs.result.is_some() {
+                let upper = PathBuf::from(format!("/proc/self/fd/{}", o.upper.as_raw_fd()));
+                match agentvm_workspace::capture(&upper, repo.as_deref()) {
+                    Ok(changes) => {
+                        let r = agentvm_workspace::render(
+                            &changes,
+                            &agentvm_workspace::PatchOptions {
+                                binary_max: args.patch_binary_max as usize,
+                            },
+                        );
+                        result.changed_files = changes
+                            .iter()
+                            .map(|c| c.path().to_string_lossy().into_owned())
+                            .collect();
+                        result.binary_omitted = r.binary_omitted;
+                        result.patch_bytes = r.patch.len();
+                        if let Some(f) = outs.patch.as_mut() {
+                            if let Err(e) = f.write_all(&r.patch).and_then(|_| f.sync_all()) {
+                                eprintln!("agentvm: writing the patch: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => eprintln!("agentvm: capturing changes: {e}"),
+                }
+            }
+            code
+        }
+    };
+    if let Some(f) = outs.result.as_mut() {
+        match serde_json::to_vec_pretty(&result) {
+            Ok(mut bytes) => {
+                bytes.push(b'\n');
+                if let Err(e) = f.write_all(&bytes) {
+                    eprintln!("agentvm: writing the result: {e}");
+                }
+            }
+            Err(e) => eprintln!("agentvm: encoding the result: {e}"),
+        }
+    }
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+fn report_setup_error(e: &SetupError, result: &mut RunResult) {
+    eprintln!("agentvm: sandbox setup failed: {e}");
+    result.error = Some(ErrorJson {
+        layer: e.layer.to_string(),
+        message: e.message.clone(),
+    });
+}
+
+fn humanize(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_parsing() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("NOEQUALS").is_err());
+        assert!(parse_env("1A=x").is_err());
+        assert!(parse_env("A-B=x").is_err());
+        assert!(parse_env_key("_OK9").is_ok());
+    }
+
+    #[test]
+    fn ro_bind_rules() {
+        assert!(parse_ro_bind("/usr/bin:/opt/tools").is_ok());
+        assert!(parse_ro_bind("/usr/bin:relative").is_err());
+        assert!(parse_ro_bind("/usr/bin:/workspace/x").is_err());
+        assert!(parse_ro_bind("/usr/bin:/proc/x").is_err());
+        assert!(parse_ro_bind("/usr/bin:/opt/../etc").is_err());
+        assert!(parse_ro_bind("/nonexistent-agentvm-path").is_err());
+        assert!(parse_ro_bind("/usr/bin:/").is_err());
+    }
+
+    #[test]
+    fn network_modes() {
+        assert_eq!(parse_network("none"), Ok(Network::None));
+        assert_eq!(parse_network("host"), Ok(Network::Host));
+        assert!(parse_network("allow:example.com").is_err());
+        assert!(parse_network("bridge").is_err());
+    }
+}

@@ -1,0 +1,326 @@
+//! Cgroup limits (memory, pids, cpu bandwidth, cpuset) on cgroup v1 and v2.
+//! One cgroup per sandbox, created before the sandbox's init starts work,
+//! removed after every process in it is gone.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Layer, SetupError};
+use crate::spec::Limits;
+
+/// Which hierarchy layout the host uses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// Where the controllers live on this host.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Hierarchy {
+    pub version: Version,
+    /// controller name -> mount point (v1); for v2 every controller maps to
+    /// the unified mount point.
+    pub mounts: Vec<(String, PathBuf)>,
+}
+
+const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuset"];
+
+/// Discover the cgroup layout from /proc/self/mountinfo.
+pub fn discover() -> Option<Hierarchy> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut v1 = Vec::new();
+    let mut v2: Option<PathBuf> = None;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = left.split(' ').nth(4).unwrap_or("");
+        let mut r = right.split(' ');
+        let fstype = r.next().unwrap_or("");
+        let _source = r.next();
+        let opts = r.next().unwrap_or("");
+        match fstype {
+            "cgroup" => {
+                for c in opts.split(',') {
+                    if CONTROLLERS.contains(&c) {
+                        v1.push((c.to_string(), PathBuf::from(mount_point)));
+                    }
+                }
+            }
+            "cgroup2" => {
+                let p = PathBuf::from(mount_point);
+                let ctl = fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default();
+                if CONTROLLERS
+                    .iter()
+                    .any(|c| ctl.split_whitespace().any(|x| x == *c))
+                {
+                    v2 = Some(p);
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(p) = v2 {
+        return Some(Hierarchy {
+            version: Version::V2,
+            mounts: CONTROLLERS
+                .iter()
+                .map(|c| (c.to_string(), p.clone()))
+                .collect(),
+        });
+    }
+    if v1.is_empty() {
+        return None;
+    }
+    Some(Hierarchy {
+        version: Version::V1,
+        mounts: v1,
+    })
+}
+
+/// The calling process's cgroup path in the hierarchy that has `controller`
+/// (v1), or in the unified hierarchy (v2).
+fn own_path(version: &Version, controller: &str) -> PathBuf {
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or("/"),
+        );
+        let hit = match version {
+            Version::V2 => ctrls.is_empty(),
+            Version::V1 => ctrls.split(',').any(|c| c == controller),
+        };
+        if hit {
+            return PathBuf::from(path.trim_start_matches('/'));
+        }
+    }
+    PathBuf::new()
+}
+
+/// Which controllers `limits` needs.
+pub fn needed(limits: &Limits) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if limits.memory.is_some() {
+        v.push("memory");
+    }
+    if limits.pids.is_some() {
+        v.push("pids");
+    }
+    if limits.cpu_quota.is_some() {
+        v.push("cpu");
+    }
+    if limits.cpus.is_some() {
+        v.push("cpuset");
+    }
+    v
+}
+
+/// A created cgroup (one directory per v1 controller, one in v2).
+#[derive(Debug)]
+pub struct Cgroup {
+    version: Version,
+    dirs: Vec<(String, PathBuf)>,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), SetupError> {
+    fs::write(path, value).map_err(|e| {
+        SetupError::os(
+            Layer::Cgroup,
+            format!("writing {value:?} to {}", path.display()),
+            e,
+        )
+    })
+}
+
+impl Cgroup {
+    /// Create the cgroup for `limits` under `parent` (relative to each
+    /// hierarchy's root; default: the caller's own cgroup). `None` when no
+    /// cgroup limit is asked for.
+    pub fn create(
+        limits: &Limits,
+        parent: Option<&Path>,
+        name: &str,
+    ) -> Result<Option<Cgroup>, SetupError> {
+        let need = needed(limits);
+        if need.is_empty() {
+            return Ok(None);
+        }
+        let h = discover().ok_or_else(|| {
+            SetupError::new(Layer::Cgroup, "no cgroup hierarchy is mounted on this host")
+        })?;
+        let mut cg = Cgroup {
+            version: h.version.clone(),
+            dirs: Vec::new(),
+        };
+        let base_for = |ctrl: &str| -> Result<PathBuf, SetupError> {
+            let mount = h
+                .mounts
+                .iter()
+                .find(|(c, _)| c == ctrl)
+                .map(|(_, p)| p.clone())
+                .ok_or_else(|| {
+                    SetupError::new(
+                        Layer::Cgroup,
+                        format!("the {ctrl} controller is not available on this host"),
+                    )
+                })?;
+            let rel = match parent {
+                Some(p) => p.strip_prefix("/").unwrap_or(p).to_path_buf(),
+                None => own_path(&h.version, ctrl),
+            };
+            Ok(mount.join(rel))
+        };
+        match h.version {
+            Version::V1 => {
+                for ctrl in &need {
+                    let dir = base_for(ctrl)?.join(name);
+                    cg.mkdir(ctrl, &dir)?;
+                }
+            }
+            Version::V2 => {
+                let base = base_for("memory")?;
+                let enable: String = need.iter().map(|c| format!("+{c} ")).collect();
+                // Best effort: the parent may already delegate them.
+                let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
+                let dir = base.join(name);
+                cg.mkdir("unified", &dir)?;
+            }
+        }
+        if let Err(e) = cg.apply(limits) {
+            cg.destroy();
+            return Err(e);
+        }
+        Ok(Some(cg))
+    }
+
+    fn mkdir(&mut self, ctrl: &str, dir: &Path) -> Result<(), SetupError> {
+        fs::create_dir(dir).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                " (run as root, delegate a cgroup to this user and name it with --cgroup-parent, or pass --no-cgroup to run without limits)"
+            } else {
+                ""
+            };
+            SetupError::os(
+                Layer::Cgroup,
+                format!("creating {}", dir.display()),
+                format!("{e}{hint}"),
+            )
+        })?;
+        self.dirs.push((ctrl.to_string(), dir.to_path_buf()));
+        Ok(())
+    }
+
+    fn dir(&self, ctrl: &str) -> Option<&Path> {
+        match self.version {
+            Version::V2 => self.dirs.first().map(|(_, d)| d.as_path()),
+            Version::V1 => self
+                .dirs
+                .iter()
+                .find(|(c, _)| c == ctrl)
+                .map(|(_, d)| d.as_path()),
+        }
+    }
+
+    fn apply(&self, limits: &Limits) -> Result<(), SetupError> {
+        let v2 = self.version == Version::V2;
+        if let (Some(mem), Some(d)) = (limits.memory, self.dir("memory")) {
+            if v2 {
+                write(&d.join("memory.max"), &mem.to_string())?;
+                if d.join("memory.swap.max").exists() {
+                    write(&d.join("memory.swap.max"), "0")?;
+                }
+            } else {
+                write(&d.join("memory.limit_in_bytes"), &mem.to_string())?;
+                let memsw = d.join("memory.memsw.limit_in_bytes");
+                if memsw.exists() {
+                    write(&memsw, &mem.to_string())?;
+                }
+                let _ = fs::write(d.join("memory.swappiness"), "0");
+            }
+        }
+        if let (Some(p), Some(d)) = (limits.pids, self.dir("pids")) {
+            write(&d.join("pids.max"), &p.to_string())?;
+        }
+        if let (Some(q), Some(d)) = (limits.cpu_quota, self.dir("cpu")) {
+            let period: u64 = 100_000;
+            let quota = ((q * period as f64).round() as u64).max(1000);
+            if v2 {
+                write(&d.join("cpu.max"), &format!("{quota} {period}"))?;
+            } else {
+                write(&d.join("cpu.cfs_period_us"), &period.to_string())?;
+                write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        if let (Some(cpus), Some(d)) = (&limits.cpus, self.dir("cpuset")) {
+            if !v2 {
+                // a new v1 cpuset starts empty: memory nodes come from the parent
+                let parent = d.parent().unwrap_or(d);
+                let mems = fs::read_to_string(parent.join("cpuset.mems")).unwrap_or_default();
+                write(&d.join("cpuset.mems"), mems.trim())?;
+            }
+            write(&d.join("cpuset.cpus"), cpus).map_err(|e| {
+                SetupError::new(
+                    Layer::Cgroup,
+                    format!("{} (are CPUs {cpus} present and allowed here?)", e.message),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Move `pid` into the cgroup.
+    pub fn add(&self, pid: i32) -> Result<(), SetupError> {
+        for (_, d) in &self.dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// How many processes the OOM killer killed in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        let Some(d) = self.dir("memory") else {
+            return 0;
+        };
+        let (file, key) = match self.version {
+            Version::V1 => ("memory.oom_control", "oom_kill"),
+            Version::V2 => ("memory.events", "oom_kill"),
+        };
+        let text = fs::read_to_string(d.join(file)).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Peak memory use in bytes, where the kernel reports it.
+    pub fn memory_peak(&self) -> Option<u64> {
+        let d = self.dir("memory")?;
+        let file = match self.version {
+            Version::V1 => "memory.max_usage_in_bytes",
+            Version::V2 => "memory.peak",
+        };
+        fs::read_to_string(d.join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// Remove the cgroup. Every process in it must be gone; the kernel may
+    /// need a moment to release the last one, so EBUSY is retried briefly.
+    pub fn destroy(&self) {
+        for (_, d) in self.dirs.iter().rev() {
+            for attempt in 0..50 {
+                match fs::remove_dir(d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(_) if attempt < 49 => std::thread::sleep(Duration::from_millis(2)),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+}

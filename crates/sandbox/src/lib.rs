@@ -1,0 +1,23 @@
+//! # agentvm-sandbox: how a process is isolated
+//!
+//! Owns turning a [`SandboxSpec`] into a running, confined process and
+//! reporting how it ended. The `ns` backend stacks user, mount, pid, net,
+//! ipc, uts and cgroup namespaces, a minimal read-only root, seccomp,
+//! landlock, no_new_privs, an empty capability set and cgroup limits.
+//!
+//! It must never: know about HTTP, jobs or databases; run a shell on any
+//! input; silently drop a layer (a layer that cannot be applied is a
+//! [`SetupError`] naming it); map root inside to the host's root.
+
+pub mod caps;
+pub mod cgroup;
+pub mod doctor;
+pub mod error;
+pub mod landlock_layer;
+pub mod ns;
+pub mod seccomp;
+pub mod spec;
+
+pub use error::{ExecFailure, Layer, RunError, SetupError};
+pub use ns::{run, Ended, Outcome};
+pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec};

@@ -1,0 +1,105 @@
+//! What a caller asks for: a pure description of one sandbox, validated at
+//! construction by the caller (the CLI or the server), consumed by a backend.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where `/workspace` comes from and where it lives inside the sandbox.
+pub const WORKSPACE_DIR: &str = "/workspace";
+/// The private, writable home directory inside the sandbox.
+pub const HOME_DIR: &str = "/home/agent";
+/// The hostname every sandbox gets.
+pub const HOSTNAME: &str = "agentvm";
+
+/// Network policy. `Allow` (an egress allowlist through a proxy) is added by
+/// the egress crate later; the variant set is kept open for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Network {
+    /// A private network namespace with only a loopback interface.
+    None,
+    /// The host's network namespace (no network isolation at all).
+    Host,
+}
+
+/// Resource limits. `None` means "no limit of this kind".
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Memory limit in bytes (cgroup memory controller, swap included where
+    /// the kernel accounts it).
+    pub memory: Option<u64>,
+    /// Maximum number of tasks (cgroup pids controller).
+    pub pids: Option<u64>,
+    /// CPU list to pin to, in the kernel's list syntax ("0", "0-1", "0,2").
+    pub cpus: Option<String>,
+    /// CPU bandwidth in cores (1.5 = one and a half cores).
+    pub cpu_quota: Option<f64>,
+    /// Bytes that /workspace changes, /tmp, /dev/shm and HOME may add
+    /// together (size of the private scratch tmpfs).
+    pub disk: u64,
+    /// Wall-clock limit; the whole process tree is killed when it expires.
+    pub timeout: Option<Duration>,
+}
+
+/// Layers a caller may switch off explicitly. Every layer is on by default,
+/// and switching one off is printed loudly by the CLI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layers {
+    pub seccomp: bool,
+    pub landlock: bool,
+    /// Cgroups are needed only when a cgroup limit is asked for; this flag
+    /// lets a caller run limits-free where cgroups are not delegated.
+    pub cgroup: bool,
+}
+
+impl Default for Layers {
+    fn default() -> Self {
+        Layers {
+            seccomp: true,
+            landlock: true,
+            cgroup: true,
+        }
+    }
+}
+
+/// An extra read-only bind mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoBind {
+    /// Canonical host path.
+    pub src: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub dst: PathBuf,
+}
+
+/// One sandbox, fully described.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// The command and its arguments; argv[0] is looked up in the sandbox's
+    /// PATH when it contains no slash.
+    pub argv: Vec<OsString>,
+    /// The complete environment of the command (nothing else is inherited).
+    pub env: Vec<(OsString, OsString)>,
+    /// Canonical host directory shown copy-on-write at /workspace; `None`
+    /// gives an empty writable /workspace.
+    pub repo: Option<PathBuf>,
+    pub ro_binds: Vec<RoBind>,
+    pub network: Network,
+    pub limits: Limits,
+    pub layers: Layers,
+    /// Host uid/gid that root inside the sandbox maps to when AgentVM runs
+    /// as root (never 0). Ignored when run unprivileged: then root inside is
+    /// the calling user.
+    pub root_maps_to: u32,
+    /// Cgroup parent (relative to each hierarchy's root) under which the
+    /// sandbox's cgroup is created; `None` uses the caller's own cgroup.
+    pub cgroup_parent: Option<PathBuf>,
+}
+
+/// The id that root inside a sandbox maps to when AgentVM runs as root:
+/// the conventional overflow/nobody id.
+pub const DEFAULT_ROOT_MAPS_TO: u32 = 65534;
+
+/// Default scratch size for `Limits::disk`.
+pub const DEFAULT_DISK: u64 = 1 << 30;
