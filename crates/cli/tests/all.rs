@@ -1,0 +1,3 @@
+//! All integration tests in one binary (faster to build on small machines).
+mod common;
+mod suite;

@@ -1,0 +1,251 @@
+//! Shared harness: runs the real `agentvm` binary, as root and again as an
+//! unprivileged user (uid 65534) when the tests run as root.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub const NOBODY: u32 = 65534;
+
+/// Who runs `agentvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    /// The test process itself (root in CI).
+    Me,
+    /// uid/gid 65534 through setpriv, no supplementary groups.
+    Nobody,
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Every identity the suite runs under.
+pub fn runners() -> Vec<Who> {
+    if is_root() {
+        vec![Who::Me, Who::Nobody]
+    } else {
+        vec![Who::Me]
+    }
+}
+
+/// A world-readable directory with copies of the binaries, so an
+/// unprivileged user can execute them wherever the build tree lives.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("agentvm-test-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (name, src) in [
+            ("agentvm", env!("CARGO_BIN_EXE_agentvm")),
+            ("agentvm-probe", env!("CARGO_BIN_EXE_agentvm-probe")),
+        ] {
+            let dst = d.join(name);
+            let tmp = d.join(format!(".{name}.tmp"));
+            std::fs::copy(src, &tmp).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+                .unwrap_or_else(|e| panic!("{e}"));
+            std::fs::rename(&tmp, &dst).unwrap_or_else(|e| panic!("{e}"));
+        }
+        d
+    })
+}
+
+pub fn agentvm_path() -> PathBuf {
+    bin_dir().join("agentvm")
+}
+
+pub fn probe_path() -> PathBuf {
+    bin_dir().join("agentvm-probe")
+}
+
+/// The host's mount, pid and user namespace ids, for the probe's guard.
+pub fn host_ns() -> String {
+    ["mnt", "pid", "user"]
+        .iter()
+        .map(|k| {
+            std::fs::read_link(format!("/proc/self/ns/{k}"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Cgroup parent delegated to uid 65534 (cgroup v1: one directory per
+/// controller, owned by that user), so rootless limits can be tested.
+pub fn delegated_cgroup() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        let name = "agentvm-test-delegated".to_string();
+        for ctrl in ["memory", "pids", "cpu", "cpuset"] {
+            let base = Path::new("/sys/fs/cgroup").join(ctrl);
+            if !base.exists() {
+                continue;
+            }
+            let d = base.join(&name);
+            let _ = std::fs::create_dir(&d);
+            if ctrl == "cpuset" {
+                for f in ["cpuset.cpus", "cpuset.mems"] {
+                    let v = std::fs::read_to_string(base.join(f)).unwrap_or_default();
+                    let _ = std::fs::write(d.join(f), v.trim());
+                }
+            }
+            let _ = Command::new("chown")
+                .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+                .arg(&d)
+                .status();
+        }
+        name
+    })
+}
+
+/// `agentvm ARGS` as `who`, stdin closed.
+pub fn agentvm(who: Who, args: &[&str]) -> Output {
+    agentvm_with(who, args, &[], None)
+}
+
+pub fn agentvm_with(who: Who, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    let bin = agentvm_path();
+    let mut cmd = match who {
+        Who::Me => Command::new(&bin),
+        Who::Nobody => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={NOBODY}"),
+                format!("--regid={NOBODY}"),
+                "--clear-groups".into(),
+                "--".into(),
+            ]);
+            c.arg(&bin);
+            c
+        }
+    };
+    cmd.args(args).current_dir(bin_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if who == Who::Nobody && args.first() == Some(&"run") && is_root() {
+        cmd.env("AGENTVM_CGROUP_PARENT", delegated_cgroup());
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning agentvm: {e}"));
+    if let Some(data) = stdin {
+        use std::io::Write;
+        let mut s = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+        s.write_all(data).unwrap_or_else(|e| panic!("{e}"));
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Run the probe inside a sandbox: `agentvm run EXTRA... -- probe CHECK ARG`.
+pub fn probe(
+    who: Who,
+    extra: &[&str],
+    check: &str,
+    arg: Option<&str>,
+) -> (i32, serde_json::Value, String) {
+    let probe = probe_path();
+    let bind = format!("{}:/agentvm-probe", probe.display());
+    let ns = host_ns();
+    let mut args = vec!["run", "--ro-bind", &bind];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "/agentvm-probe", "--host-ns", &ns, check]);
+    if let Some(a) = arg {
+        args.push(a);
+    }
+    let out = agentvm(who, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let code = out.status.code().unwrap_or(-1);
+    assert_ne!(
+        code, 99,
+        "{who:?}: the probe is NOT inside a sandbox: {stdout}"
+    );
+    let line = stdout.lines().last().unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(line).unwrap_or(serde_json::Value::Null);
+    (code, v, format!("stdout: {stdout}\nstderr: {stderr}"))
+}
+
+/// Assert the probe's check was blocked, for every runner.
+pub fn assert_blocked(extra: &[&str], check: &str, arg: Option<&str>) {
+    for who in runners() {
+        let (code, v, all) = probe(who, extra, check, arg);
+        assert_eq!(
+            v["blocked"],
+            serde_json::Value::Bool(true),
+            "{who:?} {check}: not blocked\n{all}"
+        );
+        assert_eq!(code, 0, "{who:?} {check}: exit {code}\n{all}");
+    }
+}
+
+/// A fresh world-readable temporary directory (nobody must reach it).
+pub fn tempdir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix("agentvm-test-")
+        .tempdir()
+        .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
+        .unwrap_or_else(|e| panic!("{e}"));
+    d
+}
+
+pub fn sh(dir: &Path, script: &str) -> Output {
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        // fixtures may belong to uid 65534 while the tests run as root
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "safe.directory")
+        .env("GIT_CONFIG_VALUE_0", "*")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A small git repo owned by `who`, world-readable.
+pub fn fixture_repo(who: Who) -> tempfile::TempDir {
+    let d = tempdir();
+    let out = sh(
+        d.path(),
+        "git init -q . && printf 'hello\\n' > a.txt && printf 'one\\ntwo\\nthree\\n' > b.txt \
+         && mkdir -p sub/deep && printf 'z\\n' > sub/c && printf 'deep\\n' > sub/deep/d && printf '#!/bin/sh\\n' > run.sh \
+         && chmod +x run.sh && ln -s a.txt link && printf 'no newline' > nonl && mkdir olddir && printf 'x\\n' > olddir/f \
+         && git add -A && git -c user.email=t@t -c user.name=t commit -qm init",
+    );
+    assert!(out.status.success(), "{out:?}");
+    if who == Who::Nobody {
+        let _ = Command::new("chown")
+            .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+            .arg(d.path())
+            .status();
+    }
+    d
+}
+
+/// A stable description of a tree: path, type, mode bits and content hash.
+pub fn manifest(dir: &Path) -> String {
+    let out = sh(
+        dir,
+        "find . -path ./.git -prune -o -mindepth 1 -print | LC_ALL=C sort | while IFS= read -r f; do \
+           if [ -L \"$f\" ]; then echo \"L $f -> $(readlink \"$f\")\"; \
+           elif [ -d \"$f\" ]; then echo \"D $f\"; \
+           else echo \"F $f $(stat -c %a \"$f\") $(sha256sum < \"$f\" | cut -c1-16)\"; fi; done",
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,316 @@
+//! Escape attempts: each runs the probe inside `agentvm run` and asserts the
+//! attempt failed and the host is unchanged.
+
+use std::path::Path;
+
+use crate::common::*;
+
+#[test]
+fn no_capabilities_no_new_privs_seccomp_on() {
+    assert_blocked(&[], "status", None);
+}
+
+#[test]
+fn cannot_write_outside_workspace_and_tmp() {
+    let before: Vec<bool> = [
+        "/probe-file",
+        "/usr/probe-file",
+        "/etc/probe-file",
+        "/home/probe-file",
+        "/opt/probe-file",
+    ]
+    .iter()
+    .map(|p| Path::new(p).exists())
+    .collect();
+    assert_blocked(&[], "write-outside", None);
+    let after: Vec<bool> = [
+        "/probe-file",
+        "/usr/probe-file",
+        "/etc/probe-file",
+        "/home/probe-file",
+        "/opt/probe-file",
+    ]
+    .iter()
+    .map(|p| Path::new(p).exists())
+    .collect();
+    assert_eq!(before, after, "a probe file appeared on the host");
+}
+
+#[test]
+fn host_secrets_are_not_visible() {
+    // Plant secrets where a careless sandbox would show them.
+    let tag = format!("{}-{}", std::process::id(), line!());
+    let secrets = [
+        format!("/root/agentvm-secret-{tag}"),
+        format!("/tmp/agentvm-secret-{tag}"),
+    ];
+    if !is_root() {
+        eprintln!("skipping /root: not root");
+    }
+    for s in &secrets {
+        if s.starts_with("/root") && !is_root() {
+            continue;
+        }
+        std::fs::write(s, "TOP-SECRET").unwrap_or_else(|e| panic!("{e}"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for s in &secrets {
+        if Path::new(s).exists() {
+            assert_blocked(&[], "read", Some(s));
+        }
+    }
+    for p in [
+        "/etc/shadow",
+        "/etc/gshadow",
+        "/etc/ssh/ssh_host_rsa_key",
+        "/etc/sudoers",
+    ] {
+        assert_blocked(&[], "read", Some(p));
+    }
+    for s in &secrets {
+        let _ = std::fs::remove_file(s);
+    }
+}
+
+#[test]
+fn cannot_reach_host_loopback() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l
+        .local_addr()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .port()
+        .to_string();
+    l.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+    assert_blocked(&[], "connect", Some(&port));
+    // The same probe does connect with the host's network: the check can fail.
+    let (code, v, all) = probe(Who::Me, &["--network", "host"], "connect", Some(&port));
+    assert_eq!(v["blocked"], serde_json::Value::Bool(false), "{all}");
+    assert_eq!(code, 1, "{all}");
+}
+
+#[test]
+fn cannot_see_or_signal_host_processes() {
+    let mut child = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pid = child.id().to_string();
+    assert_blocked(&[], "signal-host", Some(&pid));
+    assert!(
+        child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none(),
+        "the host process died"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn mount_is_refused() {
+    assert_blocked(&[], "mount", None);
+}
+
+#[test]
+fn unshare_and_nested_user_namespaces_are_refused() {
+    assert_blocked(&[], "unshare", None);
+    assert_blocked(&[], "nested-userns", None);
+}
+
+#[test]
+fn keyctl_bpf_perf_io_uring_userfaultfd_x32_are_refused() {
+    for c in ["keyctl", "bpf", "perf", "io_uring", "userfaultfd", "x32"] {
+        assert_blocked(&[], c, None);
+    }
+}
+
+#[test]
+fn tiocsti_is_refused() {
+    assert_blocked(&[], "tiocsti", None);
+}
+
+#[test]
+fn init_is_out_of_reach() {
+    assert_blocked(&[], "init", None);
+}
+
+#[test]
+fn fork_bomb_is_contained_by_pids() {
+    assert_blocked(&["--pids", "64", "--timeout", "60s"], "forkbomb", None);
+}
+
+#[test]
+fn memory_hog_is_killed_as_oom() {
+    for who in runners() {
+        let dir = tempdir();
+        if who == Who::Nobody {
+            let _ = std::process::Command::new("chown")
+                .args(["65534:65534"])
+                .arg(dir.path())
+                .status();
+        }
+        let result = dir.path().join("r.json");
+        let r = result.to_string_lossy().into_owned();
+        let (code, _v, all) = probe(
+            who,
+            &["--memory", "64M", "--result-json", &r],
+            "memhog",
+            None,
+        );
+        assert_eq!(code, 137, "{who:?}: {all}");
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&result).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(j["status"], "oom", "{who:?}: {j}");
+        assert_eq!(j["exit_code"], 137);
+    }
+}
+
+#[test]
+fn disk_fill_hits_enospc_and_spares_the_host() {
+    let host_free_before = free_bytes("/tmp");
+    assert_blocked(&["--disk", "16M"], "diskfill", None);
+    assert!(
+        !Path::new("/tmp/fill").exists(),
+        "the sandbox's /tmp/fill reached the host"
+    );
+    // nothing of the 16 MiB stayed behind on the host's /tmp
+    let after = free_bytes("/tmp");
+    assert!(
+        after + (8 << 20) >= host_free_before,
+        "host /tmp lost space: {host_free_before} -> {after}"
+    );
+}
+
+fn free_bytes(p: &str) -> u64 {
+    let c = std::ffi::CString::new(p).unwrap_or_default();
+    // SAFETY: statvfs writes one struct we own.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return 0;
+    }
+    s.f_bavail * s.f_frsize
+}
+
+#[test]
+fn timeout_leaves_no_process_behind() {
+    for who in runners() {
+        let marker = format!("1000.{}{}", std::process::id(), who as u8);
+        let script = format!("sleep {marker} & sleep {marker} & exec sleep {marker}");
+        let start = std::time::Instant::now();
+        let out = agentvm(who, &["run", "--timeout", "1s", "--", "sh", "-c", &script]);
+        assert_eq!(out.status.code(), Some(124), "{who:?} {out:?}");
+        assert!(start.elapsed().as_secs() < 20);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("timed out"),
+            "{out:?}"
+        );
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker))
+            .collect();
+        assert!(left.is_empty(), "{who:?}: processes left behind: {left:?}");
+    }
+}
+
+#[test]
+fn host_environment_does_not_leak() {
+    for who in runners() {
+        let probe = probe_path();
+        let bind = format!("{}:/agentvm-probe", probe.display());
+        let ns = host_ns();
+        let out = agentvm_with(
+            who,
+            &[
+                "run",
+                "--ro-bind",
+                &bind,
+                "--",
+                "/agentvm-probe",
+                "--host-ns",
+                &ns,
+                "env",
+                "AGENTVM_PROBE_SECRET",
+            ],
+            &[("AGENTVM_PROBE_SECRET", "s3cr3t-value")],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(0), "{who:?} {out:?}");
+        // and --env-pass is the way in: the check can fail
+        let out = agentvm_with(
+            who,
+            &[
+                "run",
+                "--env-pass",
+                "AGENTVM_PROBE_SECRET",
+                "--ro-bind",
+                &bind,
+                "--",
+                "/agentvm-probe",
+                "--host-ns",
+                &ns,
+                "env",
+                "AGENTVM_PROBE_SECRET",
+            ],
+            &[("AGENTVM_PROBE_SECRET", "s3cr3t-value")],
+            None,
+        );
+        assert_eq!(out.status.code(), Some(1), "{who:?} {out:?}");
+    }
+}
+
+#[test]
+fn root_inside_is_never_the_hosts_root() {
+    for who in runners() {
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--",
+                "cat",
+                "/proc/self/uid_map",
+                "/proc/self/gid_map",
+            ],
+        );
+        let s = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<Vec<&str>> = s.lines().map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(lines.len(), 2, "{who:?} {s}");
+        for l in lines {
+            assert_eq!(l[0], "0");
+            assert_ne!(l[1], "0", "{who:?}: root inside maps to the host's root");
+            assert_eq!(l[2], "1", "{who:?}: more than one id mapped");
+            if who == Who::Nobody || is_root() {
+                assert_eq!(l[1], NOBODY.to_string());
+            }
+        }
+    }
+}
+
+#[test]
+fn host_repo_is_never_written() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let before = manifest(repo.path());
+        let git_before = sh(repo.path(), "git status --porcelain && git rev-parse HEAD");
+        let r = repo.path().to_string_lossy().into_owned();
+        let out = agentvm(
+            who,
+            &["run", "--repo", &r, "--", "sh", "-c", "echo x >> a.txt; rm -f b.txt; rm -rf sub; echo n > new; chmod 777 run.sh; touch .git/evil 2>/dev/null; echo '[core]' >> .git/config 2>/dev/null; true"],
+        );
+        assert!(out.status.success(), "{who:?} {out:?}");
+        assert_eq!(
+            before,
+            manifest(repo.path()),
+            "{who:?}: the host repo changed"
+        );
+        assert_eq!(
+            git_before.stdout,
+            sh(repo.path(), "git status --porcelain && git rev-parse HEAD").stdout
+        );
+        assert!(!repo.path().join(".git/evil").exists());
+    }
+}

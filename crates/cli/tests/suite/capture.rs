@@ -1,0 +1,194 @@
+//! Change capture: the patch reproduces the sandbox's final tree exactly.
+
+use crate::common::*;
+
+/// Changes of every kind the patch must carry.
+const CHANGES: &str = r#"
+set -e
+printf 'hello\nworld\n' > a.txt                 # modify
+rm b.txt                                         # delete
+printf 'new\n' > added.txt                       # add
+mkdir -p n1/n2 && printf 'nested\n' > n1/n2/f    # add nested
+printf '\000\001\002binary\377' > blob.bin       # binary
+chmod -x run.sh                                  # mode change
+chmod +x sub/c                                   # mode change
+ln -s /etc/shadow outside-link                   # symlink out of the repo
+rm link && ln -s b-gone link                     # symlink retarget
+printf 'now a file\n' > sub/deep/d.txt           # add beside
+mv sub/deep/d sub/deep/renamed                   # rename
+rm -rf olddir && printf 'file now\n' > olddir    # dir -> file
+rm nonl && mkdir nonl && printf 'dir now\n' > nonl/x   # file -> dir
+printf 'still no newline!' > extra-nonl
+printf 'sp\n' > 'name with spaces.txt'
+printf 'u\n' > 'ünï"cødé\tname'
+: > empty-file
+"#;
+
+#[test]
+fn patch_reproduces_the_final_tree_with_git_apply() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let out_dir = tempdir();
+        let patch = out_dir.path().join("out.patch");
+        let result = out_dir.path().join("r.json");
+        if who == Who::Nobody {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(out_dir.path())
+                .status();
+        }
+        let r = repo.path().to_string_lossy().into_owned();
+        let p = patch.to_string_lossy().into_owned();
+        let j = result.to_string_lossy().into_owned();
+        // The command changes the tree, then prints its manifest, computed
+        // the same way as on the host.
+        let script = format!(
+            "{CHANGES}\nfind . -path ./.git -prune -o -mindepth 1 -print | LC_ALL=C sort | while IFS= read -r f; do \
+               if [ -L \"$f\" ]; then echo \"L $f -> $(readlink \"$f\")\"; \
+               elif [ -d \"$f\" ]; then echo \"D $f\"; \
+               else echo \"F $f $(stat -c %a \"$f\") $(sha256sum < \"$f\" | cut -c1-16)\"; fi; done"
+        );
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--repo",
+                &r,
+                "--patch-out",
+                &p,
+                "--result-json",
+                &j,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        assert!(out.status.success(), "{who:?} {out:?}");
+        let inside = String::from_utf8_lossy(&out.stdout).into_owned();
+
+        // Apply to a clean clone of the repo.
+        let clone = tempdir();
+        let c = sh(
+            clone.path(),
+            &format!("cp -R {}/. w", repo.path().display()),
+        );
+        assert!(c.status.success(), "{c:?}");
+        let w = clone.path().join("w");
+        let apply = sh(
+            &w,
+            &format!("git apply --whitespace=nowarn {}", patch.display()),
+        );
+        assert!(
+            apply.status.success(),
+            "{who:?}: git apply failed: {apply:?}\n{}",
+            std::fs::read_to_string(&patch).unwrap_or_default()
+        );
+        assert_eq!(
+            manifest(&w),
+            inside,
+            "{who:?}: applied tree differs from the sandbox's"
+        );
+
+        let text = std::fs::read_to_string(&patch).unwrap_or_default();
+        assert!(
+            text.contains("diff --git a/outside-link b/outside-link\nnew file mode 120000"),
+            "{text}"
+        );
+        assert!(
+            text.contains("+/etc/shadow\n\\ No newline at end of file"),
+            "{text}"
+        );
+        assert!(text.contains("GIT binary patch"), "{text}");
+        assert!(
+            !text.contains("root:"),
+            "a symlink target's content leaked into the patch"
+        );
+
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&result).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(j["status"], "exited");
+        let files: Vec<&str> = j["changed_files"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        for f in [
+            "a.txt",
+            "b.txt",
+            "added.txt",
+            "n1/n2/f",
+            "blob.bin",
+            "run.sh",
+            "outside-link",
+            "sub/deep/renamed",
+            "sub/deep/d",
+        ] {
+            assert!(
+                files.contains(&f),
+                "{who:?}: {f} missing from changed_files {files:?}"
+            );
+        }
+        // the host repo itself is untouched
+        assert!(repo.path().join("b.txt").exists());
+    }
+}
+
+#[test]
+fn nothing_changed_gives_an_empty_patch() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let out_dir = tempdir();
+        let patch = out_dir.path().join("p");
+        std::fs::write(&patch, "stale").unwrap_or_else(|e| panic!("{e}"));
+        if who == Who::Nobody {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(out_dir.path())
+                .status();
+        }
+        let r = repo.path().to_string_lossy().into_owned();
+        let p = patch.to_string_lossy().into_owned();
+        // reading and re-writing identical content is no change
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--repo",
+                &r,
+                "--patch-out",
+                &p,
+                "--",
+                "sh",
+                "-c",
+                "cat a.txt > /tmp/x && cp /tmp/x a.txt && ls -R >/dev/null",
+            ],
+        );
+        assert!(out.status.success(), "{who:?} {out:?}");
+        assert_eq!(std::fs::read(&patch).unwrap_or_default(), b"", "{who:?}");
+    }
+}
+
+#[test]
+fn workspace_without_repo_captures_new_files() {
+    let out_dir = tempdir();
+    let patch = out_dir.path().join("p");
+    let p = patch.to_string_lossy().into_owned();
+    let out = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--patch-out",
+            &p,
+            "--",
+            "sh",
+            "-c",
+            "echo hi > made.txt",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(&patch).unwrap_or_default();
+    assert!(
+        text.contains("+++ b/made.txt\n@@ -0,0 +1 @@\n+hi\n"),
+        "{text}"
+    );
+}

@@ -1,0 +1,269 @@
+//! The command line: bad input, exit codes, pass-through of stdio.
+
+use crate::common::*;
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn exit_codes_follow_the_command() {
+    for who in runners() {
+        assert_eq!(
+            agentvm(who, &["run", "--", "sh", "-c", "exit 7"])
+                .status
+                .code(),
+            Some(7)
+        );
+        assert_eq!(agentvm(who, &["run", "--", "true"]).status.code(), Some(0));
+        assert_eq!(
+            agentvm(who, &["run", "--", "sh", "-c", "kill -TERM $$"])
+                .status
+                .code(),
+            Some(143)
+        );
+        assert_eq!(
+            agentvm(who, &["run", "--", "sh", "-c", "kill -KILL $$"])
+                .status
+                .code(),
+            Some(137)
+        );
+    }
+}
+
+#[test]
+fn missing_and_unexecutable_commands() {
+    for who in runners() {
+        let o = agentvm(who, &["run", "--", "definitely-not-a-command"]);
+        assert_eq!(o.status.code(), Some(127), "{o:?}");
+        assert!(
+            stderr(&o).contains("definitely-not-a-command: command not found"),
+            "{o:?}"
+        );
+        let o = agentvm(who, &["run", "--", "/etc/hostname"]);
+        assert_eq!(o.status.code(), Some(126), "{o:?}");
+        let o = agentvm(who, &["run", "--", "/no/such/path"]);
+        assert_eq!(o.status.code(), Some(127), "{o:?}");
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_125() {
+    let file = tempdir();
+    let f = file.path().join("plain");
+    std::fs::write(&f, "x").unwrap_or_else(|e| panic!("{e}"));
+    let fs = f.to_string_lossy().into_owned();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "--repo", "/no/such/dir", "--", "true"],
+            "--repo /no/such/dir",
+        ),
+        (vec!["run", "--repo", &fs, "--", "true"], "not a directory"),
+        (
+            vec!["run", "--frobnicate", "--", "true"],
+            "unexpected argument '--frobnicate'",
+        ),
+        (vec!["run", "--memory", "12Q", "--", "true"], "unknown unit"),
+        (
+            vec!["run", "--memory", "lots", "--", "true"],
+            "invalid size",
+        ),
+        (
+            vec!["run", "--timeout", "soon", "--", "true"],
+            "invalid duration",
+        ),
+        (vec!["run", "--timeout", "0s", "--", "true"], "more than 0"),
+        (vec!["run", "--pids", "0", "--", "true"], "--pids"),
+        (
+            vec!["run", "--cpus", "zero", "--", "true"],
+            "invalid CPU list",
+        ),
+        (
+            vec!["run", "--network", "bridge", "--", "true"],
+            "invalid network mode",
+        ),
+        (
+            vec!["run", "--env", "NOEQ", "--", "true"],
+            "expected KEY=VALUE",
+        ),
+        (
+            vec!["run", "--env-pass", "AGENTVM_SURELY_UNSET", "--", "true"],
+            "not set in this environment",
+        ),
+        (
+            vec!["run", "--ro-bind", "/usr:/workspace", "--", "true"],
+            "belongs to the sandbox",
+        ),
+        (
+            vec!["run", "--ro-bind", "/no/such/src", "--", "true"],
+            "--ro-bind",
+        ),
+        (
+            vec!["run", "--no-cgroup", "--memory", "64M", "--", "true"],
+            "--no-cgroup cannot enforce",
+        ),
+        (
+            vec!["run", "--patch-out", "/no/such/dir/p", "--", "true"],
+            "--patch-out",
+        ),
+        (vec!["run"], "COMMAND"),
+    ];
+    for (args, msg) in cases {
+        let o = agentvm(Who::Me, &args);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {o:?}");
+        assert!(
+            stderr(&o).contains(msg),
+            "{args:?}: stderr lacks {msg:?}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn cpus_outside_the_machine_name_the_cgroup_layer() {
+    for who in runners() {
+        let o = agentvm(who, &["run", "--cpus", "4000", "--", "true"]);
+        assert_eq!(o.status.code(), Some(125), "{who:?} {o:?}");
+        assert!(stderr(&o).contains("cgroup:"), "{who:?} {}", stderr(&o));
+    }
+}
+
+#[test]
+fn rootless_without_delegation_names_the_cgroup_layer() {
+    if !is_root() {
+        return;
+    }
+    // no AGENTVM_CGROUP_PARENT: nobody cannot create cgroups on this host
+    let o = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(agentvm_path())
+        .args(["run", "--memory", "64M", "--", "true"])
+        .env_remove("AGENTVM_CGROUP_PARENT")
+        .current_dir(bin_dir())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    if o.status.code() == Some(0) {
+        return; // this host delegates cgroups to everyone (cgroup v2 user session)
+    }
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    let e = stderr(&o);
+    assert!(e.contains("cgroup:") && e.contains("--no-cgroup"), "{e}");
+}
+
+#[test]
+fn stdio_passes_through() {
+    for who in runners() {
+        let o = agentvm_with(
+            who,
+            &["run", "--", "sh", "-c", "tr a-z A-Z; echo err >&2"],
+            &[],
+            Some(b"hello\n"),
+        );
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "HELLO\n");
+        assert!(stderr(&o).contains("err"));
+    }
+}
+
+#[test]
+fn limits_are_applied() {
+    for who in runners() {
+        let o = agentvm(
+            who,
+            &[
+                "run",
+                "--cpus",
+                "0",
+                "--cpu-quota",
+                "0.5",
+                "--memory",
+                "100M",
+                "--pids",
+                "50",
+                "--",
+                "sh",
+                "-c",
+                "grep Cpus_allowed_list /proc/self/status",
+            ],
+        );
+        assert!(o.status.success(), "{who:?} {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("Cpus_allowed_list:\t0\n"),
+            "{who:?} {o:?}"
+        );
+    }
+}
+
+#[test]
+fn opt_outs_and_host_network_are_loud() {
+    let o = agentvm(
+        Who::Me,
+        &["run", "--no-seccomp", "--network", "host", "--", "true"],
+    );
+    assert!(o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("WARNING: the seccomp layer is switched off"),
+        "{e}"
+    );
+    assert!(e.contains("WARNING: --network host"), "{e}");
+}
+
+#[test]
+fn result_json_describes_the_run() {
+    let d = tempdir();
+    let j = d.path().join("r.json");
+    let js = j.to_string_lossy().into_owned();
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--result-json",
+            &js,
+            "--timeout",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(3));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&j).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(v["status"], "exited");
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(v["signal"], serde_json::Value::Null);
+    assert_eq!(v["timeout_ms"], 30000);
+    assert!(v["duration_ms"].is_u64());
+    assert!(v["changed_files"].is_array());
+    assert!(v["landlock_abi"].as_u64().unwrap_or(0) > 0);
+    // a run that never started still gets a result
+    let o = agentvm(Who::Me, &["run", "--result-json", &js, "--", "no-such-cmd"]);
+    assert_eq!(o.status.code(), Some(127));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&j).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(v["status"], "error");
+    assert_eq!(v["exit_code"], 127);
+}
+
+#[test]
+fn doctor_reports_every_layer() {
+    let o = agentvm(Who::Me, &["doctor", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let layers: Vec<&str> = v["checks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["layer"].as_str()).collect())
+        .unwrap_or_default();
+    for l in [
+        "user namespace",
+        "overlayfs",
+        "seccomp",
+        "landlock",
+        "cgroup",
+        "sandbox",
+    ] {
+        assert!(layers.contains(&l), "{l} missing: {layers:?}");
+    }
+    assert_eq!(v["sandbox_ok"], true);
+}

@@ -1,0 +1,3 @@
+mod attack;
+mod capture;
+mod cli;
