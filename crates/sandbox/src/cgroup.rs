@@ -313,12 +313,17 @@ impl Cgroup {
     /// need a moment to release the last one, so EBUSY is retried briefly.
     pub fn destroy(&self) {
         for (_, d) in self.dirs.iter().rev() {
-            for attempt in 0..50 {
+            // The kernel releases an exited task's cgroup reference a moment
+            // after it is reaped: back off from 50 us, about 1 s in all.
+            let mut wait = Duration::from_micros(50);
+            for _ in 0..40 {
                 match fs::remove_dir(d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) if attempt < 49 => std::thread::sleep(Duration::from_millis(2)),
-                    Err(_) => {}
+                    Err(_) => {
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(Duration::from_millis(50));
+                    }
                 }
             }
         }

@@ -1035,13 +1035,10 @@ fn touch(p: &Path) -> Result<(), SetupError> {
         .map_err(|e| SetupError::os(Layer::Mounts, format!("creating {}", p.display()), e))
 }
 
-fn write_file(p: &Path, content: &[u8], mode: u32) -> Result<(), SetupError> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(d) = p.parent() {
-        mkdir_p(d)?;
-    }
+/// Write a small file into a directory that exists (0644 under the 022
+/// umask `build_root` sets).
+fn put(p: &Path, content: &[u8]) -> Result<(), SetupError> {
     std::fs::write(p, content)
-        .and_then(|_| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)))
         .map_err(|e| SetupError::os(Layer::Mounts, format!("writing {}", p.display()), e))
 }
 
@@ -1070,6 +1067,7 @@ fn host(p: &Path) -> PathBuf {
 fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     let spec = p.spec;
     let none: Option<&Path> = None;
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     // Nothing we do here may propagate back to the host.
     do_mount(
         none,
@@ -1137,10 +1135,10 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
 
     // /etc: an allowlist, plus our own passwd, group, hostname and hosts.
     let etc = root.join("etc");
-    mkdir_p(&etc)?;
+    mkdir_p(&etc.join("ssl"))?;
     for e in &p.etc {
         match e {
-            EtcEntry::Copy(name, bytes) => write_file(&etc.join(name), bytes, 0o644)?,
+            EtcEntry::Copy(name, bytes) => put(&etc.join(name), bytes)?,
             EtcEntry::Symlink(name, target) => symlink(target, &etc.join(name))?,
             EtcEntry::BindDir(name) => {
                 let dst = etc.join(name);
@@ -1149,18 +1147,13 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
             }
         }
     }
-    write_file(&etc.join("passwd"), format!("root:x:0:0:agent:{HOME_DIR}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n").as_bytes(), 0o644)?;
-    write_file(&etc.join("group"), b"root:x:0:\nnogroup:x:65534:\n", 0o644)?;
-    write_file(
-        &etc.join("hostname"),
-        format!("{HOSTNAME}\n").as_bytes(),
-        0o644,
-    )?;
-    write_file(
+    put(&etc.join("passwd"), format!("root:x:0:0:agent:{HOME_DIR}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n").as_bytes())?;
+    put(&etc.join("group"), b"root:x:0:\nnogroup:x:65534:\n")?;
+    put(&etc.join("hostname"), format!("{HOSTNAME}\n").as_bytes())?;
+    put(
         &etc.join("hosts"),
         format!("127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
             .as_bytes(),
-        0o644,
     )?;
 
     // Writable areas, all on the scratch tmpfs.
@@ -1258,27 +1251,23 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
             bind(&path, &path, ro)?;
         }
     }
+    // Files the host's root owns with mode 0400 (kcore, kmsg, kpage*,
+    // vmallocinfo, ...) are already unreadable to root of a user namespace;
+    // these are world-readable and tell too much about the host.
     for n in [
-        "kcore",
         "keys",
         "key-users",
         "timer_list",
         "sched_debug",
         "latency_stats",
         "kallsyms",
-        "kmsg",
-        "kpagecount",
-        "kpageflags",
-        "kpagecgroup",
-        "config.gz",
-        "vmallocinfo",
     ] {
         let path = proc_.join(n);
         if path.exists() {
             bind(&dev.join("null"), &path, ro)?;
         }
     }
-    for n in ["acpi", "scsi", "asound", "driver"] {
+    for n in ["acpi", "scsi"] {
         let path = proc_.join(n);
         if path.is_dir() {
             do_mount(
