@@ -35,6 +35,9 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Cgroup to test creating limited cgroups under (as `run` would).
+        #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
+        cgroup_parent: Option<std::path::PathBuf>,
     },
 }
 
@@ -57,12 +60,15 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run::main(*args),
-        Command::Doctor { json } => doctor(json),
+        Command::Doctor {
+            json,
+            cgroup_parent,
+        } => doctor(json, cgroup_parent.as_deref()),
     }
 }
 
-fn doctor(json: bool) -> ExitCode {
-    let report = agentvm_sandbox::doctor::check();
+fn doctor(json: bool, cgroup_parent: Option<&std::path::Path>) -> ExitCode {
+    let report = agentvm_sandbox::doctor::check(cgroup_parent);
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),

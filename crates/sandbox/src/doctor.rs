@@ -36,7 +36,8 @@ fn read(p: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-pub fn check() -> Report {
+/// `cgroup_parent`: where `run` would create cgroups (see --cgroup-parent).
+pub fn check(cgroup_parent: Option<&Path>) -> Report {
     let uid = nix::unistd::geteuid().as_raw();
     let mut checks = Vec::new();
     let mut add = |layer, ok, detail: String| checks.push(Check { layer, ok, detail });
@@ -121,7 +122,7 @@ pub fn check() -> Report {
             };
             let probe = cgroup::Cgroup::create(
                 &limits,
-                None,
+                cgroup_parent,
                 &format!("agentvm-doctor-{}", std::process::id()),
             );
             let (ok, why) = match probe {

@@ -267,3 +267,28 @@ fn doctor_reports_every_layer() {
     }
     assert_eq!(v["sandbox_ok"], true);
 }
+
+#[test]
+fn a_terminal_on_stdin_stays_usable() {
+    // script(1) gives agentvm a real pseudo-terminal on stdin and stdout.
+    let inner = format!(
+        "{} run -- sh -c 'test -t 0 && test -t 1 && echo TTY-OK; read x; echo got:$x'",
+        agentvm_path().display()
+    );
+    let mut child = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("script(1) from util-linux: {e}"));
+    {
+        use std::io::Write;
+        let mut s = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
+        s.write_all(b"typed-line\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let s = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    assert!(s.contains("TTY-OK"), "{s}");
+    assert!(s.contains("got:typed-line"), "{s}");
+}
