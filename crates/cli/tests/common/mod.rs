@@ -238,14 +238,27 @@ pub fn fixture_repo(who: Who) -> tempfile::TempDir {
     d
 }
 
-/// A stable description of a tree: path, type, mode bits and content hash.
+/// Shell that prints a stable description of the tree under the current
+/// directory: path, type, mode bits and content hash (.git left out). Run
+/// both inside the sandbox and on the host, so the two can be compared.
+pub const MANIFEST_SH: &str =
+    "find . -path ./.git -prune -o -mindepth 1 -print | LC_ALL=C sort | while IFS= read -r f; do \
+   if [ -L \"$f\" ]; then echo \"L $f -> $(readlink \"$f\")\"; \
+   elif [ -d \"$f\" ]; then echo \"D $f\"; \
+   else echo \"F $f $(stat -c %a \"$f\") $(sha256sum < \"$f\" | cut -c1-16)\"; fi; done";
+
 pub fn manifest(dir: &Path) -> String {
-    let out = sh(
-        dir,
-        "find . -path ./.git -prune -o -mindepth 1 -print | LC_ALL=C sort | while IFS= read -r f; do \
-           if [ -L \"$f\" ]; then echo \"L $f -> $(readlink \"$f\")\"; \
-           elif [ -d \"$f\" ]; then echo \"D $f\"; \
-           else echo \"F $f $(stat -c %a \"$f\") $(sha256sum < \"$f\" | cut -c1-16)\"; fi; done",
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&sh(dir, MANIFEST_SH).stdout).into_owned()
+}
+
+/// A temporary directory `who` may write its outputs (patch, result) to.
+pub fn out_dir(who: Who) -> tempfile::TempDir {
+    let d = tempdir();
+    if who == Who::Nobody {
+        let _ = Command::new("chown")
+            .arg(format!("{NOBODY}:{NOBODY}"))
+            .arg(d.path())
+            .status();
+    }
+    d
 }

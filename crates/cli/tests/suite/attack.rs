@@ -142,13 +142,7 @@ fn fork_bomb_is_contained_by_pids() {
 #[test]
 fn memory_hog_is_killed_as_oom() {
     for who in runners() {
-        let dir = tempdir();
-        if who == Who::Nobody {
-            let _ = std::process::Command::new("chown")
-                .args(["65534:65534"])
-                .arg(dir.path())
-                .status();
-        }
+        let dir = out_dir(who);
         let result = dir.path().join("r.json");
         let r = result.to_string_lossy().into_owned();
         let (code, _v, all) = probe(

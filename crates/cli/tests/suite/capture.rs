@@ -28,26 +28,15 @@ printf 'u\n' > 'ünï"cødé\tname'
 fn patch_reproduces_the_final_tree_with_git_apply() {
     for who in runners() {
         let repo = fixture_repo(who);
-        let out_dir = tempdir();
+        let out_dir = out_dir(who);
         let patch = out_dir.path().join("out.patch");
         let result = out_dir.path().join("r.json");
-        if who == Who::Nobody {
-            let _ = std::process::Command::new("chown")
-                .args(["-R", "65534:65534"])
-                .arg(out_dir.path())
-                .status();
-        }
         let r = repo.path().to_string_lossy().into_owned();
         let p = patch.to_string_lossy().into_owned();
         let j = result.to_string_lossy().into_owned();
         // The command changes the tree, then prints its manifest, computed
         // the same way as on the host.
-        let script = format!(
-            "{CHANGES}\nfind . -path ./.git -prune -o -mindepth 1 -print | LC_ALL=C sort | while IFS= read -r f; do \
-               if [ -L \"$f\" ]; then echo \"L $f -> $(readlink \"$f\")\"; \
-               elif [ -d \"$f\" ]; then echo \"D $f\"; \
-               else echo \"F $f $(stat -c %a \"$f\") $(sha256sum < \"$f\" | cut -c1-16)\"; fi; done"
-        );
+        let script = format!("{CHANGES}\n{MANIFEST_SH}");
         let out = agentvm(
             who,
             &[
@@ -137,13 +126,13 @@ fn patch_reproduces_the_final_tree_with_git_apply() {
 fn nothing_changed_gives_an_empty_patch() {
     for who in runners() {
         let repo = fixture_repo(who);
-        let out_dir = tempdir();
+        let out_dir = out_dir(who);
         let patch = out_dir.path().join("p");
         std::fs::write(&patch, "stale").unwrap_or_else(|e| panic!("{e}"));
         if who == Who::Nobody {
             let _ = std::process::Command::new("chown")
-                .args(["-R", "65534:65534"])
-                .arg(out_dir.path())
+                .arg("65534:65534")
+                .arg(&patch)
                 .status();
         }
         let r = repo.path().to_string_lossy().into_owned();
