@@ -282,6 +282,16 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Move `pid` back to the parent cgroup, so that once every other
+    /// process is gone the cgroup is empty and can be removed at once.
+    pub fn evict(&self, pid: i32) {
+        for (_, d) in &self.dirs {
+            if let Some(parent) = d.parent() {
+                let _ = fs::write(parent.join("cgroup.procs"), pid.to_string());
+            }
+        }
+    }
+
     /// How many processes the OOM killer killed in this cgroup.
     pub fn oom_kills(&self) -> u64 {
         let Some(d) = self.dir("memory") else {

@@ -13,6 +13,7 @@ pub mod caps;
 pub mod cgroup;
 pub mod doctor;
 pub mod error;
+pub mod etc;
 pub mod landlock_layer;
 pub mod ns;
 pub mod seccomp;

@@ -102,17 +102,11 @@ struct Prepared<'a> {
     program: CString,
     filters: Option<seccomp::Filters>,
     last_cap: u32,
-    etc: Vec<EtcEntry>,
+    etc: crate::etc::EtcView,
     system_dirs: Vec<SystemDir>,
     /// A detached, idmapped, read-only clone of the repo (supervisor runs as
     /// root): its owner appears as root inside, so the agent can edit it.
     repo_tree: Option<OwnedFd>,
-}
-
-enum EtcEntry {
-    Copy(String, Vec<u8>),
-    Symlink(String, PathBuf),
-    BindDir(String),
 }
 
 enum SystemDir {
@@ -125,72 +119,6 @@ enum SystemDir {
 const SYSTEM_DIRS: [&str; 8] = [
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "opt",
 ];
-
-/// The part of /etc a program needs; nothing that holds secrets (shadow,
-/// gshadow, ssh host keys, sudoers, ssl/private are never shown).
-const ETC_ALLOW: [&str; 28] = [
-    "alternatives",
-    "bash.bashrc",
-    "ca-certificates",
-    "ca-certificates.conf",
-    "debian_version",
-    "environment",
-    "gai.conf",
-    "host.conf",
-    "inputrc",
-    "issue",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "localtime",
-    "locale.alias",
-    "locale.gen",
-    "magic",
-    "mime.types",
-    "nsswitch.conf",
-    "os-release",
-    "profile",
-    "protocols",
-    "resolv.conf",
-    "services",
-    "shells",
-    "terminfo",
-    "timezone",
-    "xdg",
-];
-
-/// Subdirectories of /etc/ssl that may be shown (never ssl/private).
-const ETC_SSL_ALLOW: [&str; 2] = ["certs", "openssl.cnf"];
-
-const ETC_FILE_MAX: u64 = 4 << 20;
-
-fn read_etc() -> Vec<EtcEntry> {
-    let mut out = Vec::new();
-    let mut push = |name: String| {
-        let p = Path::new("/etc").join(&name);
-        let Ok(md) = std::fs::symlink_metadata(&p) else {
-            return;
-        };
-        if md.file_type().is_symlink() {
-            if let Ok(t) = std::fs::read_link(&p) {
-                out.push(EtcEntry::Symlink(name, t));
-            }
-        } else if md.is_dir() {
-            out.push(EtcEntry::BindDir(name));
-        } else if md.is_file() && md.len() <= ETC_FILE_MAX {
-            if let Ok(bytes) = std::fs::read(&p) {
-                out.push(EtcEntry::Copy(name, bytes));
-            }
-        }
-    };
-    for n in ETC_ALLOW {
-        push(n.to_string());
-    }
-    for n in ETC_SSL_ALLOW {
-        push(format!("ssl/{n}"));
-    }
-    out
-}
 
 fn read_system_dirs() -> Vec<SystemDir> {
     let mut out = Vec::new();
@@ -293,7 +221,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
         envp,
         filters,
         last_cap: caps::probe_last_cap(),
-        etc: read_etc(),
+        etc: crate::etc::prepare()?,
         system_dirs: read_system_dirs(),
     };
 
@@ -597,6 +525,10 @@ fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome, RunError>
     }
     // Init exits right after its last report (or was killed): reap it. Its
     // death takes down every process left in its pid namespace.
+    if let (Some(Ended::Exited(_) | Ended::Signaled(_)), Some(cg)) = (ended, cgroup) {
+        // every other process inside is already dead and reaped
+        cg.evict(pid);
+    }
     if ended != Some(Ended::Timeout) {
         let _ = kill(child, Signal::SIGKILL);
         let _ = waitpid(child, None);
@@ -1035,13 +967,6 @@ fn touch(p: &Path) -> Result<(), SetupError> {
         .map_err(|e| SetupError::os(Layer::Mounts, format!("creating {}", p.display()), e))
 }
 
-/// Write a small file into a directory that exists (0644 under the 022
-/// umask `build_root` sets).
-fn put(p: &Path, content: &[u8]) -> Result<(), SetupError> {
-    std::fs::write(p, content)
-        .map_err(|e| SetupError::os(Layer::Mounts, format!("writing {}", p.display()), e))
-}
-
 fn symlink(target: &Path, link: &Path) -> Result<(), SetupError> {
     if let Some(d) = link.parent() {
         mkdir_p(d)?;
@@ -1133,28 +1058,13 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         }
     }
 
-    // /etc: an allowlist, plus our own passwd, group, hostname and hosts.
+    // /etc: the prepared allowlist view, with a few host directories on top.
     let etc = root.join("etc");
-    mkdir_p(&etc.join("ssl"))?;
-    for e in &p.etc {
-        match e {
-            EtcEntry::Copy(name, bytes) => put(&etc.join(name), bytes)?,
-            EtcEntry::Symlink(name, target) => symlink(target, &etc.join(name))?,
-            EtcEntry::BindDir(name) => {
-                let dst = etc.join(name);
-                mkdir_p(&dst)?;
-                bind(&host(&Path::new("/etc").join(name)), &dst, ro)?;
-            }
-        }
+    mkdir_p(&etc)?;
+    bind(&host(&p.etc.dir), &etc, ro)?;
+    for name in &p.etc.bind_dirs {
+        bind(&host(&Path::new("/etc").join(name)), &etc.join(name), ro)?;
     }
-    put(&etc.join("passwd"), format!("root:x:0:0:agent:{HOME_DIR}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n").as_bytes())?;
-    put(&etc.join("group"), b"root:x:0:\nnogroup:x:65534:\n")?;
-    put(&etc.join("hostname"), format!("{HOSTNAME}\n").as_bytes())?;
-    put(
-        &etc.join("hosts"),
-        format!("127.0.0.1\tlocalhost {HOSTNAME}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
-            .as_bytes(),
-    )?;
 
     // Writable areas, all on the scratch tmpfs.
     let tmp = root.join("tmp");
@@ -1190,15 +1100,10 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     }
 
     // /dev: a few device nodes of the host, a private devpts and /dev/shm.
+    // /dev: a directory of the (soon read-only) root holding a few device
+    // nodes of the host, a private devpts and /dev/shm.
     let dev = root.join("dev");
     mkdir_p(&dev)?;
-    do_mount(
-        none,
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
-    )?;
     for n in ["null", "zero", "full", "random", "urandom", "tty"] {
         let d = dev.join(n);
         touch(&d)?;
@@ -1310,7 +1215,6 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     umount2(".", MntFlags::MNT_DETACH).map_err(os(Layer::Mounts, "detaching the host's root"))?;
     chdir("/").map_err(os(Layer::Mounts, "chdir /"))?;
     set_attr(Path::new("/"), ro, false)?;
-    set_attr(Path::new("/dev"), MOUNT_ATTR_RDONLY, false)?;
     Ok(upper)
 }
 
