@@ -1,6 +1,7 @@
 //! The `agentvm` binary.
 
 mod run;
+mod serve;
 mod units;
 
 use std::process::ExitCode;
@@ -30,6 +31,12 @@ enum Command {
     /// could not be set up; 126 when COMMAND is not executable; 127 when it
     /// is not found.
     Run(Box<run::RunArgs>),
+    /// Serve the HTTP API (the old /agent/run API and /v1).
+    Serve(Box<serve::ServeArgs>),
+    /// Take a consistent copy of the server's database (safe while it runs).
+    Backup(serve::BackupArgs),
+    /// Put a backup in place (refuses while a server uses the data directory).
+    Restore(serve::RestoreArgs),
     /// Report which isolation layers this kernel and this user can use.
     Doctor {
         /// Print one JSON object instead of a table.
@@ -60,6 +67,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run::main(*args),
+        Command::Serve(args) => serve::serve(*args),
+        Command::Backup(args) => serve::backup(args),
+        Command::Restore(args) => serve::restore(args),
         Command::Doctor {
             json,
             cgroup_parent,

@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Run without cgroups; refuses any cgroup limit (--memory, --pids, --cpus, --cpu-quota).
     #[arg(long)]
     no_cgroup: bool,
+    /// Die when the process that started this one dies (used by the server).
+    #[arg(long, hide = true)]
+    die_with_parent: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -252,6 +255,10 @@ fn fail(msg: &str) -> ExitCode {
 }
 
 pub fn main(args: RunArgs) -> ExitCode {
+    if args.die_with_parent {
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    }
     // --- validate everything before anything runs
     let repo = match &args.repo {
         None => None,

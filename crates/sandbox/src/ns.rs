@@ -636,6 +636,11 @@ fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Result<(), Setup
         .map_err(os(Layer::UserNamespace, "setresgid"))?;
     nix::unistd::setresuid(0.into(), 0.into(), 0.into())
         .map_err(os(Layer::UserNamespace, "setresuid"))?;
+    // A change of credentials clears the parent-death signal: arm it again.
+    // (Should the supervisor already be gone, the next report to it fails
+    // and init exits.)
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     // Only now, inside the cgroup the supervisor put us in.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .map_err(os(Layer::Namespaces, "unshare(CLONE_NEWCGROUP)"))?;

@@ -1,0 +1,295 @@
+//! `agentvm serve`, `agentvm backup`, `agentvm restore`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentvm_server::{Config, FileConfig};
+use clap::Args;
+
+use crate::units;
+
+/// Settings come from the config file, then AGENTVM_* variables, then
+/// flags (flags win).
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML config file (every setting below, plus [agents.NAME] profiles).
+    #[arg(long, value_name = "FILE", env = "AGENTVM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address and port to listen on [default: 127.0.0.1:8000].
+    #[arg(long, value_name = "ADDR:PORT", env = "AGENTVM_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Where the database, the first admin key and job files live
+    /// [default: /var/lib/agentvm as root, ~/.local/share/agentvm otherwise].
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// A tree jobs may use as repo_path (repeatable; none by default).
+    #[arg(
+        long = "allowed-root",
+        value_name = "DIR",
+        env = "AGENTVM_ALLOWED_ROOTS",
+        value_delimiter = ':'
+    )]
+    allowed_roots: Vec<PathBuf>,
+    /// Register the key in FILE as an admin key (from a secrets manager);
+    /// only its hash is stored.
+    #[arg(long, value_name = "FILE", env = "AGENTVM_API_KEY_FILE")]
+    api_key_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, serve HTTPS.
+    #[arg(long, value_name = "FILE", env = "AGENTVM_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", env = "AGENTVM_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Jobs running at once [default: 4].
+    #[arg(long, value_name = "N", env = "AGENTVM_MAX_CONCURRENT")]
+    max_concurrent: Option<usize>,
+    /// Jobs that may wait; beyond, 429 [default: 100].
+    #[arg(long, value_name = "N", env = "AGENTVM_MAX_QUEUE")]
+    max_queue: Option<usize>,
+    /// Largest request body; beyond, 413 [default: 1M].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_BODY_LIMIT")]
+    body_limit: Option<String>,
+    /// Requests per minute per key; beyond, 429 (0: no limit) [default: 600].
+    #[arg(long, value_name = "N", env = "AGENTVM_RATE_LIMIT")]
+    rate_limit: Option<u32>,
+    /// On SIGTERM, how long running jobs may finish [default: 30s].
+    #[arg(long, value_name = "DURATION", env = "AGENTVM_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<String>,
+    /// Cgroup to create job cgroups under (see `agentvm run --help`).
+    #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
+    cgroup_parent: Option<String>,
+}
+
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/agentvm");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("agentvm");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/agentvm"),
+        None => PathBuf::from("agentvm-data"),
+    }
+}
+
+fn config(a: ServeArgs) -> Result<Config, String> {
+    let file = match &a.config {
+        Some(p) => FileConfig::load(p)?,
+        None => FileConfig::default(),
+    };
+    let listen = match (a.listen, &file.listen) {
+        (Some(l), _) => l,
+        (None, Some(s)) => s.parse().map_err(|e| format!("config listen {s:?}: {e}"))?,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 8000)),
+    };
+    let body_limit = match a.body_limit.or(file.body_limit) {
+        Some(s) => units::parse_size(&s)? as usize,
+        None => 1 << 20,
+    };
+    let grace = match a.shutdown_grace.or(file.shutdown_grace) {
+        Some(s) => units::parse_duration(&s)?,
+        None => Duration::from_secs(30),
+    };
+    let mut agents = agentvm_server::config::builtin_profiles();
+    for (k, v) in file.agents {
+        agents.insert(k, v);
+    }
+    let mut sandbox_args = Vec::new();
+    if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
+        sandbox_args.extend(["--cgroup-parent".to_string(), cg]);
+    }
+    let sandbox_bin =
+        std::env::current_exe().map_err(|e| format!("finding the agentvm binary: {e}"))?;
+    Ok(Config {
+        listen,
+        data_dir: a
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir),
+        allowed_roots: if a.allowed_roots.is_empty() {
+            file.allowed_roots.unwrap_or_default()
+        } else {
+            a.allowed_roots
+        },
+        api_key_file: a.api_key_file.or(file.api_key_file),
+        tls_cert: a.tls_cert.or(file.tls_cert),
+        tls_key: a.tls_key.or(file.tls_key),
+        max_concurrent: a
+            .max_concurrent
+            .or(file.max_concurrent)
+            .unwrap_or(4)
+            .clamp(1, 1024),
+        max_queue: a
+            .max_queue
+            .or(file.max_queue)
+            .unwrap_or(100)
+            .clamp(1, 1_000_000),
+        body_limit,
+        rate_limit: a.rate_limit.or(file.rate_limit).unwrap_or(600),
+        shutdown_grace_s: grace.as_secs(),
+        agents,
+        sandbox_bin,
+        sandbox_args,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("agentvm: starting the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+pub fn serve(a: ServeArgs) -> ExitCode {
+    let cfg = match config(a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentvm serve: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    match rt.block_on(agentvm_server::serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("agentvm serve: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Where to write the copy (must not exist).
+    file: PathBuf,
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// A consistent online copy, safe while the server runs.
+pub fn backup(a: BackupArgs) -> ExitCode {
+    let dir = a.data_dir.unwrap_or_else(default_data_dir);
+    let db = agentvm_server::db_path(&dir);
+    if !db.exists() {
+        eprintln!("agentvm backup: no database at {}", db.display());
+        return ExitCode::from(1);
+    }
+    if a.file.exists() {
+        eprintln!(
+            "agentvm backup: {} exists; refusing to overwrite it",
+            a.file.display()
+        );
+        return ExitCode::from(1);
+    }
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    let res = rt.block_on(async {
+        let s = agentvm_store::Store::open(&db).await?;
+        let r = s.backup(&a.file).await;
+        s.close().await;
+        r
+    });
+    match res {
+        Ok(()) => {
+            eprintln!(
+                "agentvm: backed up {} to {}",
+                db.display(),
+                a.file.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("agentvm backup: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// A file made by `agentvm backup`.
+    file: PathBuf,
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// Put a backup in place; refuses while a server uses the data directory.
+pub fn restore(a: RestoreArgs) -> ExitCode {
+    let dir = a.data_dir.unwrap_or_else(default_data_dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        eprintln!("agentvm restore: {}: {e}", dir.display());
+        return ExitCode::from(1);
+    }
+    let _lock = match agentvm_server::lock_data_dir(&dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("agentvm restore: {e}; stop the server first");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match runtime() {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    // Check the backup is one of ours before touching anything.
+    let staged = dir.join("agentvm.db.restore");
+    let _ = std::fs::remove_file(&staged);
+    if let Err(e) = std::fs::copy(&a.file, &staged) {
+        eprintln!("agentvm restore: reading {}: {e}", a.file.display());
+        return ExitCode::from(1);
+    }
+    let ok = rt.block_on(async {
+        match agentvm_store::Store::open(&staged).await {
+            Ok(s) => {
+                let r = s.count_keys().await;
+                s.close().await;
+                r.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    if let Err(e) = ok {
+        let _ = std::fs::remove_file(&staged);
+        let _ = std::fs::remove_file(dir.join("agentvm.db.restore-wal"));
+        let _ = std::fs::remove_file(dir.join("agentvm.db.restore-shm"));
+        eprintln!(
+            "agentvm restore: {} is not an AgentVM backup: {e}",
+            a.file.display()
+        );
+        return ExitCode::from(1);
+    }
+    let db = agentvm_server::db_path(&dir);
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", db.display())));
+        let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", staged.display())));
+    }
+    if let Err(e) = std::fs::rename(&staged, &db) {
+        eprintln!("agentvm restore: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "agentvm: restored {} into {}",
+        a.file.display(),
+        Path::new(&dir).display()
+    );
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,355 @@
+//! # agentvm-server: the control plane
+//!
+//! Owns the HTTP API (the compat `/agent/run` and `/v1`), authentication,
+//! validation, the scheduler and runner, OpenAPI, metrics and logs. Jobs run
+//! in `agentvm run` processes (the jailer); state lives in agentvm-store.
+//!
+//! It must never: run a shell on request input (the prompt is one argv
+//! element of a profile's template); log or store an API key's secret;
+//! accept a repo outside the allowed roots; lose an accepted job.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod runner;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentvm_store::{ApiKey, Store};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
+use tower_http::set_header::SetResponseHeaderLayer;
+use utoipa::OpenApi;
+
+pub use config::{Config, FileConfig, Profile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Store(#[from] agentvm_store::StoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// The lock file a running server holds (restore refuses while it is held).
+pub fn lock_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agentvm.lock")
+}
+
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agentvm.db")
+}
+
+/// Take the data directory's lock; fails when another server holds it.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(lock_path(data_dir))
+        .map_err(io(format!("opening {}", lock_path(data_dir).display())))?;
+    // SAFETY: flock on a descriptor we own.
+    let r = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if r != 0 {
+        return Err(ServeError::Config(format!(
+            "another agentvm server is using {} (its lock is held)",
+            data_dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// Register the key in `file` (a secrets manager's file) as an admin key.
+/// Only its hash is stored.
+async fn register_key_file(store: &Store, file: &Path) -> Result<(), ServeError> {
+    let secret =
+        std::fs::read_to_string(file).map_err(io(format!("--api-key-file {}", file.display())))?;
+    let secret = secret.trim();
+    if secret.len() < 16 {
+        return Err(ServeError::Config(format!(
+            "--api-key-file {}: the key is shorter than 16 characters",
+            file.display()
+        )));
+    }
+    let h = auth::hash(secret);
+    if store.key_by_hash(&h).await?.is_none() {
+        store
+            .insert_key(&ApiKey {
+                id: auth::new_key_id(),
+                name: format!("from {}", file.display()),
+                hash: h,
+                scopes: vec!["admin".into()],
+                source: "file".into(),
+                created_at: agentvm_store::now_ms(),
+                revoked_at: None,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// On the very first start: an admin key, written once to a 0600 file.
+async fn bootstrap_key(store: &Store, data_dir: &Path) -> Result<Option<PathBuf>, ServeError> {
+    if store.count_keys().await? > 0 {
+        return Ok(None);
+    }
+    let secret = auth::new_secret();
+    let path = data_dir.join("admin.key");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(format!("writing {}", path.display())))?;
+        f.write_all(format!("{secret}\n").as_bytes())
+            .map_err(io("writing the admin key"))?;
+    }
+    store
+        .insert_key(&ApiKey {
+            id: auth::new_key_id(),
+            name: "bootstrap admin".into(),
+            hash: auth::hash(&secret),
+            scopes: vec!["admin".into()],
+            source: "bootstrap".into(),
+            created_at: agentvm_store::now_ms(),
+            revoked_at: None,
+        })
+        .await?;
+    Ok(Some(path))
+}
+
+#[derive(Clone, Default)]
+struct Ids(Arc<AtomicU64>);
+
+impl MakeRequestId for Ids {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        HeaderValue::from_str(&format!("{:x}-{n}", std::process::id()))
+            .ok()
+            .map(RequestId::new)
+    }
+}
+
+/// One JSON log line and one metric per request. Never logs headers or
+/// bodies (they carry keys and prompts).
+async fn observe(State(st): State<Arc<api::AppState>>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let rid = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    st.metrics
+        .http
+        .get_or_create(&metrics::HttpLabels {
+            route: route.clone(),
+            method: method.clone(),
+            status,
+        })
+        .inc();
+    tracing::info!(request_id = %rid, method = %method, route = %route, status, ms = start.elapsed().as_secs_f64() * 1000.0, "request");
+    resp
+}
+
+pub fn router(st: Arc<api::AppState>) -> Router {
+    let hdr = |n: &'static str, v: &'static str| {
+        SetResponseHeaderLayer::if_not_present(
+            HeaderName::from_static(n),
+            HeaderValue::from_static(v),
+        )
+    };
+    let api = Router::new()
+        .route("/health", get(api::health))
+        .route("/agent/run", post(api::agent_run))
+        .route("/v1/jobs", post(api::create_job).get(api::list_jobs))
+        .route("/v1/jobs/{id}", get(api::get_job).delete(api::delete_job))
+        .route("/v1/jobs/{id}/logs", get(api::job_logs))
+        .route("/v1/jobs/{id}/patch", get(api::job_patch))
+        .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/v1/keys", post(api::create_key).get(api::list_keys))
+        .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
+        .route("/v1/audit", get(api::list_audit))
+        .route("/metrics", get(api::metrics))
+        .layer(hdr(
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ));
+    let docs = Router::new()
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", api::ApiDoc::openapi()))
+        .layer(hdr(
+            "content-security-policy",
+            "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
+        ));
+    let limit = st.cfg.body_limit;
+    Router::new()
+        .merge(api)
+        .merge(docs)
+        .layer(axum::middleware::from_fn_with_state(st.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(hdr("x-content-type-options", "nosniff"))
+        .layer(hdr("x-frame-options", "DENY"))
+        .layer(hdr("referrer-policy", "no-referrer"))
+        .layer(hdr("cache-control", "no-store"))
+        .layer(hdr("cross-origin-resource-policy", "same-origin"))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(Ids::default()))
+        .with_state(st)
+}
+
+/// Wait for SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Run the server until SIGTERM/SIGINT.
+pub async fn serve(cfg: Config) -> Result<(), ServeError> {
+    for (name, p) in &cfg.agents {
+        p.validate(name).map_err(ServeError::Config)?;
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    let mut roots = Vec::new();
+    for r in &cfg.allowed_roots {
+        roots
+            .push(std::fs::canonicalize(r).map_err(io(format!("--allowed-root {}", r.display())))?);
+    }
+    let store = Store::open(&db_path(&cfg.data_dir)).await?;
+    if let Some(f) = &cfg.api_key_file {
+        register_key_file(&store, f).await?;
+    }
+    if let Some(p) = bootstrap_key(&store, &cfg.data_dir).await? {
+        eprintln!(
+            "agentvm: created the first admin API key; it is in {} (readable only by you)",
+            p.display()
+        );
+    }
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(metrics::Metrics::new());
+    let runner = runner::Runner::new(store.clone(), cfg.clone(), metrics.clone());
+    let (interrupted, requeued) = runner.recover().await?;
+    if interrupted + requeued > 0 {
+        tracing::info!(
+            interrupted,
+            requeued,
+            "recovered jobs from the previous run"
+        );
+    }
+    runner.start_workers();
+    let st = Arc::new(api::AppState {
+        runner: runner.clone(),
+        store: store.clone(),
+        cfg: cfg.clone(),
+        metrics,
+        limiter: auth::RateLimiter::new(cfg.rate_limit),
+        roots,
+    });
+    let app = router(st).into_make_service_with_connect_info::<SocketAddr>();
+    let tls = matches!((&cfg.tls_cert, &cfg.tls_key), (Some(_), Some(_)));
+    if !cfg.listen.ip().is_loopback() && !tls {
+        eprintln!(
+            "agentvm: WARNING: listening on {} without TLS: API keys and prompts cross the network in clear text (use --tls-cert and --tls-key)",
+            cfg.listen
+        );
+    }
+    let handle = axum_server::Handle::new();
+    let h2 = handle.clone();
+    let grace = Duration::from_secs(cfg.shutdown_grace_s);
+    let r2 = runner.clone();
+    let drained = tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            "shutting down: no new jobs; running jobs get {}s",
+            grace.as_secs()
+        );
+        // stop accepting connections but let in-flight requests finish
+        h2.graceful_shutdown(Some(grace + Duration::from_secs(5)));
+        r2.shutdown(grace).await;
+    });
+    eprintln!(
+        "agentvm: listening on {}://{}",
+        if tls { "https" } else { "http" },
+        cfg.listen
+    );
+    let res = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => {
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)
+                .await
+                .map_err(io("loading the TLS certificate and key"))?;
+            axum_server::bind_rustls(cfg.listen, tls)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        (None, None) => {
+            axum_server::bind(cfg.listen)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        _ => {
+            return Err(ServeError::Config(
+                "--tls-cert and --tls-key go together".into(),
+            ))
+        }
+    };
+    res.map_err(io(format!("serving on {}", cfg.listen)))?;
+    // the listener is closed; wait for the jobs' grace period to play out
+    let _ = drained.await;
+    store.close().await;
+    Ok(())
+}

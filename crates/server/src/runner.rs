@@ -1,0 +1,499 @@
+//! Scheduling and running jobs.
+//!
+//! A FIFO queue of bounded length feeds a fixed number of workers. Each job
+//! runs in its own `agentvm run` process (the jailer pattern: the sandbox is
+//! set up by a fresh single-threaded process, never by forking this
+//! multi-threaded server). Output is stored and fanned out as it arrives; the
+//! patch and result are stored when the job ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentvm_store::{Finish, Job, JobStatus, LogChunk, NewJob, Store};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, Notify};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// An event of a running job, for followers.
+#[derive(Debug, Clone)]
+pub enum Live {
+    Chunk(LogChunk),
+    End(JobStatus),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} jobs waiting)")]
+    QueueFull(usize),
+    #[error("the server is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Store(#[from] agentvm_store::StoreError),
+}
+
+struct Running {
+    pid: i32,
+    cancelled: Arc<AtomicBool>,
+    interrupted: Arc<AtomicBool>,
+}
+
+pub struct Runner {
+    pub store: Store,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    queue: Mutex<VecDeque<String>>,
+    depth: AtomicUsize,
+    wake: Notify,
+    running: Mutex<HashMap<String, Running>>,
+    live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+    finished: broadcast::Sender<String>,
+    draining: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// /proc/PID/stat), to tell a pid from a later reuse of it.
+pub fn start_time(pid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split(' ').nth(19)?.parse().ok()
+}
+
+impl Runner {
+    pub fn new(store: Store, cfg: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Runner> {
+        let (finished, _) = broadcast::channel(1024);
+        Arc::new(Runner {
+            store,
+            cfg,
+            metrics,
+            queue: Mutex::new(VecDeque::new()),
+            depth: AtomicUsize::new(0),
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            finished,
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// After a crash or restart: running jobs are interrupted (their
+    /// sandboxes killed if any survived), queued jobs are queued again.
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), agentvm_store::StoreError> {
+        let stale = self
+            .store
+            .interrupt_running("interrupted: the server stopped while the job was running")
+            .await?;
+        for j in &stale {
+            if let (Some(pid), Some(start)) = (j.supervisor_pid, j.supervisor_start) {
+                let pid = pid as i32;
+                if start_time(pid) == Some(start) {
+                    // SAFETY: kill with a pid we recorded and just verified.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = std::fs::remove_dir_all(self.job_dir(&j.id));
+        }
+        let queued = self.store.queued_jobs().await?;
+        {
+            let mut q = lock(&self.queue);
+            for j in &queued {
+                q.push_back(j.id.clone());
+            }
+        }
+        self.depth.fetch_add(queued.len(), Ordering::SeqCst);
+        self.metrics.queue_depth.set(self.depth() as i64);
+        self.wake.notify_waiters();
+        Ok((stale.len(), queued.len()))
+    }
+
+    pub fn start_workers(self: &Arc<Self>) {
+        for _ in 0..self.cfg.max_concurrent.max(1) {
+            let me = self.clone();
+            tokio::spawn(async move { me.worker().await });
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    pub fn running_count(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    async fn worker(self: Arc<Self>) {
+        loop {
+            let notified = self.wake.notified();
+            let next = lock(&self.queue).pop_front();
+            match next {
+                Some(id) => {
+                    self.depth.fetch_sub(1, Ordering::SeqCst);
+                    self.metrics.queue_depth.set(self.depth() as i64);
+                    if self.draining.load(Ordering::SeqCst) {
+                        // leave it queued in the store for the next start
+                        continue;
+                    }
+                    self.run(&id).await;
+                    if lock(&self.queue).front().is_some() {
+                        self.wake.notify_one();
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Accept a job: stored as queued, then queued here.
+    pub async fn submit(&self, new: NewJob) -> Result<Job, SubmitError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        let d = self.depth.fetch_add(1, Ordering::SeqCst);
+        if d >= self.cfg.max_queue {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(d));
+        }
+        let job = match self.store.create_job(&new).await {
+            Ok(j) => j,
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
+        lock(&self.queue).push_back(job.id.clone());
+        self.metrics.queue_depth.set(self.depth() as i64);
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// Subscribe to a job's live events (None when it is not running).
+    pub fn follow(&self, id: &str) -> Option<broadcast::Receiver<Live>> {
+        lock(&self.live).get(id).map(|s| s.subscribe())
+    }
+
+    /// Wait until job `id` has ended; returns it.
+    pub async fn wait(&self, id: &str) -> Result<Option<Job>, agentvm_store::StoreError> {
+        let mut rx = self.finished.subscribe();
+        loop {
+            let j = self.store.get_job(id).await?;
+            match &j {
+                Some(job) if !job.status.is_final() => {}
+                _ => return Ok(j),
+            }
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Ok(done)) if done == id => {}
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(j),
+            }
+        }
+    }
+
+    /// Cancel a queued or running job. Ok(false) when it had already ended.
+    /// A running job gets SIGTERM (forwarded to the command), then SIGKILL
+    /// after 5 seconds.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<bool, agentvm_store::StoreError> {
+        let running = lock(&self.running)
+            .get(id)
+            .map(|r| (r.pid, r.cancelled.clone()));
+        if let Some((pid, flag)) = running {
+            flag.store(true, Ordering::SeqCst);
+            // SAFETY: signalling our own child, recorded when spawned.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let me = self.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if lock(&me.running).get(&id).map(|r| r.pid) == Some(pid) {
+                    // SAFETY: still our running child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            });
+            return Ok(true);
+        }
+        let f = Finish {
+            status: JobStatus::Cancelled,
+            exit_code: None,
+            error: Some("cancelled before it started".into()),
+            result: None,
+            patch: None,
+        };
+        let done = self.store.finish_job(id, &f).await?;
+        if done {
+            let _ = self.finished.send(id.to_string());
+        }
+        Ok(done)
+    }
+
+    /// Stop taking work; give running jobs `grace`, then stop them and
+    /// record them as interrupted. Queued jobs stay queued for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while self.running_count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left: Vec<(i32, Arc<AtomicBool>)> = lock(&self.running)
+            .values()
+            .map(|r| (r.pid, r.interrupted.clone()))
+            .collect();
+        for (pid, flag) in &left {
+            flag.store(true, Ordering::SeqCst);
+            // SAFETY: our own child.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.running_count() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("jobs").join(id)
+    }
+
+    fn command(&self, job: &Job) -> Result<Vec<String>, String> {
+        let p = self
+            .cfg
+            .agents
+            .get(&job.agent)
+            .ok_or_else(|| format!("agent {} is no longer configured", job.agent))?;
+        let dir = self.job_dir(&job.id);
+        let mut a: Vec<String> = vec![
+            "run".into(),
+            "--die-with-parent".into(),
+            "--repo".into(),
+            job.repo_path.clone(),
+            "--patch-out".into(),
+            dir.join("patch").to_string_lossy().into_owned(),
+            "--result-json".into(),
+            dir.join("result.json").to_string_lossy().into_owned(),
+            "--timeout".into(),
+            format!("{}s", job.timeout_s),
+            "--network".into(),
+            p.network.clone(),
+        ];
+        if let Some(m) = &p.memory {
+            a.extend(["--memory".into(), m.clone()]);
+        }
+        if let Some(n) = p.pids {
+            a.extend(["--pids".into(), n.to_string()]);
+        }
+        if let Some(d) = &p.disk {
+            a.extend(["--disk".into(), d.clone()]);
+        }
+        for b in &p.ro_binds {
+            a.extend(["--ro-bind".into(), b.clone()]);
+        }
+        for (k, v) in &p.set_env {
+            a.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        for k in &p.env {
+            if std::env::var_os(k).is_some() {
+                a.extend(["--env-pass".into(), k.clone()]);
+            }
+        }
+        a.extend(self.cfg.sandbox_args.iter().cloned());
+        a.push("--".into());
+        for part in &p.argv {
+            if part == "{prompt}" {
+                a.push(job.prompt.clone());
+            } else {
+                a.push(part.clone());
+            }
+        }
+        a.extend(job.extra_args.iter().cloned());
+        Ok(a)
+    }
+
+    async fn run(&self, id: &str) {
+        match self.store.mark_running(id).await {
+            Ok(true) => {}
+            _ => return, // cancelled while queued, or the store failed
+        }
+        let Ok(Some(job)) = self.store.get_job(id).await else {
+            return;
+        };
+        let (tx, _) = broadcast::channel(256);
+        lock(&self.live).insert(id.to_string(), tx.clone());
+        let started = Instant::now();
+        let finish = self.execute(&job, &tx).await;
+        self.metrics
+            .job_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(ms) = finish.result.as_ref().and_then(|r| r["setup_ms"].as_u64()) {
+            self.metrics.sandbox_start.observe(ms as f64 / 1000.0);
+        }
+        if let Err(e) = self.store.finish_job(id, &finish).await {
+            tracing::error!(job = id, error = %e, "recording the end of a job failed");
+        }
+        let _ = std::fs::remove_dir_all(self.job_dir(id));
+        lock(&self.running).remove(id);
+        let _ = tx.send(Live::End(finish.status));
+        lock(&self.live).remove(id);
+        let _ = self.finished.send(id.to_string());
+    }
+
+    async fn execute(&self, job: &Job, tx: &broadcast::Sender<Live>) -> Finish {
+        let fail = |msg: String| Finish {
+            status: JobStatus::Failed,
+            exit_code: None,
+            error: Some(msg),
+            result: None,
+            patch: None,
+        };
+        let args = match self.command(job) {
+            Ok(a) => a,
+            Err(e) => return fail(e),
+        };
+        let dir = self.job_dir(&job.id);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return fail(format!("creating the job directory: {e}"));
+        }
+        let mut child = match tokio::process::Command::new(&self.cfg.sandbox_bin)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => return fail(format!("starting the sandbox: {e}")),
+        };
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let interrupted = Arc::new(AtomicBool::new(false));
+        lock(&self.running).insert(
+            job.id.clone(),
+            Running {
+                pid,
+                cancelled: cancelled.clone(),
+                interrupted: interrupted.clone(),
+            },
+        );
+        if let Some(start) = start_time(pid) {
+            let _ = self
+                .store
+                .set_supervisor(&job.id, i64::from(pid), start)
+                .await;
+        }
+        // Pump output as it arrives: store, then fan out.
+        let mut out = child.stdout.take();
+        let mut err = child.stderr.take();
+        let mut seq: i64 = 0;
+        let mut buf_o = vec![0u8; 32 * 1024];
+        let mut buf_e = vec![0u8; 32 * 1024];
+        while out.is_some() || err.is_some() {
+            let (stream, n) = tokio::select! {
+                r = async { match out.as_mut() { Some(o) => o.read(&mut buf_o).await, None => std::future::pending().await } } => ("stdout", r),
+                r = async { match err.as_mut() { Some(e) => e.read(&mut buf_e).await, None => std::future::pending().await } } => ("stderr", r),
+            };
+            let n = match n {
+                Ok(0) | Err(_) => {
+                    if stream == "stdout" {
+                        out = None;
+                    } else {
+                        err = None;
+                    }
+                    continue;
+                }
+                Ok(n) => n,
+            };
+            let data = if stream == "stdout" {
+                buf_o[..n].to_vec()
+            } else {
+                buf_e[..n].to_vec()
+            };
+            seq += 1;
+            if let Err(e) = self.store.append_log(job.seq, seq, stream, &data).await {
+                tracing::error!(job = %job.id, error = %e, "storing output failed");
+            }
+            let _ = tx.send(Live::Chunk(LogChunk {
+                seq,
+                stream: stream.into(),
+                ts: agentvm_store::now_ms(),
+                data,
+            }));
+        }
+        let status = child.wait().await;
+        let result: Option<serde_json::Value> = std::fs::read(dir.join("result.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let patch = std::fs::read(dir.join("patch")).ok();
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        let r_status = result
+            .as_ref()
+            .and_then(|r| r["status"].as_str())
+            .unwrap_or("");
+        let exit_code = result
+            .as_ref()
+            .and_then(|r| r["exit_code"].as_i64())
+            .or(code.map(i64::from));
+        let (st, error) = if interrupted.load(Ordering::SeqCst) {
+            (
+                JobStatus::Interrupted,
+                Some("interrupted: the server shut down".to_string()),
+            )
+        } else if cancelled.load(Ordering::SeqCst) {
+            (JobStatus::Cancelled, Some("cancelled".to_string()))
+        } else if r_status == "timeout" {
+            (
+                JobStatus::TimedOut,
+                Some(format!("timed out after {} seconds", job.timeout_s)),
+            )
+        } else if result.is_none() {
+            (
+                JobStatus::Failed,
+                Some(format!(
+                    "the sandbox ended without a result (exit status {code:?})"
+                )),
+            )
+        } else if exit_code == Some(0) {
+            (JobStatus::Succeeded, None)
+        } else {
+            let msg = match r_status {
+                "oom" => "killed: out of memory".to_string(),
+                "error" => result
+                    .as_ref()
+                    .and_then(|r| r["error"]["message"].as_str())
+                    .map(|m| {
+                        let layer = result
+                            .as_ref()
+                            .and_then(|r| r["error"]["layer"].as_str())
+                            .unwrap_or("sandbox");
+                        format!("{layer}: {m}")
+                    })
+                    .unwrap_or_else(|| "the sandbox could not be set up".into()),
+                "signaled" => format!(
+                    "killed by signal {}",
+                    result
+                        .as_ref()
+                        .and_then(|r| r["signal"].as_i64())
+                        .unwrap_or(0)
+                ),
+                _ => format!("exited with status {}", exit_code.unwrap_or(-1)),
+            };
+            (JobStatus::Failed, Some(msg))
+        };
+        Finish {
+            status: st,
+            exit_code,
+            error,
+            result,
+            patch,
+        }
+    }
+}
