@@ -118,12 +118,15 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." {
-            "body".to_string()
-        } else {
-            path
-        };
         let inner = e.into_inner();
+        // serde reports a missing or unknown top-level field at the root:
+        // name it from the message ("missing field `prompt`")
+        let named = inner.to_string().split('`').nth(1).map(str::to_owned);
+        let field = match (path.as_str(), named) {
+            (".", Some(f)) => f,
+            (".", None) => "body".to_string(),
+            _ => path,
+        };
         let msg = if inner.is_syntax() || inner.is_eof() {
             format!("invalid JSON: {inner}")
         } else {

@@ -320,11 +320,13 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         h2.graceful_shutdown(Some(grace + Duration::from_secs(5)));
         r2.shutdown(grace).await;
     });
-    eprintln!(
-        "agentvm: listening on {}://{}",
-        if tls { "https" } else { "http" },
-        cfg.listen
-    );
+    let scheme = if tls { "https" } else { "http" };
+    let h3 = handle.clone();
+    tokio::spawn(async move {
+        if let Some(addr) = h3.listening().await {
+            eprintln!("agentvm: listening on {scheme}://{addr}");
+        }
+    });
     let res = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(c), Some(k)) => {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)

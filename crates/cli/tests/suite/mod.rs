@@ -1,3 +1,4 @@
 mod attack;
 mod capture;
 mod cli;
+mod server;

@@ -1,0 +1,895 @@
+//! The control plane, end to end: the real `agentvm serve` on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub data: PathBuf,
+    pub key: String,
+    http: Client,
+}
+
+impl Server {
+    /// Start `agentvm serve` on an ephemeral loopback port.
+    pub fn start(data: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(agentvm_path())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data)
+            .args(extra)
+            .env("AGENTVM_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the server: {e}"));
+        let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Some(u) = line.strip_prefix("agentvm: listening on ") {
+                    let _ = tx.send(u.to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the server did not start: {:?}", child.try_wait()));
+        let key = std::fs::read_to_string(data.join("admin.key"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let http = Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        Server {
+            child: Some(child),
+            url,
+            data: data.to_path_buf(),
+            key,
+            http,
+        }
+    }
+
+    pub fn req(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, reqwest::header::HeaderMap, String) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let mut r = self.http.request(m, format!("{}{path}", self.url));
+        if let Some(k) = key {
+            r = r.header("X-API-Key", k);
+        }
+        if let Some(b) = body {
+            r = r
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = r.send().unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.text().unwrap_or_default())
+    }
+
+    pub fn json(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (s, _, t) = self.req(method, path, Some(&self.key.clone()), body);
+        (s, serde_json::from_str(&t).unwrap_or(Value::Null))
+    }
+
+    /// Poll a job until it has ended.
+    pub fn wait(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, j) = self.json("GET", &format!("/v1/jobs/{id}"), None);
+            let st = j["status"].as_str().unwrap_or("");
+            if !matches!(st, "queued" | "running") || Instant::now() > deadline {
+                return j;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&mut self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Wait for the server process to exit.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A data dir, an allowed root with a repo in it, and a running server.
+fn setup(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Server) {
+    let t = tempdir();
+    let root = t.path().join("root");
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("{e}"));
+    let repo = fixture_repo(Who::Me);
+    let r = root.join("repo");
+    let c = sh(
+        t.path(),
+        &format!("cp -R {}/. {}", repo.path().display(), r.display()),
+    );
+    assert!(c.status.success());
+    let root_s = root.to_string_lossy().into_owned();
+    let mut args = vec!["--allowed-root", &root_s];
+    args.extend_from_slice(extra);
+    let s = Server::start(&t.path().join("data"), &args);
+    (t, r, s)
+}
+
+fn shell(repo: &Path, prompt: &str) -> Value {
+    json!({"agent": "shell", "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": 30})
+}
+
+#[test]
+fn first_start_makes_a_private_admin_key() {
+    let (_t, _r, s) = setup(&[]);
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(s.data.join("admin.key")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    assert!(s.key.starts_with("avm_"));
+    // the database holds only its hash
+    let db = std::fs::read(s.data.join("agentvm.db")).unwrap_or_default();
+    let wal = std::fs::read(s.data.join("agentvm.db-wal")).unwrap_or_default();
+    let needle = s.key.as_bytes();
+    for blob in [&db, &wal] {
+        assert!(
+            !blob.windows(needle.len()).any(|w| w == needle),
+            "the key's secret is stored"
+        );
+    }
+}
+
+#[test]
+fn health_needs_no_key() {
+    let (_t, _r, s) = setup(&[]);
+    let (code, h, body) = s.req("GET", "/health", None, None);
+    assert_eq!(code, 200);
+    let v: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["service"], "agentvm");
+    assert_eq!(
+        h.get("x-content-type-options").map(|v| v.as_bytes()),
+        Some(&b"nosniff"[..])
+    );
+    assert!(h.get("x-request-id").is_some());
+}
+
+#[test]
+fn agent_run_answers_exactly_the_old_keys() {
+    let (_t, repo, s) = setup(&[]);
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        k.sort();
+        k
+    };
+    let want = vec!["error", "returncode", "stderr", "stdout", "success"];
+    let (code, v) = s.json(
+        "POST",
+        "/agent/run",
+        Some(shell(&repo, "echo out; echo err >&2")),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(keys(&v), want);
+    assert_eq!(v["success"], true);
+    assert_eq!(v["stdout"], "out\n");
+    assert_eq!(v["stderr"], "err\n");
+    assert_eq!(v["returncode"], 0);
+    assert_eq!(v["error"], Value::Null);
+    // failure
+    let (code, v) = s.json("POST", "/agent/run", Some(shell(&repo, "exit 3")));
+    assert_eq!(code, 200);
+    assert_eq!(keys(&v), want);
+    assert_eq!(v["success"], false);
+    assert_eq!(v["returncode"], 3);
+    // timeout: 200, success false, an error saying so
+    let mut b = shell(&repo, "sleep 10");
+    b["timeout"] = json!(1);
+    let (code, v) = s.json("POST", "/agent/run", Some(b));
+    assert_eq!(code, 200);
+    assert_eq!(keys(&v), want);
+    assert_eq!(v["success"], false);
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("timed out"),
+        "{v}"
+    );
+    // the prompt is one argument, never a shell string of ours: quotes survive
+    let (_, v) = s.json(
+        "POST",
+        "/agent/run",
+        Some(shell(
+            &repo,
+            "printf '%s\\n' \"a'b\" '$HOME' \"$(echo sub)\"",
+        )),
+    );
+    assert_eq!(v["stdout"], "a'b\n$HOME\nsub\n");
+    // the host repo is untouched
+    assert!(repo.join("b.txt").exists());
+}
+
+#[test]
+fn compat_errors_have_the_old_shapes() {
+    let (_t, repo, s) = setup(&[]);
+    // 401 missing and invalid key
+    for key in [None, Some("avm_not-a-real-key")] {
+        let (code, _, body) = s.req("POST", "/agent/run", key, Some(shell(&repo, "true")));
+        assert_eq!(code, 401);
+        let v: Value = serde_json::from_str(&body).unwrap_or_default();
+        assert!(v["detail"].is_string(), "{body}");
+    }
+    // 400 unknown agent, listing the valid ones
+    let mut b = shell(&repo, "true");
+    b["agent"] = json!("gpt-overlord");
+    let (code, v) = s.json("POST", "/agent/run", Some(b));
+    assert_eq!(code, 400);
+    let d = v["detail"].as_str().unwrap_or("");
+    for a in ["aider", "opencode", "claude", "codex", "shell"] {
+        assert!(d.contains(a), "{d}");
+    }
+    // 422 naming the field
+    for (body, field) in [
+        (
+            json!({"agent": "shell", "prompt": "x", "repo_path": repo.to_string_lossy(), "timeout": 0}),
+            "timeout",
+        ),
+        (
+            json!({"agent": "shell", "prompt": "x", "repo_path": repo.to_string_lossy(), "timeout": 3601}),
+            "timeout",
+        ),
+        (
+            json!({"agent": "shell", "prompt": "x", "repo_path": repo.to_string_lossy(), "timeout": "soon"}),
+            "timeout",
+        ),
+        (json!({"agent": "shell", "repo_path": "/x"}), "prompt"),
+        (
+            json!({"agent": "shell", "prompt": "", "repo_path": repo.to_string_lossy()}),
+            "prompt",
+        ),
+        (
+            json!({"agent": "shell", "prompt": "x", "repo_path": "relative/path"}),
+            "repo_path",
+        ),
+        (
+            json!({"agent": "shell", "prompt": "x", "repo_path": repo.to_string_lossy(), "extra_args": "notalist"}),
+            "extra_args",
+        ),
+    ] {
+        let (code, v) = s.json("POST", "/agent/run", Some(body.clone()));
+        assert_eq!(code, 422, "{body} -> {v}");
+        let loc = v["detail"][0]["loc"].to_string();
+        assert!(loc.contains(field), "{body}: {v}");
+    }
+    // malformed JSON
+    let (code, _, _) = s.req("POST", "/agent/run", Some(&s.key), None);
+    assert_eq!(code, 422);
+}
+
+#[test]
+fn repo_path_escapes_are_refused_and_nothing_runs() {
+    let (t, repo, s) = setup(&[]);
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap_or_else(|e| panic!("{e}"));
+    let link = repo.parent().unwrap_or(&repo).join("link-out");
+    std::os::unix::fs::symlink(&outside, &link).unwrap_or_else(|e| panic!("{e}"));
+    let dotdot = format!("{}/../../outside", repo.display());
+    let cases = [
+        dotdot.as_str(),
+        link.to_str().unwrap_or(""),
+        "/etc",
+        "/",
+        outside.to_str().unwrap_or(""),
+    ];
+    for p in cases {
+        let marker = outside.join("ran");
+        let body = json!({"agent": "shell", "prompt": format!("touch {}", marker.display()), "repo_path": p});
+        let (code, v) = s.json("POST", "/v1/jobs", Some(body));
+        assert_eq!(code, 403, "{p}: {v}");
+        assert!(!marker.exists());
+    }
+    let (_, page) = s.json("GET", "/v1/jobs", None);
+    assert_eq!(
+        page["jobs"].as_array().map(|a| a.len()),
+        Some(0),
+        "a refused job was stored"
+    );
+}
+
+#[test]
+fn no_allowed_roots_means_a_clear_refusal() {
+    let t = tempdir();
+    let s = Server::start(&t.path().join("data"), &[]);
+    let (code, v) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(json!({"agent": "shell", "prompt": "true", "repo_path": "/tmp"})),
+    );
+    assert_eq!(code, 403);
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--allowed-root"),
+        "{v}"
+    );
+}
+
+#[test]
+fn jobs_lifecycle_logs_patch_cancel_delete() {
+    let (_t, repo, s) = setup(&[]);
+    let (code, h, body) = s.req(
+        "POST",
+        "/v1/jobs",
+        Some(&s.key),
+        Some(shell(&repo, "echo hi; echo changed >> a.txt")),
+    );
+    assert_eq!(code, 202, "{body}");
+    let job: Value = serde_json::from_str(&body).unwrap_or_default();
+    let id = job["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(
+        h.get("location").and_then(|v| v.to_str().ok()),
+        Some(format!("/v1/jobs/{id}").as_str())
+    );
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["changed_files"], json!(["a.txt"]));
+    let (code, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    assert_eq!((code, logs.as_str()), (200, "hi\n"));
+    let (code, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
+    assert_eq!(code, 200);
+    assert!(patch.contains("+changed"), "{patch}");
+    // list, filtered and paged
+    for i in 0..3 {
+        let (c, _) = s.json("POST", "/v1/jobs", Some(shell(&repo, &format!("echo {i}"))));
+        assert_eq!(c, 202);
+    }
+    let (_, p1) = s.json("GET", "/v1/jobs?limit=2&agent=shell", None);
+    assert_eq!(p1["jobs"].as_array().map(|a| a.len()), Some(2));
+    let cur = p1["next_cursor"].as_str().unwrap_or("").to_string();
+    let (_, p2) = s.json("GET", &format!("/v1/jobs?limit=2&cursor={cur}"), None);
+    assert_eq!(p2["jobs"].as_array().map(|a| a.len()), Some(2));
+    assert_eq!(p2["next_cursor"], Value::Null);
+    let (code, _) = s.json("GET", "/v1/jobs?status=bogus", None);
+    assert_eq!(code, 422);
+    let (code, _) = s.json("GET", "/v1/jobs?limit=0", None);
+    assert_eq!(code, 422);
+    // cancel a running job
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "echo begin; sleep 30")),
+    );
+    let jid = j["id"].as_str().unwrap_or("").to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.json("GET", &format!("/v1/jobs/{jid}"), None).1["status"] != "running"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, _) = s.json("DELETE", &format!("/v1/jobs/{jid}"), None);
+    assert_eq!(code, 409, "a running job was deleted");
+    let (code, _) = s.json("POST", &format!("/v1/jobs/{jid}/cancel"), None);
+    assert_eq!(code, 202);
+    let ended = s.wait(&jid);
+    assert_eq!(ended["status"], "cancelled", "{ended}");
+    let (code, _) = s.json("POST", &format!("/v1/jobs/{jid}/cancel"), None);
+    assert_eq!(code, 409);
+    // delete
+    let (code, _) = s.json("DELETE", &format!("/v1/jobs/{jid}"), None);
+    assert_eq!(code, 204);
+    let (code, _) = s.json("GET", &format!("/v1/jobs/{jid}"), None);
+    assert_eq!(code, 404);
+    let (code, _) = s.json("GET", "/v1/jobs/job_nope/patch", None);
+    assert_eq!(code, 404);
+}
+
+/// Read server-sent events until `end`: (id, event, data) triples.
+fn sse(s: &Server, path: &str, last_id: Option<&str>) -> Vec<(String, String, String)> {
+    let mut r = s
+        .http
+        .get(format!("{}{path}", s.url))
+        .header("X-API-Key", &s.key);
+    if let Some(l) = last_id {
+        r = r.header("Last-Event-ID", l);
+    }
+    let resp = r.send().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut out = Vec::new();
+    let (mut id, mut ev, mut data) = (String::new(), String::new(), Vec::<String>::new());
+    for line in BufReader::new(resp).lines().map_while(Result::ok) {
+        if line.is_empty() {
+            if !ev.is_empty() || !data.is_empty() {
+                out.push((id.clone(), ev.clone(), data.join("\n")));
+                if ev == "end" {
+                    break;
+                }
+            }
+            id.clear();
+            ev.clear();
+            data.clear();
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            id = v.into();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            ev = v.into();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push(v.into());
+        } else if line == "data:" {
+            data.push(String::new());
+        }
+    }
+    out
+}
+
+#[test]
+fn logs_follow_as_sse_and_resume() {
+    let (_t, repo, s) = setup(&[]);
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(
+            &repo,
+            "for i in 1 2 3 4; do echo line$i; sleep 0.2; done",
+        )),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let evs = sse(&s, &format!("/v1/jobs/{id}/logs?follow=true"), None);
+    let text: String = evs
+        .iter()
+        .filter(|e| e.1 == "stdout")
+        .map(|e| e.2.clone())
+        .collect();
+    assert_eq!(text, "line1\nline2\nline3\nline4\n", "{evs:?}");
+    let end = evs.last().cloned().unwrap_or_default();
+    assert_eq!(end.1, "end");
+    assert!(end.2.contains("succeeded"));
+    // resume after the second chunk: only what came after
+    let second = evs
+        .iter()
+        .filter(|e| e.1 == "stdout")
+        .nth(1)
+        .map(|e| e.0.clone())
+        .unwrap_or_default();
+    let rest = sse(
+        &s,
+        &format!("/v1/jobs/{id}/logs?follow=true"),
+        Some(&second),
+    );
+    let text: String = rest
+        .iter()
+        .filter(|e| e.1 == "stdout")
+        .map(|e| e.2.clone())
+        .collect();
+    assert_eq!(text, "line3\nline4\n", "{rest:?}");
+}
+
+#[test]
+fn keys_scopes_bearer_and_audit() {
+    let (_t, repo, s) = setup(&[]);
+    let mk = |scopes: Value| {
+        let (code, v) = s.json(
+            "POST",
+            "/v1/keys",
+            Some(json!({"name": "k", "scopes": scopes})),
+        );
+        assert_eq!(code, 201, "{v}");
+        (
+            v["id"].as_str().unwrap_or("").to_string(),
+            v["key"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let (read_id, read) = mk(json!(["read"]));
+    let (_, run) = mk(json!(["run"]));
+    // read may read, not run
+    assert_eq!(s.req("GET", "/v1/jobs", Some(&read), None).0, 200);
+    assert_eq!(
+        s.req("POST", "/v1/jobs", Some(&read), Some(shell(&repo, "true")))
+            .0,
+        403
+    );
+    // run may run and read, not administer
+    assert_eq!(
+        s.req("POST", "/v1/jobs", Some(&run), Some(shell(&repo, "true")))
+            .0,
+        202
+    );
+    assert_eq!(s.req("GET", "/v1/keys", Some(&run), None).0, 403);
+    assert_eq!(s.req("GET", "/v1/audit", Some(&run), None).0, 403);
+    // Authorization: Bearer works too
+    let code = s
+        .http
+        .get(format!("{}/v1/jobs", s.url))
+        .header("Authorization", format!("Bearer {read}"))
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(code, 200);
+    // secrets never listed
+    let (_, keys) = s.json("GET", "/v1/keys", None);
+    assert!(!keys.to_string().contains(&read));
+    assert!(!keys.to_string().contains("avm_"));
+    // bad key requests
+    assert_eq!(
+        s.json(
+            "POST",
+            "/v1/keys",
+            Some(json!({"name": "x", "scopes": ["root"]}))
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        s.json(
+            "POST",
+            "/v1/keys",
+            Some(json!({"name": "", "scopes": ["read"]}))
+        )
+        .0,
+        422
+    );
+    assert_eq!(
+        s.json("POST", "/v1/keys", Some(json!({"name": "x", "scopes": []})))
+            .0,
+        422
+    );
+    // revoke: the key stops working at once
+    assert_eq!(
+        s.json("DELETE", &format!("/v1/keys/{read_id}"), None).0,
+        204
+    );
+    assert_eq!(s.req("GET", "/v1/jobs", Some(&read), None).0, 401);
+    assert_eq!(
+        s.json("DELETE", &format!("/v1/keys/{read_id}"), None).0,
+        404
+    );
+    // the last admin key cannot be revoked
+    let (_, keys) = s.json("GET", "/v1/keys", None);
+    let admin_id = keys
+        .as_array()
+        .and_then(|a| a.iter().find(|k| k["source"] == "bootstrap"))
+        .and_then(|k| k["id"].as_str())
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        s.json("DELETE", &format!("/v1/keys/{admin_id}"), None).0,
+        409
+    );
+    // every mutation is in the audit trail, with client and outcome
+    let (_, a) = s.json("GET", "/v1/audit?limit=200", None);
+    let ev = a["events"].as_array().cloned().unwrap_or_default();
+    let has = |action: &str, outcome: &str| {
+        ev.iter().any(|e| {
+            e["action"] == action && e["outcome"].as_str().unwrap_or("").starts_with(outcome)
+        })
+    };
+    assert!(has("key.create", "ok"));
+    assert!(has("key.revoke", "ok"));
+    assert!(has("key.revoke", "rejected 409"));
+    assert!(has("job.create", "accepted"));
+    assert!(has("job.create", "denied 403"));
+    assert!(ev.iter().all(|e| e["client"] == "127.0.0.1"));
+    assert!(
+        !a.to_string().contains("avm_"),
+        "a secret reached the audit trail"
+    );
+}
+
+#[test]
+fn api_key_file_registers_an_admin_key_without_copying_it() {
+    let t = tempdir();
+    let kf = t.path().join("provisioned.key");
+    std::fs::write(&kf, "avm_provisioned-by-a-secrets-manager-0123456789\n")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let kfs = kf.to_string_lossy().into_owned();
+    let s = Server::start(&t.path().join("data"), &["--api-key-file", &kfs]);
+    // the provisioned key counts as a key: no bootstrap key is made
+    assert!(!s.data.join("admin.key").exists());
+    let (code, _, _) = s.req(
+        "GET",
+        "/v1/keys",
+        Some("avm_provisioned-by-a-secrets-manager-0123456789"),
+        None,
+    );
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn limits_413_and_429() {
+    let (_t, repo, s) = setup(&["--body-limit", "4k", "--rate-limit", "60"]);
+    let big =
+        json!({"agent": "shell", "prompt": "x".repeat(8000), "repo_path": repo.to_string_lossy()});
+    let (code, _, _) = s.req("POST", "/v1/jobs", Some(&s.key), Some(big));
+    assert_eq!(code, 413);
+    // 60/min: a burst of 10, then 429 with Retry-After
+    let mut limited = None;
+    for _ in 0..30 {
+        let (code, h, _) = s.req("GET", "/v1/jobs", Some(&s.key), None);
+        if code == 429 {
+            limited = h
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            break;
+        }
+    }
+    assert!(
+        limited.is_some_and(|v| v.parse::<u64>().unwrap_or(0) >= 1),
+        "no 429 with Retry-After"
+    );
+}
+
+#[test]
+fn queue_full_is_429_with_retry_after() {
+    let (_t, repo, s) = setup(&["--max-concurrent", "1", "--max-queue", "2"]);
+    let mut codes = Vec::new();
+    let mut retry = None;
+    for _ in 0..6 {
+        let (code, h, _) = s.req(
+            "POST",
+            "/v1/jobs",
+            Some(&s.key),
+            Some(shell(&repo, "sleep 3")),
+        );
+        if code == 429 {
+            retry = h
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
+        codes.push(code);
+    }
+    assert!(codes.contains(&429), "{codes:?}");
+    assert!(retry.is_some());
+    assert_eq!(
+        codes.iter().filter(|c| **c == 202).count(),
+        3,
+        "one running + two queued: {codes:?}"
+    );
+}
+
+#[test]
+fn kill_9_mid_job_then_restart_loses_nothing() {
+    let (t, repo, mut s) = setup(&["--max-concurrent", "1"]);
+    let marker = format!("1000.{}", std::process::id());
+    let (_, a) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, &format!("echo started; sleep {marker}"))),
+    );
+    let (_, b) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo second")));
+    let (a, b) = (
+        a["id"].as_str().unwrap_or("").to_string(),
+        b["id"].as_str().unwrap_or("").to_string(),
+    );
+    // wait until the first one has produced output
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s
+        .req(
+            "GET",
+            &format!("/v1/jobs/{a}/logs"),
+            Some(&s.key.clone()),
+            None,
+        )
+        .2
+        != "started\n"
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.signal(libc::SIGKILL);
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some());
+    // no sandbox process is left running
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let alive = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains(&marker))
+    };
+    while alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(), "a sandbox process survived the server's kill -9");
+    let root = repo
+        .parent()
+        .unwrap_or(&repo)
+        .to_string_lossy()
+        .into_owned();
+    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let ja = s2.wait(&a);
+    assert_eq!(ja["status"], "interrupted", "{ja}");
+    assert_eq!(
+        s2.req("GET", &format!("/v1/jobs/{a}/logs"), Some(&s2.key), None)
+            .2,
+        "started\n",
+        "output so far kept"
+    );
+    let jb = s2.wait(&b);
+    assert_eq!(
+        jb["status"], "succeeded",
+        "the queued job did not run after restart: {jb}"
+    );
+}
+
+#[test]
+fn sigterm_drains_gracefully() {
+    let (t, repo, mut s) = setup(&["--shutdown-grace", "20s"]);
+    let (_, short) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "sleep 1; echo finished")),
+    );
+    let id = short["id"].as_str().unwrap_or("").to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(libc::SIGTERM);
+    let st = s.wait_exit(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}");
+    let root = repo
+        .parent()
+        .unwrap_or(&repo)
+        .to_string_lossy()
+        .into_owned();
+    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let j = s2.wait(&id);
+    assert_eq!(
+        j["status"], "succeeded",
+        "a job within the grace period was not allowed to finish: {j}"
+    );
+
+    // a job longer than the grace period is stopped and recorded interrupted
+    let (_, long) = s2.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 60")));
+    let lid = long["id"].as_str().unwrap_or("").to_string();
+    drop(s2);
+    let mut s3 = Server::start(
+        &t.path().join("data"),
+        &["--allowed-root", &root, "--shutdown-grace", "1s"],
+    );
+    let (_, long) = s3.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 60")));
+    let lid3 = long["id"].as_str().unwrap_or("").to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    s3.signal(libc::SIGTERM);
+    assert!(s3.wait_exit(Duration::from_secs(30)).is_some());
+    let s4 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let j = s4.json("GET", &format!("/v1/jobs/{lid3}"), None).1;
+    assert_eq!(j["status"], "interrupted", "{j}");
+    let _ = lid;
+}
+
+#[test]
+fn backup_and_restore_round_trip() {
+    let (t, repo, mut s) = setup(&[]);
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo kept")));
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&id);
+    let data = s.data.to_string_lossy().into_owned();
+    let bk = t.path().join("backup.db");
+    let bks = bk.to_string_lossy().into_owned();
+    // online backup while the server runs
+    let o = Command::new(agentvm_path())
+        .args(["backup", &bks, "--data-dir", &data])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    // restore refuses while the server runs
+    let o = Command::new(agentvm_path())
+        .args(["restore", &bks, "--data-dir", &data])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("stop the server first"),
+        "{o:?}"
+    );
+    // a job deleted after the backup comes back with the restore
+    assert_eq!(s.json("DELETE", &format!("/v1/jobs/{id}"), None).0, 204);
+    s.signal(libc::SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(30)).is_some());
+    // garbage is refused and leaves the data alone
+    let junk = t.path().join("junk.db");
+    std::fs::write(&junk, "not a database").unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new(agentvm_path())
+        .args(["restore", junk.to_str().unwrap_or(""), "--data-dir", &data])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!o.status.success());
+    let o = Command::new(agentvm_path())
+        .args(["restore", &bks, "--data-dir", &data])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    let root = repo
+        .parent()
+        .unwrap_or(&repo)
+        .to_string_lossy()
+        .into_owned();
+    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let (code, j) = s2.json("GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!(code, 200, "{j}");
+    assert_eq!(
+        s2.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s2.key), None)
+            .2,
+        "kept\n"
+    );
+}
+
+#[test]
+fn openapi_docs_and_metrics() {
+    let (_t, repo, s) = setup(&[]);
+    let (code, _, body) = s.req("GET", "/openapi.json", None, None);
+    assert_eq!(code, 200);
+    let spec: Value = serde_json::from_str(&body).unwrap_or_default();
+    assert!(spec["openapi"].as_str().unwrap_or("").starts_with("3.1"));
+    for p in [
+        "/health",
+        "/agent/run",
+        "/v1/jobs",
+        "/v1/jobs/{id}",
+        "/v1/jobs/{id}/logs",
+        "/v1/jobs/{id}/patch",
+        "/v1/jobs/{id}/cancel",
+        "/v1/keys",
+        "/v1/keys/{id}",
+        "/v1/audit",
+        "/metrics",
+    ] {
+        assert!(spec["paths"][p].is_object(), "{p} missing from the spec");
+    }
+    let (code, _, html) = s.req("GET", "/docs/", None, None);
+    assert_eq!(code, 200);
+    assert!(html.contains("swagger"), "{html}");
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "true")));
+    s.wait(j["id"].as_str().unwrap_or(""));
+    assert_eq!(s.req("GET", "/metrics", None, None).0, 401);
+    let (code, _, m) = s.req("GET", "/metrics", Some(&s.key), None);
+    assert_eq!(code, 200);
+    for needle in [
+        "agentvm_jobs{state=\"succeeded\"} 1",
+        "agentvm_queue_depth 0",
+        "agentvm_sandbox_start_seconds_bucket",
+        "agentvm_job_duration_seconds_count 1",
+        "agentvm_http_requests_total{",
+    ] {
+        assert!(m.contains(needle), "{needle} missing:\n{m}");
+    }
+}
