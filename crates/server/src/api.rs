@@ -1378,3 +1378,47 @@ impl utoipa::Modify for SecurityAddon {
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes arrive, parsing gives a value or a 422 naming a
+        /// place, never a panic.
+        #[test]
+        fn body_parsing_never_panics(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            match parse_body::<AgentRunRequest>(&Bytes::from(body)) {
+                Ok(_) => {}
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+                    prop_assert!(e.body["detail"][0]["loc"][0] == "body");
+                }
+            }
+        }
+
+        /// Well-formed JSON with hostile field values: still a value or a 422.
+        #[test]
+        fn json_shapes_never_panic(agent in ".{0,40}", prompt in ".{0,200}", timeout in any::<i64>(), n in 0usize..80) {
+            let body = serde_json::json!({"agent": agent, "prompt": prompt, "repo_path": "/x", "timeout": timeout, "extra_args": vec!["a"; n]});
+            let r = parse_body::<AgentRunRequest>(&Bytes::from(body.to_string()));
+            prop_assert!(r.is_ok());
+        }
+
+        /// A repo accepted after canonicalisation always lies inside a root,
+        /// whatever `..`, `.` and `/` sequences the path holds.
+        #[test]
+        fn accepted_repos_stay_inside_the_roots(parts in proptest::collection::vec(prop_oneof![Just(".."), Just("."), Just("inner"), Just("link"), Just(""), Just("nope")], 0..8)) {
+            let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let root = t.path().join("root");
+            std::fs::create_dir_all(root.join("inner")).unwrap_or_else(|e| panic!("{e}"));
+            std::os::unix::fs::symlink(t.path(), root.join("link")).unwrap_or_else(|e| panic!("{e}"));
+            let root = std::fs::canonicalize(&root).unwrap_or_else(|e| panic!("{e}"));
+            let p = format!("{}/{}", root.display(), parts.join("/"));
+            if let Ok(ok) = check_repo(std::slice::from_ref(&root), &p) {
+                prop_assert!(ok.starts_with(&root), "{} escaped to {}", p, ok.display());
+            }
+        }
+    }
+}
