@@ -1,5 +1,6 @@
 //! The `agentvm` binary.
 
+mod client;
 mod run;
 mod serve;
 mod units;
@@ -37,6 +38,20 @@ enum Command {
     Backup(serve::BackupArgs),
     /// Put a backup in place (refuses while a server uses the data directory).
     Restore(serve::RestoreArgs),
+    /// Submit, list, show, follow, cancel and delete jobs on a server.
+    Jobs {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::JobsCmd,
+    },
+    /// Create, list and revoke API keys on a server (admin).
+    Keys {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::KeysCmd,
+    },
     /// Report which isolation layers this kernel and this user can use.
     Doctor {
         /// Print one JSON object instead of a table.
@@ -68,6 +83,8 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Serve(args) => serve::serve(*args),
+        Command::Jobs { conn, cmd } => client::jobs(conn, cmd),
+        Command::Keys { conn, cmd } => client::keys(conn, cmd),
         Command::Backup(args) => serve::backup(args),
         Command::Restore(args) => serve::restore(args),
         Command::Doctor {

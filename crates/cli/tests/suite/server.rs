@@ -929,3 +929,65 @@ fn schemathesis_finds_no_server_error_or_spec_mismatch() {
     );
     assert!(text.contains("passed"), "{text}");
 }
+
+#[test]
+fn cli_client_submits_follows_and_reports_errors() {
+    let (t, repo, s) = setup(&[]);
+    let keyf = s.data.join("admin.key");
+    let cli = |args: &[&str]| {
+        Command::new(agentvm_path())
+            .args(args)
+            .env("AGENTVM_URL", &s.url)
+            .env("AGENTVM_API_KEY_FILE", &keyf)
+            .env("HOME", t.path())
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let r = repo.to_string_lossy().into_owned();
+    let o = cli(&[
+        "jobs",
+        "submit",
+        "--agent",
+        "shell",
+        "--repo",
+        &r,
+        "-f",
+        "echo out; echo err >&2; echo x > made.txt",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("err\n"));
+    let o = cli(&["jobs", "list", "--json"]);
+    let page: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let id = page["jobs"][0]["id"].as_str().unwrap_or("").to_string();
+    let o = cli(&["jobs", "patch", &id]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("+++ b/made.txt"),
+        "{o:?}"
+    );
+    let o = cli(&[
+        "jobs", "submit", "--agent", "shell", "--repo", &r, "--wait", "--json", "exit 4",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(j["status"], "failed");
+    // server errors are one clear line
+    let o = cli(&["jobs", "show", "job_missing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "agentvm: 404 Not Found: No job job_missing"
+    );
+    let o = cli(&["keys", "create", "--name", "ci", "--scope", "run", "--json"]);
+    let k: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert!(k["key"].as_str().unwrap_or("").starts_with("avm_"));
+    let o = Command::new(agentvm_path())
+        .args(["jobs", "list", "--server", "http://127.0.0.1:1"])
+        .env("HOME", t.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot reach the server"),
+        "{o:?}"
+    );
+}

@@ -1,0 +1,621 @@
+//! The CLI as a client of `agentvm serve`: `agentvm jobs ...`, `agentvm keys ...`.
+//!
+//! The server URL and key come from flags, else AGENTVM_URL / AGENTVM_API_KEY
+//! (or AGENTVM_API_KEY_FILE), else ~/.config/agentvm/client.toml
+//! (`url = "..."`, `api_key_file = "..."`), else http://127.0.0.1:8000.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Server URL [env AGENTVM_URL; default http://127.0.0.1:8000].
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// API key [env AGENTVM_API_KEY]. Prefer --api-key-file: flags show up in `ps`.
+    #[arg(long, global = true, value_name = "KEY")]
+    api_key: Option<String>,
+    /// File holding the API key [env AGENTVM_API_KEY_FILE].
+    #[arg(long, global = true, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Print JSON instead of text (for scripts).
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCmd {
+    /// Submit a job.
+    Submit {
+        /// Agent profile (aider, opencode, claude, codex, shell, ...).
+        #[arg(long)]
+        agent: String,
+        /// Repository (inside the server's allowed roots).
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// Seconds, 1 to 3600.
+        #[arg(long, default_value_t = 600)]
+        timeout: i64,
+        /// Wait until the job ends (a spinner shows progress); exit 0 only if it succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Stream the job's output until it ends; exit 0 only if it succeeded.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// The prompt.
+        prompt: String,
+        /// Extra arguments for the agent.
+        #[arg(last = true)]
+        extra_args: Vec<String>,
+    },
+    /// List jobs, newest first.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// Show one job.
+    Show { id: String },
+    /// Print a job's output; -f follows it until it ends.
+    Logs {
+        id: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Print (or save) a job's patch.
+    Patch {
+        id: String,
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Cancel a queued or running job.
+    Cancel { id: String },
+    /// Delete an ended job and its output.
+    Delete { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// read, run or admin (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// List keys (never their secrets).
+    List,
+    /// Revoke a key.
+    Revoke { id: String },
+}
+
+struct Client {
+    url: String,
+    key: Option<String>,
+    http: reqwest::Client,
+    json: bool,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct ClientFile {
+    url: Option<String>,
+    api_key_file: Option<PathBuf>,
+}
+
+fn read_key_file(p: &PathBuf) -> Result<String, String> {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("reading the API key from {}: {e}", p.display()))
+}
+
+impl Client {
+    fn new(c: &Conn) -> Result<Client, String> {
+        let file: ClientFile = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".config/agentvm/client.toml"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| toml::from_str(&t).map_err(|e| format!("~/.config/agentvm/client.toml: {e}")))
+            .transpose()?
+            .unwrap_or_default();
+        let url = c
+            .server
+            .clone()
+            .or_else(|| std::env::var("AGENTVM_URL").ok())
+            .or(file.url)
+            .unwrap_or_else(|| "http://127.0.0.1:8000".into())
+            .trim_end_matches('/')
+            .to_string();
+        let key = match (&c.api_key, &c.api_key_file) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(f)) => Some(read_key_file(f)?),
+            (None, None) => match (
+                std::env::var("AGENTVM_API_KEY"),
+                std::env::var_os("AGENTVM_API_KEY_FILE"),
+            ) {
+                (Ok(k), _) => Some(k),
+                (_, Some(f)) => Some(read_key_file(&PathBuf::from(f))?),
+                _ => file.api_key_file.as_ref().map(read_key_file).transpose()?,
+            },
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Client {
+            url,
+            key,
+            http,
+            json: c.json,
+        })
+    }
+
+    fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(m, format!("{}{path}", self.url));
+        match &self.key {
+            Some(k) => r.header("X-API-Key", k),
+            None => r,
+        }
+    }
+
+    /// Send; a non-2xx answer becomes one clear line.
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+        let resp = r.send().await.map_err(|e| {
+            if e.is_connect() {
+                format!(
+                    "cannot reach the server at {} (is `agentvm serve` running?)",
+                    self.url
+                )
+            } else {
+                e.to_string()
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        let detail = serde_json::from_str::<Value>(&body)
+            .ok()
+            .map(|v| match &v["detail"] {
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e["loc"]
+                                .as_array()
+                                .and_then(|l| l.last())
+                                .and_then(|x| x.as_str())
+                                .unwrap_or("?"),
+                            e["msg"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                _ => body.clone(),
+            })
+            .unwrap_or(body);
+        Err(format!(
+            "{} {}: {detail}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        ))
+    }
+
+    async fn get_json(&self, path: &str) -> Result<Value, String> {
+        self.send(self.req(reqwest::Method::GET, path))
+            .await?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn ago(ms: Option<i64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let now = agentvm_store::now_ms();
+    let s = ((now - ms) / 1000).max(0);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+fn status_exit(status: &str) -> ExitCode {
+    if status == "succeeded" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Follow a job's SSE stream, printing output to stdout/stderr; resumes
+/// after a dropped connection. Returns the final status.
+async fn follow(c: &Client, id: &str) -> Result<String, String> {
+    use futures_util::StreamExt;
+    let mut last: Option<String> = None;
+    for _attempt in 0..20 {
+        let mut r = c.req(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{id}/logs?follow=true"),
+        );
+        if let Some(l) = &last {
+            r = r.header("Last-Event-ID", l);
+        }
+        let resp = c.send(r).await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let (mut ev, mut eid, mut data) = (String::new(), None::<String>, Vec::<String>::new());
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(pos) = buf.find('\n') {
+                let line = buf[..pos].trim_end_matches('\r').to_string();
+                buf.drain(..=pos);
+                if line.is_empty() {
+                    let text = data.join("\n");
+                    match ev.as_str() {
+                        "stdout" => {
+                            print!("{text}");
+                            let _ = std::io::stdout().flush();
+                        }
+                        "stderr" => eprint!("{text}"),
+                        "end" => {
+                            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                            return Ok(v["status"].as_str().unwrap_or("unknown").to_string());
+                        }
+                        _ => {}
+                    }
+                    if eid.is_some() {
+                        last = eid.take();
+                    }
+                    ev.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    ev = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    eid = Some(v.trim().to_string());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err("lost the connection to the server while following the job".into())
+}
+
+/// Poll until the job ends, with a spinner on a terminal.
+async fn wait(c: &Client, id: &str) -> Result<Value, String> {
+    let tty = std::io::stderr().is_terminal() && !c.json;
+    let frames = ['|', '/', '-', '\\'];
+    let start = Instant::now();
+    let mut i = 0usize;
+    loop {
+        let j = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        let st = j["status"].as_str().unwrap_or("").to_string();
+        if !matches!(st.as_str(), "queued" | "running") {
+            if tty {
+                eprint!("\r\x1b[2K");
+            }
+            return Ok(j);
+        }
+        if tty {
+            eprint!(
+                "\r{} {id} {st} {:.1}s",
+                frames[i % 4],
+                start.elapsed().as_secs_f64()
+            );
+            i += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn rt() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn finish(r: Result<ExitCode, String>) -> ExitCode {
+    match r {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentvm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub fn jobs(conn: Conn, cmd: JobsCmd) -> ExitCode {
+    finish((|| {
+        let c = Client::new(&conn)?;
+        rt()?.block_on(jobs_inner(&c, cmd))
+    })())
+}
+
+async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
+    use reqwest::Method;
+    match cmd {
+        JobsCmd::Submit {
+            agent,
+            repo,
+            timeout,
+            wait: w,
+            follow: f,
+            prompt,
+            extra_args,
+        } => {
+            let repo = std::fs::canonicalize(&repo).unwrap_or(repo);
+            let body = json!({"agent": agent, "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": timeout, "extra_args": extra_args});
+            let job: Value = c
+                .send(c.req(Method::POST, "/v1/jobs").json(&body))
+                .await?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            let id = job["id"].as_str().unwrap_or("").to_string();
+            if f {
+                let st = follow(c, &id).await?;
+                if c.json {
+                    print_json(&c.get_json(&format!("/v1/jobs/{id}")).await?);
+                } else {
+                    eprintln!("agentvm: {id} {st}");
+                }
+                return Ok(status_exit(&st));
+            }
+            if w {
+                let j = wait(c, &id).await?;
+                let st = j["status"].as_str().unwrap_or("").to_string();
+                if c.json {
+                    print_json(&j);
+                } else {
+                    println!(
+                        "{id} {st}{}",
+                        j["error"]
+                            .as_str()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+                return Ok(status_exit(&st));
+            }
+            if c.json {
+                print_json(&job);
+            } else {
+                println!("{id}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::List {
+            status,
+            agent,
+            limit,
+        } => {
+            let mut q = vec![format!("limit={limit}")];
+            if let Some(s) = status {
+                q.push(format!("status={s}"));
+            }
+            if let Some(a) = agent {
+                q.push(format!("agent={a}"));
+            }
+            let page = c.get_json(&format!("/v1/jobs?{}", q.join("&"))).await?;
+            if c.json {
+                print_json(&page);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<22} {:<12} {:<10} {:<10} {:>5}  PROMPT",
+                "ID", "STATUS", "AGENT", "CREATED", "EXIT"
+            );
+            for j in page["jobs"].as_array().cloned().unwrap_or_default() {
+                let prompt: String = j["prompt"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(40)
+                    .map(|ch| if ch.is_control() { ' ' } else { ch })
+                    .collect();
+                println!(
+                    "{:<22} {:<12} {:<10} {:<10} {:>5}  {prompt}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["status"].as_str().unwrap_or(""),
+                    j["agent"].as_str().unwrap_or(""),
+                    ago(j["created_at"].as_i64()),
+                    j["exit_code"]
+                        .as_i64()
+                        .map(|e| e.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Show { id } => {
+            let j = c.get_json(&format!("/v1/jobs/{id}")).await?;
+            if c.json {
+                print_json(&j);
+            } else {
+                for k in [
+                    "id",
+                    "status",
+                    "agent",
+                    "repo_path",
+                    "prompt",
+                    "timeout_s",
+                    "exit_code",
+                    "error",
+                ] {
+                    let v = match &j[k] {
+                        Value::String(s) => s.clone(),
+                        Value::Null => "-".into(),
+                        v => v.to_string(),
+                    };
+                    println!("{k:<12} {v}");
+                }
+                println!("{:<12} {}", "created", ago(j["created_at"].as_i64()));
+                if let Some(files) = j["result"]["changed_files"].as_array() {
+                    println!(
+                        "{:<12} {}",
+                        "changed",
+                        files
+                            .iter()
+                            .filter_map(|f| f.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Logs { id, follow: f } => {
+            if f {
+                let st = follow(c, &id).await?;
+                return Ok(status_exit(&st));
+            }
+            let text = c
+                .send(c.req(Method::GET, &format!("/v1/jobs/{id}/logs")))
+                .await?
+                .bytes()
+                .await
+                .map_err(|e| e.to_string())?;
+            if c.json {
+                print_json(&json!({"id": id, "logs": String::from_utf8_lossy(&text)}));
+            } else {
+                let _ = std::io::stdout().write_all(&text);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Patch { id, output } => {
+            let p = c
+                .send(c.req(Method::GET, &format!("/v1/jobs/{id}/patch")))
+                .await?
+                .bytes()
+                .await
+                .map_err(|e| e.to_string())?;
+            match output {
+                Some(f) => std::fs::write(&f, &p).map_err(|e| format!("{}: {e}", f.display()))?,
+                None if c.json => {
+                    print_json(&json!({"id": id, "patch": String::from_utf8_lossy(&p)}))
+                }
+                None => {
+                    let _ = std::io::stdout().write_all(&p);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Cancel { id } => {
+            let j: Value = c
+                .send(c.req(Method::POST, &format!("/v1/jobs/{id}/cancel")))
+                .await?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if c.json {
+                print_json(&j);
+            } else {
+                println!("{id} cancelling");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Delete { id } => {
+            c.send(c.req(Method::DELETE, &format!("/v1/jobs/{id}")))
+                .await?;
+            if c.json {
+                print_json(&json!({"id": id, "deleted": true}));
+            } else {
+                println!("{id} deleted");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+pub fn keys(conn: Conn, cmd: KeysCmd) -> ExitCode {
+    finish((|| {
+        let c = Client::new(&conn)?;
+        rt()?.block_on(keys_inner(&c, cmd))
+    })())
+}
+
+async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
+    use reqwest::Method;
+    match cmd {
+        KeysCmd::Create { name, scopes } => {
+            let k: Value = c
+                .send(
+                    c.req(Method::POST, "/v1/keys")
+                        .json(&json!({"name": name, "scopes": scopes})),
+                )
+                .await?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if c.json {
+                print_json(&k);
+            } else {
+                eprintln!(
+                    "agentvm: created {} ({}); the secret below is shown once:",
+                    k["id"].as_str().unwrap_or(""),
+                    scopes.join(",")
+                );
+                println!("{}", k["key"].as_str().unwrap_or(""));
+            }
+        }
+        KeysCmd::List => {
+            let ks = c.get_json("/v1/keys").await?;
+            if c.json {
+                print_json(&ks);
+            } else {
+                println!(
+                    "{:<18} {:<16} {:<10} {:<10} NAME",
+                    "ID", "SCOPES", "SOURCE", "STATE"
+                );
+                for k in ks.as_array().cloned().unwrap_or_default() {
+                    let scopes: Vec<&str> = k["scopes"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+                        .unwrap_or_default();
+                    println!(
+                        "{:<18} {:<16} {:<10} {:<10} {}",
+                        k["id"].as_str().unwrap_or(""),
+                        scopes.join(","),
+                        k["source"].as_str().unwrap_or(""),
+                        if k["revoked_at"].is_null() {
+                            "active"
+                        } else {
+                            "revoked"
+                        },
+                        k["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        KeysCmd::Revoke { id } => {
+            c.send(c.req(Method::DELETE, &format!("/v1/keys/{id}")))
+                .await?;
+            if c.json {
+                print_json(&json!({"id": id, "revoked": true}));
+            } else {
+                println!("{id} revoked");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
