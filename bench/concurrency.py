@@ -7,7 +7,7 @@ Memory is what the wave's own memory cgroup is charged (user and kernel
 memory: namespaces, mounts, page tables) when run as root on a host with a
 cgroup v1 memory controller; otherwise the drop in MemAvailable (noisy).
 
-usage: bench/concurrent.py [N]   (default 200)
+usage: bench/concurrency.py [N]   (default 200)
 """
 import os, sys, time, signal, subprocess
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
