@@ -329,6 +329,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     });
     let res = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(c), Some(k)) => {
+            // one crypto provider for the whole process: ring
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)
                 .await
                 .map_err(io("loading the TLS certificate and key"))?;

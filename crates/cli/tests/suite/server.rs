@@ -991,3 +991,104 @@ fn cli_client_submits_follows_and_reports_errors() {
         "{o:?}"
     );
 }
+
+#[test]
+fn config_file_env_and_flags_in_that_order() {
+    let t = tempdir();
+    let root = t.path().join("root");
+    std::fs::create_dir_all(root.join("repo")).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = t.path().join("agentvm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "allowed_roots = [\"{}\"]\nmax_queue = 1\nmax_concurrent = 4\n\n[agents.echoer]\nargv = [\"echo\", \"said:\", \"{{prompt}}\"]\n",
+            root.display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(agentvm_path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(t.path().join("data"))
+        .args(["--config", cfg.to_str().unwrap_or(""), "--max-queue", "5"])
+        .env("AGENTVM_MAX_CONCURRENT", "1")
+        .env("AGENTVM_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = child.stderr.take().unwrap_or_else(|| panic!("stderr"));
+    let url = BufReader::new(err)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("agentvm: listening on ").map(str::to_owned))
+        .unwrap_or_default();
+    let key = std::fs::read_to_string(t.path().join("data/admin.key"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let http = Client::new();
+    let post = |body: Value| {
+        http.post(format!("{url}/v1/jobs"))
+            .header("X-API-Key", &key)
+            .json(&body)
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let repo = root.join("repo").to_string_lossy().into_owned();
+    // a profile from the file, a root from the file
+    let r = http
+        .post(format!("{url}/agent/run"))
+        .header("X-API-Key", &key)
+        .json(&json!({"agent": "echoer", "prompt": "hello there", "repo_path": repo}))
+        .send()
+        .and_then(|r| r.json::<Value>())
+        .unwrap_or_default();
+    assert_eq!(r["stdout"], "said: hello there\n", "{r}");
+    // env says 1 at a time, the flag says 5 may wait (the file said 1)
+    let codes: Vec<u16> = (0..6)
+        .map(|_| post(json!({"agent": "shell", "prompt": "sleep 2", "repo_path": repo})))
+        .collect();
+    assert_eq!(codes.iter().filter(|c| **c == 202).count(), 6, "{codes:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn tls_is_built_in() {
+    let t = tempdir();
+    let (cert, key) = (t.path().join("cert.pem"), t.path().join("key.pem"));
+    let ca = t.path().join("ca.pem");
+    // a CA and a leaf for 127.0.0.1 signed by it (a self-signed CA used as
+    // the server's own certificate is rightly refused by webpki)
+    let script = r#"set -e
+      openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.pem 2>/dev/null
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj /CN=localhost -keyout key.pem -out leaf.csr 2>/dev/null
+      printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
+      openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext.cnf -out cert.pem 2>/dev/null"#;
+    let o = sh(t.path(), script);
+    assert!(
+        o.status.success(),
+        "openssl (apt-get install openssl): {o:?}"
+    );
+    let (c, k) = (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    );
+    let s = Server::start(&t.path().join("data"), &["--tls-cert", &c, "--tls-key", &k]);
+    assert!(s.url.starts_with("https://"), "{}", s.url);
+    let pem = std::fs::read(&ca).unwrap_or_default();
+    let ca = reqwest::Certificate::from_pem(&pem).unwrap_or_else(|e| panic!("{e}"));
+    let https = Client::builder()
+        .add_root_certificate(ca)
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = https
+        .get(format!("{}/health", s.url))
+        .send()
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(r.status().as_u16(), 200);
+    // plain HTTP to the TLS port gets no answer
+    let plain = s.url.replacen("https://", "http://", 1);
+    let r = Client::new().get(format!("{plain}/health")).send();
+    assert!(r.map(|r| !r.status().is_success()).unwrap_or(true));
+}
