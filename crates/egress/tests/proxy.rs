@@ -1,0 +1,224 @@
+//! The proxy against real sockets on loopback.
+
+use std::sync::Arc;
+
+use agentvm_egress::{Policy, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An HTTP server that answers every request with "hello".
+async fn http_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+                    )
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// A TCP echo server.
+async fn echo_upstream() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
+
+async fn proxy(policy: &str) -> (u16, Arc<Proxy>) {
+    let p = Proxy::new(
+        Policy::parse(policy).unwrap_or_else(|e| panic!("{e}")),
+        None,
+    );
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(p.clone().serve_tcp(l));
+    (port, p)
+}
+
+async fn exchange(port: u16, req: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(req).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn plain_http_to_an_allowed_address_is_forwarded_and_recorded() {
+    let up = http_upstream().await;
+    let (pp, p) = proxy(&format!("127.0.0.1:{up}")).await;
+    let r = exchange(pp, format!("GET http://127.0.0.1:{up}/x HTTP/1.1\r\nHost: 127.0.0.1:{up}\r\nProxy-Authorization: secret\r\n\r\n").as_bytes()).await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK") && r.ends_with("hello"),
+        "{r}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let rec = p.records();
+    assert_eq!(rec.len(), 1);
+    assert!(rec[0].allowed);
+    assert_eq!(rec[0].host, "127.0.0.1");
+    assert!(rec[0].bytes_down > 0 && rec[0].bytes_up > 0, "{rec:?}");
+}
+
+#[tokio::test]
+async fn refusals_are_403_with_a_reason_header() {
+    let up = http_upstream().await;
+    let (pp, p) = proxy(&format!("127.0.0.1:{up},localhost:{up},api.example.com")).await;
+    for (req, why) in [
+        (
+            format!("GET http://not-listed.example/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "host-not-allowlisted",
+        ),
+        (
+            format!("GET http://127.0.0.2:{up}/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "ip-literal-not-allowlisted",
+        ),
+        (
+            format!(
+                "GET http://127.0.0.1:{}/ HTTP/1.1\r\nHost: x\r\n\r\n",
+                up + 1
+            ),
+            "ip-literal-not-allowlisted",
+        ),
+        (
+            format!("CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n"),
+            "ip-literal-not-allowlisted",
+        ),
+        (
+            format!("GET https://api.example.com/ HTTP/1.1\r\n\r\n"),
+            "unsupported-target",
+        ),
+    ] {
+        let r = exchange(pp, req.as_bytes()).await;
+        assert!(
+            r.starts_with("HTTP/1.1 403") || r.starts_with("HTTP/1.1 400"),
+            "{req}: {r}"
+        );
+        assert!(
+            r.contains(&format!("X-AgentVM-Egress-Denied: {why}")),
+            "{req}: {r}"
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let rec = p.records();
+    assert!(rec.iter().all(|r| !r.allowed), "{rec:?}");
+    assert_eq!(rec.len(), 5);
+    // an allowlisted name that resolves to loopback (DNS rebinding) is
+    // refused unless the address itself is named
+    let (pp2, _) = proxy(&format!("localhost:{up}")).await;
+    let r = exchange(
+        pp2,
+        format!("GET http://localhost:{up}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(
+        r.contains("X-AgentVM-Egress-Denied: resolves-to-loopback-address"),
+        "{r}"
+    );
+}
+
+fn client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut exts = vec![0, 0];
+    exts.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    exts.extend_from_slice(&sni);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(exts.len() as u16).to_be_bytes());
+    body.extend_from_slice(&exts);
+    let mut hs = vec![0x01];
+    hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend_from_slice(&body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
+    rec.extend_from_slice(&hs);
+    rec
+}
+
+#[tokio::test]
+async fn connect_tunnels_and_checks_the_sni() {
+    let up = echo_upstream().await;
+    // the name resolves to loopback, so its addresses are named explicitly
+    let (pp, p) = proxy(&format!("localhost:{up},127.0.0.1:{up},[::1]:{up}")).await;
+    // matching SNI: the tunnel carries bytes both ways
+    let mut s = TcpStream::connect(("127.0.0.1", pp))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("CONNECT localhost:{up} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut head = [0u8; 39];
+    s.read_exact(&mut head)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&head, b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let hello = client_hello("localhost");
+    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(back, hello, "the tunnel did not echo");
+    drop(s);
+    // another name in the SNI: the tunnel is closed, nothing forwarded
+    let mut s = TcpStream::connect(("127.0.0.1", pp))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(format!("CONNECT localhost:{up} HTTP/1.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.read_exact(&mut head)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&client_hello("evil.example"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "bytes came back through a refused tunnel");
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let rec = p.records();
+    assert!(
+        rec.iter()
+            .any(|r| r.allowed && r.bytes_down >= hello.len() as u64),
+        "{rec:?}"
+    );
+    assert!(
+        rec.iter()
+            .any(|r| !r.allowed && r.reason.as_deref() == Some("sni-mismatch:evil.example")),
+        "{rec:?}"
+    );
+}
