@@ -1,6 +1,7 @@
 //! The `agentvm` binary.
 
 mod client;
+mod egress;
 mod run;
 mod serve;
 mod units;

@@ -31,8 +31,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     result_json: Option<PathBuf>,
     /// none: a private loopback only. host: the host's network (no isolation).
+    /// allow:HOST[:PORT],...: only these hosts, through the egress proxy
+    /// (names, *.domain, IPs; private and loopback addresses only when named).
     #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_network)]
-    network: Network,
+    network: NetArg,
+    /// With --network allow: write each proxy decision as a JSON line to FILE.
+    #[arg(long, value_name = "FILE")]
+    egress_log: Option<PathBuf>,
     /// Memory limit, swap included (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     memory: Option<u64>,
@@ -83,14 +88,32 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-fn parse_network(s: &str) -> Result<Network, String> {
+/// A parsed --network.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetArg {
+    pub mode: Network,
+    pub policy: Option<agentvm_egress::Policy>,
+}
+
+fn parse_network(s: &str) -> Result<NetArg, String> {
     match s {
-        "none" => Ok(Network::None),
-        "host" => Ok(Network::Host),
-        _ if s.starts_with("allow:") => {
-            Err("allow:HOST,... needs the egress proxy, which this build does not have yet".into())
-        }
-        _ => Err(format!("invalid network mode {s:?}: expected none or host")),
+        "none" => Ok(NetArg {
+            mode: Network::None,
+            policy: None,
+        }),
+        "host" => Ok(NetArg {
+            mode: Network::Host,
+            policy: None,
+        }),
+        _ => match s.strip_prefix("allow:") {
+            Some(list) => Ok(NetArg {
+                mode: Network::Proxied,
+                policy: Some(agentvm_egress::Policy::parse(list)?),
+            }),
+            None => Err(format!(
+                "invalid network mode {s:?}: expected none, host or allow:HOST[:PORT],..."
+            )),
+        },
     }
 }
 
@@ -157,6 +180,26 @@ fn build_env(args: &RunArgs) -> Result<Vec<(OsString, OsString)>, String> {
     }
     if std::env::var_os("LANG").is_none() {
         set("LANG", "C.UTF-8".into());
+    }
+    if args.network.mode == Network::Proxied {
+        let url = format!("http://{}", agentvm_sandbox::spec::PROXY_ADDR);
+        for k in [
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "ALL_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "all_proxy",
+            "npm_config_proxy",
+            "npm_config_https_proxy",
+            "PIP_PROXY",
+        ] {
+            set(k, url.clone().into());
+        }
+        // nothing bypasses the proxy: the sandbox's own loopback has nothing
+        // to offer, and the host's is reached only through the policy
+        set("NO_PROXY", "".into());
+        set("no_proxy", "".into());
     }
     for k in &args.env_pass {
         match std::env::var_os(k) {
@@ -232,6 +275,9 @@ struct RunResult {
     landlock_abi: u32,
     layers_disabled: Vec<&'static str>,
     error: Option<ErrorJson>,
+    /// Every decision of the egress proxy (allow mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Serialize)]
@@ -310,7 +356,7 @@ pub fn main(args: RunArgs) -> ExitCode {
     for d in &disabled {
         eprintln!("agentvm: WARNING: the {d} layer is switched off for this run; the sandbox is weaker than the default");
     }
-    if args.network == Network::Host {
+    if args.network.mode == Network::Host {
         eprintln!("agentvm: WARNING: --network host: the command shares the host's network (it can reach every address and local service the host can)");
     }
     let mut outs = Outputs {
@@ -335,11 +381,12 @@ pub fn main(args: RunArgs) -> ExitCode {
         env,
         repo: repo.clone(),
         ro_binds,
-        network: args.network,
+        network: args.network.mode,
         limits: limits.clone(),
         layers,
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: args.cgroup_parent.clone(),
+        proxy_socket: None,
     };
     let mut result = RunResult {
         status: "error",
@@ -353,13 +400,28 @@ pub fn main(args: RunArgs) -> ExitCode {
         oom_kills: 0,
         memory_peak_bytes: None,
         timeout_ms: limits.timeout.map(|t| t.as_millis() as u64),
-        network: args.network,
+        network: args.network.mode,
         landlock_abi: 0,
         layers_disabled: disabled,
         error: None,
+        egress: None,
     };
 
+    let mut spec = spec;
+    let proxy = match &args.network.policy {
+        Some(policy) => match crate::egress::start(policy.clone(), args.egress_log.as_deref()) {
+            Ok(p) => {
+                spec.proxy_socket = Some(p.socket.clone());
+                Some(p)
+            }
+            Err(e) => return fail(&format!("sandbox setup failed: network: {e}")),
+        },
+        None => None,
+    };
     let outcome = agentvm_sandbox::run(&spec);
+    if let Some(p) = proxy {
+        result.egress = Some(p.finish());
+    }
     let code: i32 = match outcome {
         Err(RunError::Setup(e)) => {
             report_setup_error(&e, &mut result);
@@ -491,9 +553,12 @@ mod tests {
 
     #[test]
     fn network_modes() {
-        assert_eq!(parse_network("none"), Ok(Network::None));
-        assert_eq!(parse_network("host"), Ok(Network::Host));
-        assert!(parse_network("allow:example.com").is_err());
+        assert_eq!(parse_network("none").map(|n| n.mode), Ok(Network::None));
+        assert_eq!(parse_network("host").map(|n| n.mode), Ok(Network::Host));
+        let a = parse_network("allow:example.com,*.x.org:443").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.mode, Network::Proxied);
+        assert!(parse_network("allow:").is_err());
+        assert!(parse_network("allow:bad host").is_err());
         assert!(parse_network("bridge").is_err());
     }
 }

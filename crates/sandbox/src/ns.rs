@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Cgroup;
 use crate::error::{ExecFailure, Layer, RunError, SetupError};
-use crate::spec::{Network, SandboxSpec, HOME_DIR, HOSTNAME, WORKSPACE_DIR};
+use crate::spec::{
+    Network, SandboxSpec, HOME_DIR, HOSTNAME, PROXY_ADDR, PROXY_SOCKET, WORKSPACE_DIR,
+};
 use crate::{caps, landlock_layer, seccomp};
 
 /// How a finished command ended.
@@ -397,7 +399,7 @@ fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome, RunError>
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS) as u64;
-    if spec.network == Network::None {
+    if spec.network != Network::Host {
         flags |= libc::CLONE_NEWNET as u64;
     }
     let started = Instant::now();
@@ -651,8 +653,11 @@ fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Result<(), Setup
     drop(upper);
 
     nix::unistd::sethostname(HOSTNAME).map_err(os(Layer::Namespaces, "sethostname"))?;
-    if p.spec.network == Network::None {
+    if p.spec.network != Network::Host {
         loopback_up()?;
+    }
+    if p.spec.network == Network::Proxied {
+        start_bridge(p)?;
     }
     // Nothing inside may trace or read init.
     // SAFETY: prctl with integer arguments.
@@ -764,6 +769,78 @@ fn loopback_up() -> Result<(), SetupError> {
                 std::io::Error::last_os_error(),
             ));
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- bridge
+
+/// Fork the bridge: a loopback listener inside the sandbox that forwards
+/// every connection to the proxy's socket. It is confined like the command
+/// (no capabilities, no_new_privs, seccomp) and dies with init. Returns
+/// once it listens.
+fn start_bridge(p: &Prepared) -> Result<(), SetupError> {
+    let (rd, wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(os(Layer::Network, "pipe2"))?;
+    // SAFETY: fork in a single-threaded process (init).
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(SetupError::os(
+            Layer::Network,
+            "forking the proxy bridge",
+            e,
+        )),
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(rd);
+            let code = match bridge_main(p, wr) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            };
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(code) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(wr);
+            let mut b = [0u8; 1];
+            match nix::unistd::read(rd.as_raw_fd(), &mut b) {
+                Ok(1) => Ok(()),
+                _ => Err(SetupError::new(
+                    Layer::Network,
+                    format!("the proxy bridge could not listen on {PROXY_ADDR}"),
+                )),
+            }
+        }
+    }
+}
+
+fn bridge_main(p: &Prepared, ready: OwnedFd) -> Result<(), SetupError> {
+    use std::os::unix::net::UnixStream;
+    let l = std::net::TcpListener::bind(PROXY_ADDR)
+        .map_err(|e| SetupError::os(Layer::Network, PROXY_ADDR, e))?;
+    caps::no_new_privs()?;
+    caps::drop_all(p.last_cap)?;
+    if let Some(f) = &p.filters {
+        seccomp::install(f)?;
+    }
+    let _ = nix::unistd::write(&ready, b"1");
+    drop(ready);
+    for conn in l.incoming() {
+        let Ok(tcp) = conn else { continue };
+        std::thread::spawn(move || {
+            let Ok(unix) = UnixStream::connect(PROXY_SOCKET) else {
+                return;
+            };
+            let (Ok(mut t2), Ok(mut u2)) = (tcp.try_clone(), unix.try_clone()) else {
+                return;
+            };
+            let (mut t1, mut u1) = (tcp, unix);
+            let up = std::thread::spawn(move || {
+                let _ = std::io::copy(&mut t1, &mut u1);
+                let _ = u1.shutdown(std::net::Shutdown::Write);
+            });
+            let _ = std::io::copy(&mut u2, &mut t2);
+            let _ = t2.shutdown(std::net::Shutdown::Write);
+            let _ = up.join();
+        });
     }
     Ok(())
 }
@@ -1189,6 +1266,21 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
             )?;
             set_attr(&path, ro, false)?;
         }
+    }
+
+    // The egress proxy's socket, the sandbox's only way out.
+    if spec.network == Network::Proxied {
+        let sock = spec
+            .proxy_socket
+            .as_ref()
+            .ok_or_else(|| SetupError::new(Layer::Network, "allow mode without a proxy socket"))?;
+        let dst = root.join(PROXY_SOCKET.trim_start_matches('/'));
+        touch(&dst)?;
+        bind(
+            &host(sock),
+            &dst,
+            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )?;
     }
 
     // Extra read-only binds the caller asked for.

@@ -22,7 +22,17 @@ pub enum Network {
     None,
     /// The host's network namespace (no network isolation at all).
     Host,
+    /// A private network namespace whose only way out is the host's Unix
+    /// socket `SandboxSpec::proxy_socket`, bridged to [`PROXY_ADDR`] inside
+    /// (the egress allowlist proxy listens on that socket).
+    #[serde(rename = "allow")]
+    Proxied,
 }
+
+/// Where the bridge to the egress proxy listens inside the sandbox.
+pub const PROXY_ADDR: &str = "127.0.0.1:3128";
+/// Where the proxy's socket appears inside the sandbox.
+pub const PROXY_SOCKET: &str = "/run/agentvm/egress.sock";
 
 /// Resource limits. `None` means "no limit of this kind".
 #[derive(Debug, Clone, Default)]
@@ -92,6 +102,8 @@ pub struct SandboxSpec {
     /// as root (never 0). Ignored when run unprivileged: then root inside is
     /// the calling user.
     pub root_maps_to: u32,
+    /// With `Network::Proxied`: the host path of the proxy's Unix socket.
+    pub proxy_socket: Option<PathBuf>,
     /// Cgroup parent (relative to each hierarchy's root) under which the
     /// sandbox's cgroup is created; `None` uses the caller's own cgroup.
     pub cgroup_parent: Option<PathBuf>,

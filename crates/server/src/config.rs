@@ -23,7 +23,7 @@ pub struct Profile {
     /// Fixed variables set for the agent.
     #[serde(default)]
     pub set_env: BTreeMap<String, String>,
-    /// "none" or "host".
+    /// "none", "host" or "allow:HOST[:PORT],..." (the egress allowlist).
     #[serde(default = "default_network")]
     pub network: String,
     #[serde(default)]
@@ -56,8 +56,19 @@ impl Profile {
                 "agent {name}: argv must contain \"{{prompt}}\" exactly once, as a whole element"
             ));
         }
-        if !matches!(self.network.as_str(), "none" | "host") {
-            return Err(format!("agent {name}: network must be none or host"));
+        match self.network.as_str() {
+            "none" | "host" => {}
+            n => match n.strip_prefix("allow:") {
+                Some(list) => {
+                    agentvm_egress::Policy::parse(list)
+                        .map_err(|e| format!("agent {name}: network allow list: {e}"))?;
+                }
+                None => {
+                    return Err(format!(
+                        "agent {name}: network must be none, host or allow:HOST,..."
+                    ))
+                }
+            },
         }
         Ok(())
     }
@@ -134,5 +145,14 @@ mod tests {
             .unwrap_or_else(|| panic!("shell"));
         p.argv = vec!["sh".into(), "-c".into(), "echo {prompt}".into()];
         assert!(p.validate("x").is_err());
+        let mut q = builtin_profiles()
+            .remove("shell")
+            .unwrap_or_else(|| panic!("shell"));
+        q.network = "allow:api.openai.com,127.0.0.1:8080".into();
+        assert!(q.validate("q").is_ok());
+        q.network = "allow:not a host".into();
+        assert!(q.validate("q").is_err());
+        q.network = "bridge".into();
+        assert!(q.validate("q").is_err());
     }
 }

@@ -1,4 +1,5 @@
 mod attack;
 mod capture;
 mod cli;
+mod egress;
 mod server;

@@ -1,0 +1,139 @@
+//! Running the egress proxy for one `agentvm run`.
+//!
+//! The proxy runs in a process of its own, forked while this process is
+//! still single-threaded (the sandbox's init is cloned later with a raw
+//! clone3, which must not happen in a multi-threaded process). It drops to
+//! uid 65534 when started as root, keeps no_new_privs, dies with us, and
+//! writes each decision as a JSON line that we read back at the end.
+
+use std::io::{BufRead, BufReader, Seek};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use agentvm_egress::{Policy, Proxy};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, ForkResult, Pid};
+
+pub struct Running {
+    pub socket: PathBuf,
+    dir: PathBuf,
+    pid: Pid,
+    log: std::fs::File,
+}
+
+fn private_dir() -> Result<PathBuf, String> {
+    let mut b = [0u8; 8];
+    let f = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b).map(|_| f));
+    f.map_err(|e| format!("/dev/urandom: {e}"))?;
+    let name: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let d = std::env::temp_dir().join(format!("agentvm-egress-{name}"));
+    std::fs::create_dir(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    // traversable by the sandbox's uid, not listable
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| e.to_string())?;
+    Ok(d)
+}
+
+/// Start the proxy for `policy`; decisions also go to `log_to` if given.
+pub fn start(policy: Policy, log_to: Option<&Path>) -> Result<Running, String> {
+    let dir = private_dir()?;
+    let socket = dir.join("egress.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket)
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        // only root and the sandbox's uid may connect
+        let _ = std::os::unix::fs::chown(
+            &socket,
+            Some(agentvm_sandbox::spec::DEFAULT_ROOT_MAPS_TO),
+            None,
+        );
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    } else {
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    }
+    let log = match log_to {
+        Some(p) => std::fs::File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(p),
+        None => tempfile_in(&dir),
+    }
+    .map_err(|e| format!("egress log: {e}"))?;
+    let child_log = log.try_clone().map_err(|e| e.to_string())?;
+    // SAFETY: this process is single-threaded here (the CLI starts no
+    // thread before the sandbox); the child only sets up and runs the proxy.
+    match unsafe { fork() } {
+        Err(e) => Err(format!("forking the egress proxy: {e}")),
+        Ok(ForkResult::Child) => {
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+            if root {
+                let id = agentvm_sandbox::spec::DEFAULT_ROOT_MAPS_TO;
+                let ok = nix::unistd::setgroups(&[]).is_ok()
+                    && nix::unistd::setresgid(id.into(), id.into(), id.into()).is_ok()
+                    && nix::unistd::setresuid(id.into(), id.into(), id.into()).is_ok();
+                if !ok {
+                    // SAFETY: _exit never returns.
+                    unsafe { libc::_exit(1) };
+                }
+                // SAFETY: re-arm after the credential change, which clears it.
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+            }
+            let _ = agentvm_sandbox::caps::no_new_privs();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build();
+            if let Ok(rt) = rt {
+                rt.block_on(async move {
+                    if listener.set_nonblocking(true).is_ok() {
+                        if let Ok(l) = tokio::net::UnixListener::from_std(listener) {
+                            Proxy::new(policy, Some(child_log)).serve_unix(l).await;
+                        }
+                    }
+                });
+            }
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(listener);
+            Ok(Running {
+                socket,
+                dir,
+                pid: child,
+                log,
+            })
+        }
+    }
+}
+
+fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::options()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(dir.join("decisions.jsonl"))
+}
+
+impl Running {
+    /// Stop the proxy and return its decisions.
+    pub fn finish(mut self) -> Vec<serde_json::Value> {
+        let _ = kill(self.pid, Signal::SIGKILL);
+        let _ = waitpid(self.pid, None);
+        let _ = self.log.rewind();
+        let out = BufReader::new(&self.log)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        out
+    }
+}

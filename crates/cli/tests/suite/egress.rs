@@ -1,0 +1,169 @@
+//! `agentvm run --network allow:...`: the only way out is the egress proxy.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use serde_json::Value;
+
+use crate::common::*;
+
+/// An HTTP server on the host's loopback answering "hello from the host".
+fn host_server() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\nConnection: close\r\n\r\nhello from the host\n");
+        }
+    });
+    port
+}
+
+fn run(who: Who, policy: &str, script: &str, extra: &[&str]) -> (i32, String, Value) {
+    let d = out_dir(who);
+    let j = d.path().join("r.json");
+    let js = j.to_string_lossy().into_owned();
+    let net = format!("allow:{policy}");
+    let mut args = vec!["run", "--network", &net, "--result-json", &js];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    let o = agentvm(who, &args);
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(&j).unwrap_or_default()).unwrap_or_default();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+        v,
+    )
+}
+
+#[test]
+fn allowed_hosts_through_the_proxy_and_nothing_else() {
+    let port = host_server();
+    for who in runners() {
+        let script = format!(
+            "curl -s http://127.0.0.1:{port}/; \
+             curl -s -D - -o /dev/null http://not-allowed.example/ | tr -d '\\r' | grep -i '^x-agentvm'; \
+             curl -s -m 5 --noproxy '*' http://127.0.0.1:{port}/ || echo direct-refused; \
+             curl -s -m 5 https://api.example.com/ || echo tunnel-refused"
+        );
+        let (code, out, v) = run(who, &format!("127.0.0.1:{port}"), &script, &[]);
+        assert_eq!(code, 0, "{who:?}: {out}");
+        assert!(
+            out.contains("hello from the host"),
+            "{who:?}: allowed request failed: {out}"
+        );
+        assert!(
+            out.contains("X-AgentVM-Egress-Denied: host-not-allowlisted"),
+            "{who:?}: {out}"
+        );
+        assert!(
+            out.contains("direct-refused"),
+            "{who:?}: a direct connection got out: {out}"
+        );
+        assert!(out.contains("tunnel-refused"), "{who:?}: {out}");
+        assert_eq!(v["network"], "allow");
+        let eg = v["egress"].as_array().cloned().unwrap_or_default();
+        let allowed: Vec<&Value> = eg.iter().filter(|r| r["allowed"] == true).collect();
+        assert_eq!(allowed.len(), 1, "{who:?}: {eg:?}");
+        assert_eq!(allowed[0]["host"], "127.0.0.1");
+        assert!(allowed[0]["bytes_down"].as_u64().unwrap_or(0) > 0);
+        assert!(
+            eg.iter().any(
+                |r| r["host"] == "not-allowed.example" && r["reason"] == "host-not-allowlisted"
+            ),
+            "{eg:?}"
+        );
+        assert!(
+            eg.iter().any(|r| r["method"] == "CONNECT"
+                && r["host"] == "api.example.com"
+                && r["allowed"] == false),
+            "{eg:?}"
+        );
+    }
+}
+
+#[test]
+fn a_name_that_resolves_to_loopback_is_refused_unless_the_address_is_named() {
+    let port = host_server();
+    let (code, out, v) = run(
+        Who::Me,
+        &format!("localhost:{port}"),
+        &format!("curl -s -D - http://localhost:{port}/ | tr -d '\\r'"),
+        &[],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("X-AgentVM-Egress-Denied: resolves-to-loopback-address"),
+        "{out}"
+    );
+    assert!(!out.contains("hello from the host"), "{out}");
+    assert_eq!(v["egress"][0]["allowed"], false);
+    // metadata addresses likewise
+    let (_, out, _) = run(
+        Who::Me,
+        "example.com",
+        "curl -s -D - http://169.254.169.254/latest/meta-data/ | tr -d '\\r'",
+        &[],
+    );
+    assert!(
+        out.contains("X-AgentVM-Egress-Denied: ip-literal-not-allowlisted"),
+        "{out}"
+    );
+}
+
+#[test]
+fn decisions_stream_to_the_egress_log_and_the_proxy_goes_away() {
+    let port = host_server();
+    let d = tempdir();
+    let tmp = d.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{e}"));
+    let log = d.path().join("egress.jsonl");
+    let ls = log.to_string_lossy().into_owned();
+    let net = format!("allow:127.0.0.1:{port}");
+    let script = format!(
+        "curl -s http://127.0.0.1:{port}/ >/dev/null; curl -s http://nope.example/ >/dev/null"
+    );
+    let o = agentvm_with(
+        Who::Me,
+        &[
+            "run",
+            "--network",
+            &net,
+            "--egress-log",
+            &ls,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[("TMPDIR", tmp.to_str().unwrap_or(""))],
+        None,
+    );
+    assert!(o.status.success(), "{o:?}");
+    let lines: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    // the proxy's socket directory (made under TMPDIR) is gone, and with it
+    // the proxy
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn bad_allowlists_are_a_clear_125() {
+    for bad in ["allow:", "allow:bad host", "allow:x:99999", "allow:*."] {
+        let o = agentvm(Who::Me, &["run", "--network", bad, "--", "true"]);
+        assert_eq!(o.status.code(), Some(125), "{bad}: {o:?}");
+    }
+}
