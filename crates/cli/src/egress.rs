@@ -137,3 +137,38 @@ impl Running {
         out
     }
 }
+
+/// `agentvm egress-proxy`: the proxy on a TCP address, decisions to stderr.
+pub fn standalone(allow: &str, listen: std::net::SocketAddr) -> std::process::ExitCode {
+    let policy = match Policy::parse(allow) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("agentvm egress-proxy: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agentvm egress-proxy: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    rt.block_on(async move {
+        let l = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("agentvm egress-proxy: {listen}: {e}");
+                return std::process::ExitCode::from(1);
+            }
+        };
+        if let Ok(a) = l.local_addr() {
+            eprintln!("agentvm: egress proxy listening on {a}");
+        }
+        Proxy::new(policy, None).serve_tcp(l).await;
+        std::process::ExitCode::SUCCESS
+    })
+}

@@ -53,6 +53,15 @@ enum Command {
         #[command(subcommand)]
         cmd: client::KeysCmd,
     },
+    /// Run the egress proxy on a TCP address (benchmarks and policy debugging).
+    #[command(hide = true)]
+    EgressProxy {
+        /// The allowlist, as in --network allow:LIST.
+        #[arg(long)]
+        allow: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
     /// Report which isolation layers this kernel and this user can use.
     Doctor {
         /// Print one JSON object instead of a table.
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(*args),
         Command::Serve(args) => serve::serve(*args),
         Command::Jobs { conn, cmd } => client::jobs(conn, cmd),
+        Command::EgressProxy { allow, listen } => egress::standalone(&allow, listen),
         Command::Keys { conn, cmd } => client::keys(conn, cmd),
         Command::Backup(args) => serve::backup(args),
         Command::Restore(args) => serve::restore(args),

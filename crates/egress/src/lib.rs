@@ -11,15 +11,19 @@
 //! It must never: connect anywhere before the policy said yes; trust a name
 //! the client resolved; know about sandboxes, jobs or HTTP APIs.
 
+//! Tunnelled bytes are moved with splice(2), never copied through this
+//! process.
+
 pub mod policy;
 mod sni;
+mod splice;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub use policy::Policy;
@@ -140,7 +144,10 @@ impl Proxy {
         Ok(addrs)
     }
 
-    async fn handle<S: AsyncRead + AsyncWrite + Unpin>(&self, mut s: S) {
+    async fn handle<S>(&self, mut s: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + splice::Socket + Unpin,
+    {
         let mut buf = Vec::with_capacity(2048);
         let head_len = loop {
             let mut chunk = [0u8; 4096];
@@ -284,7 +291,7 @@ impl Proxy {
             }
             rec.bytes_up = head.len() as u64;
         }
-        match tokio::io::copy_bidirectional(&mut s, &mut up).await {
+        match splice::both(&s, &up).await {
             Ok((a, b)) => {
                 rec.bytes_up += a;
                 rec.bytes_down += b;

@@ -222,3 +222,85 @@ async fn connect_tunnels_and_checks_the_sni() {
         "{rec:?}"
     );
 }
+
+/// A server that answers every request with `size` bytes.
+async fn bulk_upstream(size: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+                let chunk = vec![b'z'; 1 << 20];
+                let mut left = size;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Large transfers through both paths, repeatedly, under a deadline: a
+/// stalled relay fails here instead of hanging a download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_transfers_never_stall() {
+    const SIZE: usize = 32 << 20;
+    let up = bulk_upstream(SIZE).await;
+    let (pp, p) = proxy(&format!("127.0.0.1:{up}")).await;
+    for round in 0..6 {
+        let connect = round % 2 == 1;
+        let fut = async {
+            let mut s = TcpStream::connect(("127.0.0.1", pp))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            if connect {
+                s.write_all(format!("CONNECT 127.0.0.1:{up} HTTP/1.1\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let mut head = [0u8; 39];
+                s.read_exact(&mut head)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                s.write_all(
+                    format!("GET http://127.0.0.1:{up}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            let mut n = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            n
+        };
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), fut).await;
+        let got = got.unwrap_or_else(|_| panic!("round {round} (connect: {connect}) stalled"));
+        assert!(got > SIZE, "round {round}: {got} bytes");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(
+        p.records()
+            .iter()
+            .all(|r| r.allowed && r.bytes_down > SIZE as u64),
+        "{:?}",
+        p.records()
+    );
+}

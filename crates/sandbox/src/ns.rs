@@ -834,15 +834,69 @@ fn bridge_main(p: &Prepared, ready: OwnedFd) -> Result<(), SetupError> {
             };
             let (mut t1, mut u1) = (tcp, unix);
             let up = std::thread::spawn(move || {
-                let _ = std::io::copy(&mut t1, &mut u1);
+                pump(&mut t1, &mut u1);
                 let _ = u1.shutdown(std::net::Shutdown::Write);
             });
-            let _ = std::io::copy(&mut u2, &mut t2);
+            pump(&mut u2, &mut t2);
             let _ = t2.shutdown(std::net::Shutdown::Write);
             let _ = up.join();
         });
     }
     Ok(())
+}
+
+/// Copy until end of stream: splice(2) through a pipe (no copy through
+/// this process), or a large buffer where splice is not possible.
+fn pump<A: Read + AsRawFd, B: Write + AsRawFd>(from: &mut A, to: &mut B) {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == 0 {
+        // SAFETY: the kernel just gave us these descriptors.
+        let (pr, pw) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl with an integer argument (best effort).
+        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 1 << 20) };
+        let splice = |a: RawFd, b: RawFd, n: usize| {
+            // SAFETY: splice between descriptors we hold, no offsets.
+            unsafe {
+                libc::splice(
+                    a,
+                    std::ptr::null_mut(),
+                    b,
+                    std::ptr::null_mut(),
+                    n,
+                    libc::SPLICE_F_MOVE,
+                )
+            }
+        };
+        loop {
+            let n = splice(from.as_raw_fd(), pw.as_raw_fd(), 1 << 20);
+            if n <= 0 {
+                if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                    return;
+                }
+                break; // not spliceable: copy instead
+            }
+            let mut left = n as usize;
+            while left > 0 {
+                let m = splice(pr.as_raw_fd(), to.as_raw_fd(), left);
+                if m <= 0 {
+                    return;
+                }
+                left -= m as usize;
+            }
+        }
+    }
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 // ------------------------------------------------------------ filesystem
