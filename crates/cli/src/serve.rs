@@ -57,6 +57,11 @@ pub struct ServeArgs {
     /// On SIGTERM, how long running jobs may finish [default: 30s].
     #[arg(long, value_name = "DURATION", env = "AGENTVM_SHUTDOWN_GRACE")]
     shutdown_grace: Option<String>,
+    /// A secret for agents, NAME=FILE (repeatable): given to jobs whose
+    /// profile lists NAME, redacted from all they produce. Variables a
+    /// profile lists that the server's environment holds are secrets too.
+    #[arg(long = "secret", value_name = "NAME=FILE")]
+    secrets: Vec<String>,
     /// Cgroup to create job cgroups under (see `agentvm run --help`).
     #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
@@ -104,6 +109,17 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     }
     let sandbox_bin =
         std::env::current_exe().map_err(|e| format!("finding the agentvm binary: {e}"))?;
+    let mut flag_secrets = Vec::new();
+    for s in &a.secrets {
+        let (n, f) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--secret {s:?}: expected NAME=FILE"))?;
+        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("--secret {s:?}: invalid name"));
+        }
+        flag_secrets.push((n.to_string(), PathBuf::from(f)));
+    }
+    let secrets = agentvm_server::config::resolve_secrets(&file.secrets, &flag_secrets, &agents)?;
     Ok(Config {
         listen,
         data_dir: a
@@ -134,6 +150,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         agents,
         sandbox_bin,
         sandbox_args,
+        secrets,
     })
 }
 

@@ -94,6 +94,17 @@ pub struct Config {
     pub sandbox_bin: PathBuf,
     /// Extra arguments for every `agentvm run` (e.g. --cgroup-parent).
     pub sandbox_args: Vec<String>,
+    /// Secrets by name (provider keys): given to a job only when its profile
+    /// lists the name, and redacted from everything jobs produce.
+    pub secrets: Vec<(String, String)>,
+}
+
+/// Where a secret comes from: the server's environment or a file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSource {
+    pub env: Option<String>,
+    pub file: Option<PathBuf>,
 }
 
 /// The config file, every key optional.
@@ -114,6 +125,9 @@ pub struct FileConfig {
     pub cgroup_parent: Option<String>,
     #[serde(default)]
     pub agents: BTreeMap<String, Profile>,
+    /// `[secrets] NAME = { file = "..." }` or `{ env = "VAR" }`.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSource>,
 }
 
 impl FileConfig {
@@ -155,4 +169,50 @@ mod tests {
         q.network = "bridge".into();
         assert!(q.validate("q").is_err());
     }
+}
+
+/// Resolve the secrets: those configured (file or environment), plus every
+/// variable a profile may receive that the server's environment holds.
+/// Errors name the secret, never its value.
+pub fn resolve_secrets(
+    configured: &BTreeMap<String, SecretSource>,
+    from_flags: &[(String, PathBuf)],
+    agents: &BTreeMap<String, Profile>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let read_file = |name: &str, f: &Path| -> Result<String, String> {
+        let v = std::fs::read_to_string(f)
+            .map_err(|e| format!("secret {name}: {}: {e}", f.display()))?;
+        Ok(v.trim_end_matches(['\n', '\r']).to_string())
+    };
+    for (name, src) in configured {
+        let v = match (&src.file, &src.env) {
+            (Some(f), None) => read_file(name, f)?,
+            (None, Some(e)) => std::env::var(e)
+                .map_err(|_| format!("secret {name}: environment variable {e} is not set"))?,
+            _ => return Err(format!("secret {name}: give exactly one of file or env")),
+        };
+        out.insert(name.clone(), v);
+    }
+    for (name, f) in from_flags {
+        out.insert(name.clone(), read_file(name, f)?);
+    }
+    for p in agents.values() {
+        for name in &p.env {
+            if !out.contains_key(name) {
+                if let Ok(v) = std::env::var(name) {
+                    out.insert(name.clone(), v);
+                }
+            }
+        }
+    }
+    for (name, v) in &out {
+        if v.len() < crate::redact::MIN_SECRET_LEN {
+            return Err(format!(
+                "secret {name} is shorter than {} characters; it could not be told apart from ordinary output",
+                crate::redact::MIN_SECRET_LEN
+            ));
+        }
+    }
+    Ok(out.into_iter().collect())
 }

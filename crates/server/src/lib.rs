@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod redact;
 pub mod runner;
 
 use std::net::SocketAddr;

@@ -19,6 +19,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::redact::Redactor;
 
 /// An event of a running job, for followers.
 #[derive(Debug, Clone)]
@@ -46,6 +47,7 @@ struct Running {
 pub struct Runner {
     pub store: Store,
     cfg: Arc<Config>,
+    redactor: Redactor,
     metrics: Arc<Metrics>,
     queue: Mutex<VecDeque<String>>,
     depth: AtomicUsize,
@@ -74,8 +76,10 @@ pub fn start_time(pid: i32) -> Option<i64> {
 impl Runner {
     pub fn new(store: Store, cfg: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Runner> {
         let (finished, _) = broadcast::channel(1024);
+        let redactor = Redactor::new(cfg.secrets.iter().map(|(_, v)| v.as_str()));
         Arc::new(Runner {
             store,
+            redactor,
             cfg,
             metrics,
             queue: Mutex::new(VecDeque::new()),
@@ -264,6 +268,40 @@ impl Runner {
         self.cfg.data_dir.join("jobs").join(id)
     }
 
+    fn secret(&self, name: &str) -> Option<&str> {
+        self.cfg
+            .secrets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The supervisor's environment: nearly empty, plus exactly the
+    /// variables this job's profile may receive.
+    fn child_env(&self, job: &Job) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        )];
+        for k in ["LANG", "TZ", "TMPDIR", "HOME"] {
+            if let Ok(v) = std::env::var(k) {
+                env.push((k.into(), v));
+            }
+        }
+        if let Some(p) = self.cfg.agents.get(&job.agent) {
+            for k in &p.env {
+                if let Some(v) = self
+                    .secret(k)
+                    .map(str::to_owned)
+                    .or_else(|| std::env::var(k).ok())
+                {
+                    env.push((k.clone(), v));
+                }
+            }
+        }
+        env
+    }
+
     fn command(&self, job: &Job) -> Result<Vec<String>, String> {
         let p = self
             .cfg
@@ -301,7 +339,7 @@ impl Runner {
             a.extend(["--env".into(), format!("{k}={v}")]);
         }
         for k in &p.env {
-            if std::env::var_os(k).is_some() {
+            if self.secret(k).is_some() || std::env::var_os(k).is_some() {
                 a.extend(["--env-pass".into(), k.clone()]);
             }
         }
@@ -364,6 +402,8 @@ impl Runner {
         }
         let mut child = match tokio::process::Command::new(&self.cfg.sandbox_bin)
             .args(&args)
+            .env_clear()
+            .envs(self.child_env(job))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -396,27 +436,29 @@ impl Runner {
         let mut seq: i64 = 0;
         let mut buf_o = vec![0u8; 32 * 1024];
         let mut buf_e = vec![0u8; 32 * 1024];
+        // secrets never reach the store or a follower: redact first
+        let (mut red_o, mut red_e) = (self.redactor.stream(), self.redactor.stream());
         while out.is_some() || err.is_some() {
             let (stream, n) = tokio::select! {
                 r = async { match out.as_mut() { Some(o) => o.read(&mut buf_o).await, None => std::future::pending().await } } => ("stdout", r),
                 r = async { match err.as_mut() { Some(e) => e.read(&mut buf_e).await, None => std::future::pending().await } } => ("stderr", r),
             };
-            let n = match n {
+            let data = match n {
                 Ok(0) | Err(_) => {
                     if stream == "stdout" {
                         out = None;
+                        red_o.finish()
                     } else {
                         err = None;
+                        red_e.finish()
                     }
-                    continue;
                 }
-                Ok(n) => n,
+                Ok(n) if stream == "stdout" => red_o.push(&buf_o[..n]),
+                Ok(n) => red_e.push(&buf_e[..n]),
             };
-            let data = if stream == "stdout" {
-                buf_o[..n].to_vec()
-            } else {
-                buf_e[..n].to_vec()
-            };
+            if data.is_empty() {
+                continue;
+            }
             seq += 1;
             if let Err(e) = self.store.append_log(job.seq, seq, stream, &data).await {
                 tracing::error!(job = %job.id, error = %e, "storing output failed");
@@ -488,12 +530,17 @@ impl Runner {
             };
             (JobStatus::Failed, Some(msg))
         };
+        // nothing a job produced keeps a secret
+        let r = &self.redactor;
+        let result = result.map(|v| {
+            serde_json::from_str(&r.redact_str(&v.to_string())).unwrap_or(serde_json::Value::Null)
+        });
         Finish {
             status: st,
             exit_code,
-            error,
+            error: error.map(|e| r.redact_str(&e)),
             result,
-            patch,
+            patch: patch.map(|p| r.redact(&p)),
         }
     }
 }
