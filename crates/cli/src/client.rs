@@ -78,6 +78,9 @@ pub enum JobsCmd {
     },
     /// Cancel a queued or running job.
     Cancel { id: String },
+    /// Put an ended job's patch on a new branch agentvm/<id> of its repo
+    /// (no hook runs; the work tree is untouched).
+    Apply { id: String },
     /// Delete an ended job and its output.
     Delete { id: String },
 }
@@ -531,6 +534,24 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 print_json(&j);
             } else {
                 println!("{id} cancelling");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCmd::Apply { id } => {
+            let v: Value = c
+                .send(c.req(Method::POST, &format!("/v1/jobs/{id}/apply")))
+                .await?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            if c.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "branch {} at {}",
+                    v["branch"].as_str().unwrap_or(""),
+                    v["commit"].as_str().unwrap_or("")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

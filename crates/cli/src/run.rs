@@ -387,6 +387,10 @@ pub fn main(args: RunArgs) -> ExitCode {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: args.cgroup_parent.clone(),
         proxy_socket: None,
+        protected: agentvm_workspace::apply::PROTECTED
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
     };
     let mut result = RunResult {
         status: "error",

@@ -159,6 +159,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: None,
         proxy_socket: None,
+        protected: Vec::new(),
     };
     let (sandbox_ok, detail) = match crate::run(&spec) {
         Ok(o) if o.ended == crate::Ended::Exited(0) => (

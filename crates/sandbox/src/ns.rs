@@ -1227,6 +1227,16 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         nosuid_nodev,
         Some("lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work,userxattr"),
     )?;
+    // Startup files a shell or editor would run later, read-only inside
+    // (new ones can be made, but apply refuses to carry them out).
+    for name in &spec.protected {
+        let path = ws.join(name);
+        if let Ok(md) = std::fs::symlink_metadata(&path) {
+            if (md.is_dir() || md.is_file()) && name != ".git" {
+                bind(&path, &path, ro)?;
+            }
+        }
+    }
     // The repo's own git directory is read-only inside.
     let git = ws.join(".git");
     if let Ok(md) = std::fs::symlink_metadata(&git) {

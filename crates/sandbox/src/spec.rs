@@ -102,6 +102,9 @@ pub struct SandboxSpec {
     /// as root (never 0). Ignored when run unprivileged: then root inside is
     /// the calling user.
     pub root_maps_to: u32,
+    /// Names (at any depth they exist at the top of /workspace) shown
+    /// read-only inside: files a shell or editor would execute later.
+    pub protected: Vec<String>,
     /// With `Network::Proxied`: the host path of the proxy's Unix socket.
     pub proxy_socket: Option<PathBuf>,
     /// Cgroup parent (relative to each hierarchy's root) under which the

@@ -1027,6 +1027,97 @@ pub async fn cancel_job(
     Ok((StatusCode::ACCEPTED, Json(find(&st, &id).await?.into())))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct Applied {
+    /// The new branch, `agentvm/<job-id>`.
+    branch: String,
+    commit: String,
+}
+
+/// Put the job's patch on a new branch `agentvm/<job-id>` of its repository,
+/// committed with the prompt as the message. Git plumbing only: the work
+/// tree, index and HEAD are untouched, no hook runs, protected paths
+/// (.git, shell and editor startup files) are refused.
+#[utoipa::path(post, path = "/v1/jobs/{id}/apply", params(("id" = String, Path)),
+    responses((status = 201, body = Applied), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn apply_job(
+    State(st): S,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<(StatusCode, Json<Applied>)> {
+    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.apply", Some(&id)).await?;
+    let job = find(&st, &id).await?;
+    if !job.status.is_final() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "Job {id} is {}; apply it when it has ended",
+                job.status.as_str()
+            ),
+        ));
+    }
+    // the repo must still be inside an allowed root
+    let repo = check_repo(&st.roots, &job.repo_path).map_err(|_| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "The job's repository is gone or no longer inside an allowed root",
+        )
+    })?;
+    let patch = st.store.patch(&id).await?.flatten().unwrap_or_default();
+    let branch = format!("agentvm/{id}");
+    let message = format!("{}\n\nAgentVM-Job: {id}\n", job.prompt.trim_end());
+    let b2 = branch.clone();
+    let res = tokio::task::spawn_blocking(move || {
+        agentvm_workspace::apply_to_branch(&repo, &patch, &b2, &message)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error while applying",
+        )
+    })?;
+    match res {
+        Ok(commit) => {
+            audit(
+                &st,
+                Some(&caller),
+                "job.apply",
+                Some(&id),
+                &caller.client,
+                "ok",
+                Some(&branch),
+            )
+            .await;
+            Ok((StatusCode::CREATED, Json(Applied { branch, commit })))
+        }
+        Err(e) => {
+            use agentvm_workspace::ApplyError as E;
+            let status = match e {
+                E::Git(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::CONFLICT,
+            };
+            if status == StatusCode::INTERNAL_SERVER_ERROR {
+                tracing::error!(job = %id, error = %e, "apply failed");
+            }
+            audit(
+                &st,
+                Some(&caller),
+                "job.apply",
+                Some(&id),
+                &caller.client,
+                &format!("rejected {}", status.as_u16()),
+                None,
+            )
+            .await;
+            Err(ApiError::new(status, e.to_string()))
+        }
+    }
+}
+
 /// Delete an ended job with its output and patch.
 #[utoipa::path(delete, path = "/v1/jobs/{id}", params(("id" = String, Path)),
     responses((status = 204, description = "Deleted"), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
@@ -1373,8 +1464,8 @@ impl utoipa::Modify for SecurityAddon {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "AgentVM", description = "Run coding agents in sandboxes. Every route but /health, /openapi.json and /docs needs an API key (X-API-Key or Authorization: Bearer)."),
-    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_patch, cancel_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics),
-    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobPage, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage)),
+    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics),
+    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobPage, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

@@ -206,6 +206,7 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/jobs/{id}/patch", get(api::job_patch))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
+        .route("/v1/jobs/{id}/apply", post(api::apply_job))
         .route("/v1/keys", post(api::create_key).get(api::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/v1/audit", get(api::list_audit))

