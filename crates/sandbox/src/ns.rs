@@ -1351,7 +1351,8 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     for b in &spec.ro_binds {
         let dst = root.join(b.dst.strip_prefix("/").unwrap_or(&b.dst));
         if !dst.exists() {
-            if b.src.is_dir() {
+            // the host's paths are under /oldroot at this point
+            if host(&b.src).is_dir() {
                 mkdir_p(&dst)?;
             } else {
                 touch(&dst)?;

@@ -292,3 +292,51 @@ fn a_terminal_on_stdin_stays_usable() {
     assert!(s.contains("TTY-OK"), "{s}");
     assert!(s.contains("got:typed-line"), "{s}");
 }
+
+#[test]
+fn ro_bind_of_a_directory_and_a_file() {
+    for who in runners() {
+        let d = tempdir();
+        std::fs::create_dir_all(d.path().join("tool/bin")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            d.path().join("tool/bin/hello"),
+            "#!/bin/sh\necho tool-ran\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let _ = sh(d.path(), "chmod -R a+rX tool && chmod +x tool/bin/hello");
+        let src = d.path().join("tool").to_string_lossy().into_owned();
+        let bind_same = src.clone();
+        let o = agentvm(
+            who,
+            &[
+                "run",
+                "--ro-bind",
+                &bind_same,
+                "--",
+                "sh",
+                "-c",
+                &format!("{src}/bin/hello; touch {src}/x 2>/dev/null && echo WROTE"),
+            ],
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("tool-ran"), "{who:?}: {o:?}");
+        assert!(
+            !out.contains("WROTE"),
+            "{who:?}: a read-only bind was writable"
+        );
+        let o = agentvm(
+            who,
+            &[
+                "run",
+                "--ro-bind",
+                &format!("{src}:/tools/t"),
+                "--",
+                "/tools/t/bin/hello",
+            ],
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("tool-ran"),
+            "{who:?}: {o:?}"
+        );
+    }
+}
