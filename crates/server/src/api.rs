@@ -382,6 +382,61 @@ fn submit_error(e: SubmitError) -> ApiError {
     }
 }
 
+/// Validate a job request, queue it, and audit the outcome under `action`.
+#[allow(clippy::too_many_arguments)]
+async fn accept(
+    st: &AppState,
+    caller: &Caller,
+    action: &str,
+    agent: &str,
+    prompt: &str,
+    repo_path: &str,
+    timeout: i64,
+    extra: &[String],
+) -> ApiResult<Job> {
+    let v = match validate(st, agent, prompt, repo_path, timeout, extra) {
+        Ok(v) => v,
+        Err(e) => {
+            let outcome = format!("rejected {}", e.status.as_u16());
+            audit(
+                st,
+                Some(caller),
+                action,
+                None,
+                &caller.client,
+                &outcome,
+                None,
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let job = st
+        .runner
+        .submit(NewJob {
+            id: new_job_id(),
+            agent: v.agent,
+            prompt: v.prompt,
+            repo_path: v.repo.to_string_lossy().into_owned(),
+            timeout_s: v.timeout,
+            extra_args: v.extra_args,
+            key_id: Some(caller.key.id.clone()),
+        })
+        .await
+        .map_err(submit_error)?;
+    audit(
+        st,
+        Some(caller),
+        action,
+        Some(&job.id),
+        &caller.client,
+        "accepted",
+        None,
+    )
+    .await;
+    Ok(job)
+}
+
 // ------------------------------------------------------------- health
 
 #[derive(Serialize, ToSchema)]
@@ -453,52 +508,17 @@ pub async fn agent_run(
     let caller = authorize_mut(&st, &headers, addr, Scope::Run, "agent.run", None).await?;
     let req: AgentRunRequest = parse_body(&body)?;
     let extra = req.extra_args.unwrap_or_default();
-    let v = match validate(
+    let job = accept(
         &st,
+        &caller,
+        "agent.run",
         &req.agent,
         &req.prompt,
         &req.repo_path,
         req.timeout,
         &extra,
-    ) {
-        Ok(v) => v,
-        Err(e) => {
-            audit(
-                &st,
-                Some(&caller),
-                "agent.run",
-                None,
-                &caller.client,
-                &format!("rejected {}", e.status.as_u16()),
-                None,
-            )
-            .await;
-            return Err(e);
-        }
-    };
-    let job = st
-        .runner
-        .submit(NewJob {
-            id: new_job_id(),
-            agent: v.agent,
-            prompt: v.prompt,
-            repo_path: v.repo.to_string_lossy().into_owned(),
-            timeout_s: v.timeout,
-            extra_args: v.extra_args,
-            key_id: Some(caller.key.id.clone()),
-        })
-        .await
-        .map_err(submit_error)?;
-    audit(
-        &st,
-        Some(&caller),
-        "agent.run",
-        Some(&job.id),
-        &caller.client,
-        "accepted",
-        None,
     )
-    .await;
+    .await?;
     let done = st.runner.wait(&job.id).await?.unwrap_or(job);
     let logs = st.store.logs(done.seq, 0).await?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -601,52 +621,17 @@ pub async fn create_job(
 ) -> ApiResult<Response> {
     let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.create", None).await?;
     let req: JobRequest = parse_body(&body)?;
-    let v = match validate(
+    let job = accept(
         &st,
+        &caller,
+        "job.create",
         &req.agent,
         &req.prompt,
         &req.repo_path,
         req.timeout,
         &req.extra_args,
-    ) {
-        Ok(v) => v,
-        Err(e) => {
-            audit(
-                &st,
-                Some(&caller),
-                "job.create",
-                None,
-                &caller.client,
-                &format!("rejected {}", e.status.as_u16()),
-                None,
-            )
-            .await;
-            return Err(e);
-        }
-    };
-    let job = st
-        .runner
-        .submit(NewJob {
-            id: new_job_id(),
-            agent: v.agent,
-            prompt: v.prompt,
-            repo_path: v.repo.to_string_lossy().into_owned(),
-            timeout_s: v.timeout,
-            extra_args: v.extra_args,
-            key_id: Some(caller.key.id.clone()),
-        })
-        .await
-        .map_err(submit_error)?;
-    audit(
-        &st,
-        Some(&caller),
-        "job.create",
-        Some(&job.id),
-        &caller.client,
-        "accepted",
-        None,
     )
-    .await;
+    .await?;
     let loc = format!("/v1/jobs/{}", job.id);
     let mut r = (StatusCode::ACCEPTED, Json(JobView::from(job))).into_response();
     if let Ok(v) = HeaderValue::from_str(&loc) {
