@@ -1,3 +1,4 @@
+mod agents;
 mod attack;
 mod capture;
 mod cli;

@@ -1,0 +1,186 @@
+//! Real agent CLIs, offline, against a scripted model server on loopback.
+//! aider must pass in CI (`.ci/run` installs it into /opt/agentvm-agents/aider);
+//! elsewhere the test is skipped with a note when aider is absent.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+const AIDER_VENV: &str = "/opt/agentvm-agents/aider";
+
+/// An OpenAI-compatible chat-completions server that always answers with
+/// `reply` (non-streaming), and counts what it was asked.
+fn scripted_openai(reply: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h2 = hits.clone();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            let h3 = h2.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(match s.try_clone() {
+                    Ok(c) => c,
+                    Err(_) => return,
+                });
+                let mut first = String::new();
+                let _ = r.read_line(&mut first);
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = r.read_exact(&mut body);
+                if !first.starts_with("POST") || !first.contains("/chat/completions") {
+                    let _ = s.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                h3.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let resp = json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "scripted",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+                })
+                .to_string();
+                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len()).as_bytes());
+            });
+        }
+    });
+    (port, hits)
+}
+
+#[test]
+fn aider_edits_a_file_through_the_allowlist_and_nothing_else() {
+    let aider = Path::new(AIDER_VENV).join("bin/aider");
+    if !aider.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "aider is not installed at {AIDER_VENV} (.ci/run installs it)"
+        );
+        eprintln!("skipping: aider is not installed at {AIDER_VENV}");
+        return;
+    }
+    let (port, hits) = scripted_openai("hello.txt\n```\nhello from the scripted model\n```\n");
+    let t = tempdir();
+    let root = t.path().join("root");
+    let repo = root.join("repo");
+    std::fs::create_dir_all(&repo).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap_or_else(|e| panic!("{e}"));
+    let key = "sk-scripted-model-key-0123456789";
+    let keyf = t.path().join("openai.key");
+    std::fs::write(&keyf, key).unwrap_or_else(|e| panic!("{e}"));
+    let cfg = t.path().join("agentvm.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"allowed_roots = ["{root}"]
+[agents.aider]
+argv = ["{venv}/bin/aider", "--model", "openai/scripted", "--openai-api-base", "http://127.0.0.1:{port}/v1",
+        "--yes-always", "--no-git", "--edit-format", "whole", "--no-check-update", "--no-show-model-warnings",
+        "--no-show-release-notes", "--analytics-disable", "--no-pretty", "--no-stream",
+        "--chat-history-file", "/tmp/aider.chat.md", "--input-history-file", "/tmp/aider.input",
+        "--message", "{{prompt}}"]
+ro_binds = ["{venv}"]
+env = ["OPENAI_API_KEY"]
+set_env = {{ LITELLM_LOCAL_MODEL_COST_MAP = "True" }}
+network = "allow:127.0.0.1:{port}"
+memory = "2G"
+"#,
+            root = root.display(),
+            venv = AIDER_VENV,
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let data = t.path().join("data");
+    let mut child = Command::new(agentvm_path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .args(["--config", cfg.to_str().unwrap_or("")])
+        .arg("--secret")
+        .arg(format!("OPENAI_API_KEY={}", keyf.display()))
+        .env("AGENTVM_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = child.stderr.take().unwrap_or_else(|| panic!("stderr"));
+    let url = BufReader::new(err)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("agentvm: listening on ").map(str::to_owned))
+        .unwrap_or_default();
+    let admin = std::fs::read_to_string(data.join("admin.key"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r: Value = http
+        .post(format!("{url}/agent/run"))
+        .header("X-API-Key", &admin)
+        .json(&json!({"agent": "aider", "prompt": "change hello.txt", "repo_path": repo.to_string_lossy(), "extra_args": ["hello.txt"], "timeout": 300}))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    let page: Value = http
+        .get(format!("{url}/v1/jobs"))
+        .header("X-API-Key", &admin)
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    let job = page["jobs"][0].clone();
+    let id = job["id"].as_str().unwrap_or("");
+    let patch = http
+        .get(format!("{url}/v1/jobs/{id}/patch"))
+        .header("X-API-Key", &admin)
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r["success"], true, "aider failed: {r}\njob: {job}");
+    assert!(
+        hits.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the scripted model was never asked"
+    );
+    assert!(
+        patch.contains("+++ b/hello.txt") && patch.contains("+hello from the scripted model"),
+        "{patch}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(repo.join("hello.txt")).unwrap_or_default(),
+        "hello\n",
+        "the host repo changed"
+    );
+    let egress = job["result"]["egress"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let allowed: Vec<&Value> = egress.iter().filter(|e| e["allowed"] == true).collect();
+    assert!(!allowed.is_empty(), "{egress:?}");
+    assert!(
+        allowed
+            .iter()
+            .all(|e| e["host"] == "127.0.0.1" && e["port"] == port),
+        "something but the model server was reached: {egress:?}"
+    );
+    assert!(
+        !r.to_string().contains(key) && !patch.contains(key) && !job.to_string().contains(key),
+        "the API key leaked"
+    );
+}
