@@ -473,6 +473,24 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                     println!("{k:<12} {v}");
                 }
                 println!("{:<12} {}", "created", ago(j["created_at"].as_i64()));
+                if let Some(eg) = j["result"]["egress"].as_array() {
+                    for e in eg {
+                        println!(
+                            "{:<12} {} {}:{} {} ({} B up, {} B down)",
+                            "egress",
+                            e["method"].as_str().unwrap_or(""),
+                            e["host"].as_str().unwrap_or(""),
+                            e["port"],
+                            if e["allowed"] == true {
+                                "allowed".to_string()
+                            } else {
+                                format!("refused: {}", e["reason"].as_str().unwrap_or(""))
+                            },
+                            e["bytes_up"],
+                            e["bytes_down"]
+                        );
+                    }
+                }
                 if let Some(files) = j["result"]["changed_files"].as_array() {
                     println!(
                         "{:<12} {}",

@@ -1,5 +1,6 @@
 //! The `agentvm` binary.
 
+mod agents;
 mod client;
 mod egress;
 mod run;
@@ -62,6 +63,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
+    /// List the agent profiles and whether each CLI is present in the sandbox's view.
+    Agents(agents::AgentsArgs),
     /// Report which isolation layers this kernel and this user can use.
     Doctor {
         /// Print one JSON object instead of a table.
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::main(*args),
         Command::Serve(args) => serve::serve(*args),
         Command::Jobs { conn, cmd } => client::jobs(conn, cmd),
+        Command::Agents(a) => agents::main(a),
         Command::EgressProxy { allow, listen } => egress::standalone(&allow, listen),
         Command::Keys { conn, cmd } => client::keys(conn, cmd),
         Command::Backup(args) => serve::backup(args),

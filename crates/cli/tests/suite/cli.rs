@@ -340,3 +340,32 @@ fn ro_bind_of_a_directory_and_a_file() {
         );
     }
 }
+
+#[test]
+fn agents_lists_profiles_and_what_the_sandbox_can_see() {
+    let d = tempdir();
+    let cfg = d.path().join("agentvm.toml");
+    std::fs::write(
+        &cfg,
+        "[agents.missing]\nargv = [\"/nonexistent/agent-cli\", \"{prompt}\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let o = agentvm(
+        Who::Me,
+        &["agents", "--json", "--config", cfg.to_str().unwrap_or("")],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let rows = v.as_array().cloned().unwrap_or_default();
+    let find = |n: &str| {
+        rows.iter()
+            .find(|r| r["name"] == n)
+            .cloned()
+            .unwrap_or_default()
+    };
+    for n in ["aider", "opencode", "claude", "codex", "shell", "missing"] {
+        assert!(find(n).is_object(), "{n} missing from {v}");
+    }
+    assert_eq!(find("shell")["present"], true, "sh is in every sandbox");
+    assert_eq!(find("missing")["present"], false);
+}

@@ -1,0 +1,120 @@
+//! `agentvm agents`: the agent profiles, and whether each one's CLI is
+//! present in the sandbox's view (probed by running `CLI --version` in a
+//! real sandbox with the profile's binds).
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+#[derive(Args, Debug)]
+pub struct AgentsArgs {
+    /// The server's config file (its [agents.NAME] profiles count too).
+    #[arg(long, value_name = "FILE", env = "AGENTVM_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `None`: not present (not found, not executable, or no sandbox).
+/// `Some(version)`: present; the version is empty when `--version` failed.
+fn probe(argv0: &str, binds: &[String], set_env: &[(String, String)]) -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    let mut c = Command::new(exe);
+    c.args(["run", "--timeout", "30s", "--memory", "2G"]);
+    for b in binds {
+        c.args(["--ro-bind", b]);
+    }
+    for (k, v) in set_env {
+        c.args(["--env", &format!("{k}={v}")]);
+    }
+    c.args(["--", argv0, "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().ok()?;
+    let out = wait_timeout(child, Duration::from_secs(40))?;
+    match out.status.code() {
+        Some(125..=127) | None => None,
+        Some(0) => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            Some(
+                text.lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string(),
+            )
+        }
+        Some(_) => Some(String::new()),
+    }
+}
+
+fn wait_timeout(child: std::process::Child, d: Duration) -> Option<std::process::Output> {
+    // the sandbox enforces its own 30 s timeout; this is a backstop
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    rx.recv_timeout(d).ok()?.ok()
+}
+
+pub fn main(a: AgentsArgs) -> ExitCode {
+    let mut agents = agentvm_server::config::builtin_profiles();
+    if let Some(p) = &a.config {
+        match agentvm_server::FileConfig::load(p) {
+            Ok(f) => agents.extend(f.agents),
+            Err(e) => {
+                eprintln!("agentvm agents: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (name, p) in &agents {
+        let argv0 = p.argv.first().cloned().unwrap_or_default();
+        let env: Vec<(String, String)> = p
+            .set_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let version = probe(&argv0, &p.ro_binds, &env);
+        rows.push(json!({"name": name, "command": argv0, "present": version.is_some(), "version": version, "network": p.network}));
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{:<10} {:<8} {:<30} {:<10} COMMAND",
+            "AGENT", "PRESENT", "VERSION", "NETWORK"
+        );
+        for r in &rows {
+            let net: String = r["network"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(10)
+                .collect();
+            println!(
+                "{:<10} {:<8} {:<30} {:<10} {}",
+                r["name"].as_str().unwrap_or(""),
+                if r["present"] == true { "yes" } else { "no" },
+                r["version"]
+                    .as_str()
+                    .filter(|v| !v.is_empty())
+                    .unwrap_or("-")
+                    .chars()
+                    .take(30)
+                    .collect::<String>(),
+                net,
+                r["command"].as_str().unwrap_or("")
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
