@@ -393,6 +393,7 @@ async fn accept(
     repo_path: &str,
     timeout: i64,
     extra: &[String],
+    network: Option<String>,
 ) -> ApiResult<Job> {
     let v = match validate(st, agent, prompt, repo_path, timeout, extra) {
         Ok(v) => v,
@@ -421,6 +422,7 @@ async fn accept(
             timeout_s: v.timeout,
             extra_args: v.extra_args,
             key_id: Some(caller.key.id.clone()),
+            network,
         })
         .await
         .map_err(submit_error)?;
@@ -517,6 +519,7 @@ pub async fn agent_run(
         &req.repo_path,
         req.timeout,
         &extra,
+        None,
     )
     .await?;
     let done = st.runner.wait(&job.id).await?.unwrap_or(job);
@@ -561,6 +564,33 @@ pub struct JobRequest {
     timeout: i64,
     #[serde(default)]
     extra_args: Vec<String>,
+    /// This job's network policy instead of its profile's: "none",
+    /// "allow:HOST[:PORT],..." or (admin scope only) "host".
+    #[serde(default)]
+    network: Option<String>,
+}
+
+/// A job's own network policy: "none" or "allow:..." for any run key,
+/// "host" for admin keys only.
+fn check_network(n: &str, caller: &Caller) -> ApiResult<()> {
+    match n {
+        "none" => Ok(()),
+        "host" if auth::max_scope(&caller.key.scopes) == Some(Scope::Admin) => Ok(()),
+        "host" => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "network \"host\" needs an admin key",
+        )),
+        _ => match n.strip_prefix("allow:") {
+            Some(list) => agentvm_egress::Policy::parse(list)
+                .map(|_| ())
+                .map_err(|e| ApiError::field("body", "network", e)),
+            None => Err(ApiError::field(
+                "body",
+                "network",
+                "network must be none, host or allow:HOST[:PORT],...",
+            )),
+        },
+    }
 }
 
 /// A job as the API shows it.
@@ -572,6 +602,8 @@ pub struct JobView {
     repo_path: String,
     timeout_s: i64,
     extra_args: Vec<String>,
+    /// The job's own network policy (null: its profile's).
+    network: Option<String>,
     /// queued, running, succeeded, failed, timed_out, cancelled, interrupted
     status: String,
     key_id: Option<String>,
@@ -595,6 +627,7 @@ impl From<Job> for JobView {
             repo_path: j.repo_path,
             timeout_s: j.timeout_s,
             extra_args: j.extra_args,
+            network: j.network,
             status: j.status.as_str().into(),
             key_id: j.key_id,
             created_at: j.created_at,
@@ -621,6 +654,10 @@ pub async fn create_job(
 ) -> ApiResult<Response> {
     let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.create", None).await?;
     let req: JobRequest = parse_body(&body)?;
+    if let Some(n) = &req.network {
+        check_network(n, &caller)?;
+    }
+    let network = req.network.clone();
     let job = accept(
         &st,
         &caller,
@@ -630,6 +667,7 @@ pub async fn create_job(
         &req.repo_path,
         req.timeout,
         &req.extra_args,
+        network,
     )
     .await?;
     let loc = format!("/v1/jobs/{}", job.id);

@@ -321,7 +321,7 @@ impl Runner {
             "--timeout".into(),
             format!("{}s", job.timeout_s),
             "--network".into(),
-            p.network.clone(),
+            job.network.clone().unwrap_or_else(|| p.network.clone()),
         ];
         if let Some(m) = &p.memory {
             a.extend(["--memory".into(), m.clone()]);

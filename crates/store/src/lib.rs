@@ -90,6 +90,8 @@ pub struct NewJob {
     pub timeout_s: i64,
     pub extra_args: Vec<String>,
     pub key_id: Option<String>,
+    /// The job's own network policy; `None`: its profile's.
+    pub network: Option<String>,
 }
 
 /// A stored job (without its patch and output, which are fetched apart).
@@ -103,6 +105,7 @@ pub struct Job {
     pub repo_path: String,
     pub timeout_s: i64,
     pub extra_args: Vec<String>,
+    pub network: Option<String>,
     pub status: JobStatus,
     pub key_id: Option<String>,
     pub created_at: i64,
@@ -172,7 +175,7 @@ pub struct Store {
     pool: SqlitePool,
 }
 
-const JOB_COLS: &str = "seq, id, agent, prompt, repo_path, timeout_s, extra_args, status, key_id, created_at, started_at, finished_at, exit_code, error, result, supervisor_pid, supervisor_start";
+const JOB_COLS: &str = "seq, id, agent, prompt, repo_path, timeout_s, extra_args, network, status, key_id, created_at, started_at, finished_at, exit_code, error, result, supervisor_pid, supervisor_start";
 
 fn job_from(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
     let status: String = row.try_get("status")?;
@@ -186,6 +189,7 @@ fn job_from(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
         repo_path: row.try_get("repo_path")?,
         timeout_s: row.try_get("timeout_s")?,
         extra_args: serde_json::from_str(&extra).unwrap_or_default(),
+        network: row.try_get("network")?,
         status: status.parse().unwrap_or(JobStatus::Failed),
         key_id: row.try_get("key_id")?,
         created_at: row.try_get("created_at")?,
@@ -249,8 +253,8 @@ impl Store {
     pub async fn create_job(&self, j: &NewJob) -> Result<Job> {
         let extra = serde_json::to_string(&j.extra_args).unwrap_or_else(|_| "[]".into());
         let row = sqlx::query(&format!(
-            "INSERT INTO jobs (id, agent, prompt, repo_path, timeout_s, extra_args, status, key_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING {JOB_COLS}"
+            "INSERT INTO jobs (id, agent, prompt, repo_path, timeout_s, extra_args, network, status, key_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING {JOB_COLS}"
         ))
         .bind(&j.id)
         .bind(&j.agent)
@@ -258,6 +262,7 @@ impl Store {
         .bind(&j.repo_path)
         .bind(j.timeout_s)
         .bind(extra)
+        .bind(&j.network)
         .bind(&j.key_id)
         .bind(now_ms())
         .fetch_one(&self.pool)
@@ -566,6 +571,7 @@ mod tests {
             timeout_s: 60,
             extra_args: vec!["--x".into()],
             key_id: Some("k1".into()),
+            network: None,
         }
     }
 

@@ -1317,3 +1317,60 @@ fn apply_makes_a_branch_without_running_anything_of_the_repo() {
         .iter()
         .any(|x| x["action"] == "job.apply" && x["outcome"] == "ok")));
 }
+
+#[test]
+fn a_job_may_carry_its_own_egress_policy() {
+    let (_t, repo, s) = setup(&[]);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    std::thread::spawn(move || {
+        for mut c in l.incoming().map_while(Result::ok) {
+            use std::io::{Read, Write};
+            let mut b = [0u8; 2048];
+            let _ = c.read(&mut b);
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nfound\n",
+            );
+        }
+    });
+    let fetch = format!("curl -s -m 5 http://127.0.0.1:{port}/ || echo unreachable");
+    // the shell profile's own policy: no network
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, &fetch)));
+    let a = j["id"].as_str().unwrap_or("").to_string();
+    // the same job with its own allowlist
+    let mut b = shell(&repo, &fetch);
+    b["network"] = json!(format!("allow:127.0.0.1:{port}"));
+    let (code, j) = s.json("POST", "/v1/jobs", Some(b));
+    assert_eq!(code, 202, "{j}");
+    assert_eq!(j["network"], json!(format!("allow:127.0.0.1:{port}")));
+    let bid = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&a);
+    let jb = s.wait(&bid);
+    let log = |id: &str| {
+        s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None)
+            .2
+    };
+    assert_eq!(log(&a), "unreachable\n");
+    assert_eq!(log(&bid), "found\n", "{jb}");
+    assert!(
+        jb["result"]["egress"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|r| r["allowed"] == true)),
+        "{jb}"
+    );
+    // a run key may not ask for the host's network; nonsense is a 422
+    let (_, k) = s.json(
+        "POST",
+        "/v1/keys",
+        Some(json!({"name": "runner", "scopes": ["run"]})),
+    );
+    let run_key = k["key"].as_str().unwrap_or("").to_string();
+    let mut h = shell(&repo, "true");
+    h["network"] = json!("host");
+    assert_eq!(s.req("POST", "/v1/jobs", Some(&run_key), Some(h)).0, 403);
+    let mut bad = shell(&repo, "true");
+    bad["network"] = json!("allow:not a host");
+    let (code, v) = s.json("POST", "/v1/jobs", Some(bad));
+    assert_eq!(code, 422);
+    assert!(v["detail"][0]["loc"].to_string().contains("network"), "{v}");
+}
