@@ -101,6 +101,18 @@ impl Server {
         }
     }
 
+    /// Poll until the job is running (or has ended).
+    pub fn wait_running(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let (_, j) = self.json("GET", &format!("/v1/jobs/{id}"), None);
+            if j["status"] != "queued" {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
@@ -660,14 +672,19 @@ fn limits_413_and_429() {
 #[test]
 fn queue_full_is_429_with_retry_after() {
     let (_t, repo, s) = setup(&["--max-concurrent", "1", "--max-queue", "2"]);
+    // one running (the worker has taken it off the queue) ...
+    let (code, first) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 5")));
+    assert_eq!(code, 202);
+    s.wait_running(first["id"].as_str().unwrap_or(""));
+    // ... then two may wait, and the rest are refused
     let mut codes = Vec::new();
     let mut retry = None;
-    for _ in 0..6 {
+    for _ in 0..5 {
         let (code, h, _) = s.req(
             "POST",
             "/v1/jobs",
             Some(&s.key),
-            Some(shell(&repo, "sleep 3")),
+            Some(shell(&repo, "sleep 5")),
         );
         if code == 429 {
             retry = h
@@ -677,13 +694,12 @@ fn queue_full_is_429_with_retry_after() {
         }
         codes.push(code);
     }
-    assert!(codes.contains(&429), "{codes:?}");
-    assert!(retry.is_some());
     assert_eq!(
-        codes.iter().filter(|c| **c == 202).count(),
-        3,
-        "one running + two queued: {codes:?}"
+        codes,
+        vec![202, 202, 429, 429, 429],
+        "one running, two queued, then full"
     );
+    assert!(retry.is_some());
 }
 
 #[test]
@@ -761,7 +777,7 @@ fn sigterm_drains_gracefully() {
         Some(shell(&repo, "sleep 1; echo finished")),
     );
     let id = short["id"].as_str().unwrap_or("").to_string();
-    std::thread::sleep(Duration::from_millis(300));
+    s.wait_running(&id);
     s.signal(libc::SIGTERM);
     let st = s.wait_exit(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "{st:?}");
@@ -787,7 +803,7 @@ fn sigterm_drains_gracefully() {
     );
     let (_, long) = s3.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 60")));
     let lid3 = long["id"].as_str().unwrap_or("").to_string();
-    std::thread::sleep(Duration::from_millis(500));
+    s3.wait_running(&lid3);
     s3.signal(libc::SIGTERM);
     assert!(s3.wait_exit(Duration::from_secs(30)).is_some());
     let s4 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
