@@ -392,6 +392,23 @@ impl Runner {
             result: None,
             patch: None,
         };
+        // The repo was inside an allowed root when the job was accepted;
+        // make sure it still is now that it runs (a component may have been
+        // replaced by a symlink meanwhile).
+        let inside = std::fs::canonicalize(&job.repo_path)
+            .ok()
+            .is_some_and(|repo| {
+                self.cfg
+                    .allowed_roots
+                    .iter()
+                    .filter_map(|r| std::fs::canonicalize(r).ok())
+                    .any(|root| repo.starts_with(root))
+            });
+        if !inside {
+            return fail(
+                "repo_path is gone or no longer inside an allowed root; nothing ran".into(),
+            );
+        }
         let args = match self.command(job) {
             Ok(a) => a,
             Err(e) => return fail(e),

@@ -1390,3 +1390,33 @@ fn a_job_may_carry_its_own_egress_policy() {
     assert_eq!(code, 422);
     assert!(v["detail"][0]["loc"].to_string().contains("network"), "{v}");
 }
+
+#[test]
+fn a_repo_swapped_for_a_symlink_after_acceptance_does_not_run() {
+    let (t, repo, s) = setup(&["--max-concurrent", "1"]);
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(outside.join("secret.txt"), "host data").unwrap_or_else(|e| panic!("{e}"));
+    // keep the only worker busy so the second job waits in the queue
+    let (_, busy) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 2")));
+    s.wait_running(busy["id"].as_str().unwrap_or(""));
+    let (code, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "cat secret.txt")));
+    assert_eq!(code, 202);
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    // swap the accepted repo for a symlink pointing outside the roots
+    std::fs::rename(&repo, t.path().join("moved")).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::symlink(&outside, &repo).unwrap_or_else(|e| panic!("{e}"));
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no longer inside an allowed root"),
+        "{done}"
+    );
+    let logs = s
+        .req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None)
+        .2;
+    assert!(!logs.contains("host data"), "{logs}");
+}
