@@ -377,6 +377,37 @@ impl Runner {
         if let Err(e) = self.store.finish_job(id, &finish).await {
             tracing::error!(job = id, error = %e, "recording the end of a job failed");
         }
+        // every egress decision joins the audit trail, under the job's key
+        if let Some(eg) = finish.result.as_ref().and_then(|r| r["egress"].as_array()) {
+            for e in eg {
+                let target = format!(
+                    "{} {}:{}",
+                    e["method"].as_str().unwrap_or(""),
+                    e["host"].as_str().unwrap_or(""),
+                    e["port"]
+                );
+                let outcome = if e["allowed"] == true {
+                    "allowed".to_string()
+                } else {
+                    format!("refused: {}", e["reason"].as_str().unwrap_or(""))
+                };
+                let detail = format!(
+                    "job {id}; {} B up, {} B down",
+                    e["bytes_up"], e["bytes_down"]
+                );
+                let _ = self
+                    .store
+                    .audit(
+                        job.key_id.as_deref(),
+                        "egress",
+                        Some(&target),
+                        None,
+                        &outcome,
+                        Some(&detail),
+                    )
+                    .await;
+            }
+        }
         let _ = std::fs::remove_dir_all(self.job_dir(id));
         lock(&self.running).remove(id);
         let _ = tx.send(Live::End(finish.status));

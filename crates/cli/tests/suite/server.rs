@@ -1374,6 +1374,16 @@ fn a_job_may_carry_its_own_egress_policy() {
             .is_some_and(|e| e.iter().any(|r| r["allowed"] == true)),
         "{jb}"
     );
+    // each decision is in the audit trail too
+    let (_, audit) = s.json("GET", "/v1/audit?limit=200", None);
+    let ev = audit["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ev.iter().any(|e| e["action"] == "egress"
+            && e["outcome"] == "allowed"
+            && e["target"] == json!(format!("GET 127.0.0.1:{port}"))
+            && e["detail"].as_str().unwrap_or("").contains(&bid)),
+        "{ev:?}"
+    );
     // a run key may not ask for the host's network; nonsense is a 422
     let (_, k) = s.json(
         "POST",
