@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// /workspace is a copy-on-write view of DIR; DIR itself is never written.
     #[arg(long, value_name = "DIR")]
     repo: Option<PathBuf>,
+    /// Like --repo, for a directory the caller already opened (the server
+    /// passes the descriptor it checked).
+    #[arg(long, value_name = "FD", hide = true)]
+    repo_fd: Option<i32>,
     /// Write every change under /workspace as a git-style patch (empty when nothing changed).
     #[arg(long, value_name = "FILE")]
     patch_out: Option<PathBuf>,
@@ -93,6 +97,32 @@ pub struct RunArgs {
 pub struct NetArg {
     pub mode: Network,
     pub policy: Option<agentvm_egress::Policy>,
+}
+
+/// Open a directory for reading its entries by descriptor (not a file).
+fn open_dir(p: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOTDIR) {
+                std::io::Error::other("not a directory")
+            } else {
+                e
+            }
+        })?;
+    Ok(f.into())
+}
+
+fn is_dir_fd(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    let f = std::fs::File::from(fd.try_clone()?);
+    if f.metadata()?.is_dir() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not a directory"))
+    }
 }
 
 fn parse_network(s: &str) -> Result<NetArg, String> {
@@ -306,12 +336,41 @@ pub fn main(args: RunArgs) -> ExitCode {
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
     }
     // --- validate everything before anything runs
-    let repo = match &args.repo {
-        None => None,
-        Some(r) => match std::fs::canonicalize(r) {
-            Ok(p) if p.is_dir() => Some(p),
-            Ok(p) => return fail(&format!("--repo {}: not a directory", p.display())),
+    // The repo is opened once; the sandbox's lower layer and the capture both
+    // go through this descriptor, so swapping the path afterwards changes
+    // nothing.
+    let repo_dir = match (&args.repo, args.repo_fd) {
+        (Some(_), Some(_)) => return fail("--repo and --repo-fd go alone"),
+        (None, None) => None,
+        (Some(r), None) => match open_dir(r) {
+            Ok(fd) => Some(fd),
             Err(e) => return fail(&format!("--repo {}: {e}", r.display())),
+        },
+        (None, Some(n)) if n < 3 => {
+            return fail(&format!(
+                "--repo-fd {n}: not a descriptor this process may take over"
+            ))
+        }
+        (None, Some(n)) => {
+            // SAFETY: the caller handed us this descriptor for this purpose;
+            // we own it from here on.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(n) };
+            match is_dir_fd(&fd) {
+                Ok(()) => Some(fd),
+                Err(e) => return fail(&format!("--repo-fd {n}: {e}")),
+            }
+        }
+    };
+    // where the descriptor really is (the sandbox checks it is the same
+    // directory), and a path to read the original files through
+    let repo_via_fd: Option<PathBuf> = repo_dir
+        .as_ref()
+        .map(|fd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+    let repo: Option<PathBuf> = match &repo_via_fd {
+        None => None,
+        Some(p) => match std::fs::read_link(p) {
+            Ok(real) => Some(real),
+            Err(e) => return fail(&format!("--repo: {e}")),
         },
     };
     let env = match build_env(&args) {
@@ -380,6 +439,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         argv: args.command.clone(),
         env,
         repo: repo.clone(),
+        repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
         ro_binds,
         network: args.network.mode,
         limits: limits.clone(),
@@ -474,7 +534,7 @@ pub fn main(args: RunArgs) -> ExitCode {
             result.landlock_abi = o.landlock_abi;
             if outs.patch.is_some() || outs.result.is_some() {
                 let upper = PathBuf::from(format!("/proc/self/fd/{}", o.upper.as_raw_fd()));
-                match agentvm_workspace::capture(&upper, repo.as_deref()) {
+                match agentvm_workspace::capture(&upper, repo_via_fd.as_deref()) {
                     Ok(changes) => {
                         let r = agentvm_workspace::render(
                             &changes,

@@ -145,6 +145,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         argv: vec![OsString::from("true")],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         repo: None,
+        repo_fd: None,
         ro_binds: Vec::new(),
         network: Network::None,
         limits: Limits {

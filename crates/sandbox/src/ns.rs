@@ -212,7 +212,9 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
         None
     };
     let repo_tree = match &spec.repo {
-        Some(repo) if nix::unistd::geteuid().is_root() => idmapped_tree(repo, spec.root_maps_to),
+        Some(repo) if nix::unistd::geteuid().is_root() => {
+            idmapped_tree(repo, spec.repo_fd, spec.root_maps_to)
+        }
         _ => None,
     };
     let prepared = Prepared {
@@ -907,18 +909,34 @@ const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
 /// directory) appears as `to`, i.e. root inside the sandbox. Needs the
 /// host's root; `None` where the kernel or the filesystem cannot do it (the
 /// repo is then bound as it is).
-fn idmapped_tree(repo: &Path, to: u32) -> Option<OwnedFd> {
+fn idmapped_tree(repo: &Path, repo_fd: Option<RawFd>, to: u32) -> Option<OwnedFd> {
     use std::os::unix::fs::MetadataExt;
-    let md = std::fs::metadata(repo).ok()?;
-    let userns = helper_userns(md.uid(), md.gid(), to)?;
+    // the caller's descriptor when there is one (the directory it vetted),
+    // else the path
+    let (uid, gid) = match repo_fd {
+        Some(fd) => {
+            let st = nix::sys::stat::fstat(fd).ok()?;
+            (st.st_uid, st.st_gid)
+        }
+        None => {
+            let md = std::fs::metadata(repo).ok()?;
+            (md.uid(), md.gid())
+        }
+    };
+    let userns = helper_userns(uid, gid, to)?;
     let path = CString::new(repo.as_os_str().as_bytes()).ok()?;
-    // SAFETY: open_tree with a NUL-terminated path; returns a new fd or -1.
+    let (dirfd, name, extra) = match repo_fd {
+        Some(fd) => (fd, c"".as_ptr(), libc::AT_EMPTY_PATH as libc::c_uint),
+        None => (libc::AT_FDCWD, path.as_ptr(), 0),
+    };
+    // SAFETY: open_tree with a valid descriptor and a NUL-terminated path;
+    // returns a new fd or -1.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC) as libc::c_uint,
+            dirfd,
+            name,
+            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC) as libc::c_uint | extra,
         )
     };
     if fd < 0 {
@@ -1216,7 +1234,39 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     if let Some(tree) = &p.repo_tree {
         move_mount(tree, lower)?;
     } else if let Some(repo) = &spec.repo {
-        bind(&host(repo), lower, ro)?;
+        // Reopen the repo inside this namespace, check it is the directory
+        // the caller vetted, and bind from the open descriptor: nothing can
+        // be swapped between the check and the mount.
+        let opened = nix::fcntl::open(
+            &host(repo),
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(os(
+            Layer::Mounts,
+            format!("opening the repo {}", repo.display()),
+        ))?;
+        // SAFETY: open just returned this descriptor; we own it.
+        let opened = unsafe { OwnedFd::from_raw_fd(opened) };
+        if let Some(fd) = spec.repo_fd {
+            let a = nix::sys::stat::fstat(fd)
+                .map_err(os(Layer::Mounts, "checking the repo descriptor"))?;
+            let b = nix::sys::stat::fstat(opened.as_raw_fd())
+                .map_err(os(Layer::Mounts, "checking the repo"))?;
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+                return Err(SetupError::new(
+                    Layer::Mounts,
+                    format!(
+                        "the repo {} was replaced while the sandbox was being set up",
+                        repo.display()
+                    ),
+                ));
+            }
+        }
+        let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
+        bind(&via, lower, ro)?;
     }
     let ws = root.join(WORKSPACE_DIR.trim_start_matches('/'));
     mkdir_p(&ws)?;

@@ -94,6 +94,10 @@ pub struct SandboxSpec {
     /// Canonical host directory shown copy-on-write at /workspace; `None`
     /// gives an empty writable /workspace.
     pub repo: Option<PathBuf>,
+    /// A descriptor of the caller's for that directory: the sandbox shows
+    /// `repo` only if it is still this very directory (same device and
+    /// inode), so a path swapped after the caller's checks changes nothing.
+    pub repo_fd: Option<std::os::fd::RawFd>,
     pub ro_binds: Vec<RoBind>,
     pub network: Network,
     pub limits: Limits,

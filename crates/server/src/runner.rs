@@ -268,6 +268,34 @@ impl Runner {
         self.cfg.data_dir.join("jobs").join(id)
     }
 
+    /// Open the job's repo and check that the opened directory lies inside
+    /// an allowed root.
+    fn open_repo(&self, path: &str) -> Result<std::os::fd::OwnedFd, String> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let gone =
+            || "repo_path is gone or no longer inside an allowed root; nothing ran".to_string();
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|_| gone())?;
+        let real = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&dir)
+        ))
+        .map_err(|_| gone())?;
+        let inside = self
+            .cfg
+            .allowed_roots
+            .iter()
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|root| real.starts_with(root));
+        if !inside {
+            return Err(gone());
+        }
+        Ok(dir.into())
+    }
+
     fn secret(&self, name: &str) -> Option<&str> {
         self.cfg
             .secrets
@@ -312,8 +340,9 @@ impl Runner {
         let mut a: Vec<String> = vec![
             "run".into(),
             "--die-with-parent".into(),
-            "--repo".into(),
-            job.repo_path.clone(),
+            // the directory the runner opened and checked (see execute)
+            "--repo-fd".into(),
+            "3".into(),
             "--patch-out".into(),
             dir.join("patch").to_string_lossy().into_owned(),
             "--result-json".into(),
@@ -423,23 +452,14 @@ impl Runner {
             result: None,
             patch: None,
         };
-        // The repo was inside an allowed root when the job was accepted;
-        // make sure it still is now that it runs (a component may have been
-        // replaced by a symlink meanwhile).
-        let inside = std::fs::canonicalize(&job.repo_path)
-            .ok()
-            .is_some_and(|repo| {
-                self.cfg
-                    .allowed_roots
-                    .iter()
-                    .filter_map(|r| std::fs::canonicalize(r).ok())
-                    .any(|root| repo.starts_with(root))
-            });
-        if !inside {
-            return fail(
-                "repo_path is gone or no longer inside an allowed root; nothing ran".into(),
-            );
-        }
+        // The repo was inside an allowed root when the job was accepted.
+        // Open it now, check where the descriptor really points, and hand
+        // the sandbox that descriptor: a path swapped at any moment cannot
+        // take effect.
+        let repo_dir = match self.open_repo(&job.repo_path) {
+            Ok(d) => d,
+            Err(e) => return fail(e),
+        };
         let args = match self.command(job) {
             Ok(a) => a,
             Err(e) => return fail(e),
@@ -448,7 +468,24 @@ impl Runner {
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return fail(format!("creating the job directory: {e}"));
         }
-        let mut child = match tokio::process::Command::new(&self.cfg.sandbox_bin)
+        let repo_raw = std::os::fd::AsRawFd::as_raw_fd(&repo_dir);
+        let mut cmd = tokio::process::Command::new(&self.cfg.sandbox_bin);
+        // SAFETY: between fork and exec only dup2 and fcntl run, both
+        // async-signal-safe; they put the checked repo descriptor at fd 3
+        // without close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if repo_raw == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(repo_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned = cmd
             .args(&args)
             .env_clear()
             .envs(self.child_env(job))
@@ -456,8 +493,9 @@ impl Runner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .spawn()
-        {
+            .spawn();
+        drop(repo_dir);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => return fail(format!("starting the sandbox: {e}")),
         };
