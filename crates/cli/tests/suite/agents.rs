@@ -2,7 +2,7 @@
 //! aider must pass in CI (`.ci/run` installs it into /opt/agentvm-agents/aider);
 //! elsewhere the test is skipped with a note when aider is absent.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,8 +11,31 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::common::*;
+use crate::suite::server::Server;
 
 const AIDER_VENV: &str = "/opt/agentvm-agents/aider";
+
+/// Read one HTTP/1.1 request from `r`: its first line and its body. `None`
+/// when the connection closed.
+fn read_request(r: &mut impl BufRead) -> Option<(String, Vec<u8>)> {
+    let mut first = String::new();
+    if r.read_line(&mut first).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).ok()?;
+    Some((first, body))
+}
 
 /// An OpenAI-compatible chat-completions server that always answers with
 /// `reply` (non-streaming), and counts what it was asked.
@@ -29,20 +52,9 @@ fn scripted_openai(reply: &'static str) -> (u16, std::sync::Arc<std::sync::atomi
                     Ok(c) => c,
                     Err(_) => return,
                 });
-                let mut first = String::new();
-                let _ = r.read_line(&mut first);
-                let mut len = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0u8; len];
-                let _ = r.read_exact(&mut body);
+                let Some((first, _body)) = read_request(&mut r) else {
+                    return;
+                };
                 if !first.starts_with("POST") || !first.contains("/chat/completions") {
                     let _ = s.write_all(
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -105,27 +117,17 @@ memory = "2G"
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let data = t.path().join("data");
-    let mut child = Command::new(agentvm_path())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data)
-        .args(["--config", cfg.to_str().unwrap_or("")])
-        .arg("--secret")
-        .arg(format!("OPENAI_API_KEY={}", keyf.display()))
-        .env("AGENTVM_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let err = child.stderr.take().unwrap_or_else(|| panic!("stderr"));
-    let url = BufReader::new(err)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("agentvm: listening on ").map(str::to_owned))
-        .unwrap_or_default();
-    let admin = std::fs::read_to_string(data.join("admin.key"))
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let secret_arg = format!("OPENAI_API_KEY={}", keyf.display());
+    let server = Server::start(
+        &t.path().join("data"),
+        &[
+            "--config",
+            cfg.to_str().unwrap_or(""),
+            "--secret",
+            &secret_arg,
+        ],
+    );
+    let (url, admin) = (server.url.clone(), server.key.clone());
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()
@@ -151,8 +153,7 @@ memory = "2G"
         .send()
         .and_then(|r| r.text())
         .unwrap_or_default();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert_eq!(r["success"], true, "aider failed: {r}\njob: {job}");
     assert!(
         hits.load(std::sync::atomic::Ordering::SeqCst) >= 1,
@@ -203,22 +204,9 @@ fn scripted_anthropic() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)
                     Ok(c) => c,
                     Err(_) => return,
                 });
-                let mut first = String::new();
-                if r.read_line(&mut first).unwrap_or(0) == 0 {
+                let Some((first, body)) = read_request(&mut r) else {
                     return;
-                }
-                let mut len = 0usize;
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-                let mut body = vec![0u8; len];
-                let _ = r.read_exact(&mut body);
+                };
                 if !first.starts_with("POST") || !first.contains("/v1/messages") {
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
                     continue;

@@ -3,4 +3,4 @@ mod attack;
 mod capture;
 mod cli;
 mod egress;
-mod server;
+pub mod server;
