@@ -56,6 +56,11 @@ pub struct Runner {
     live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
     finished: broadcast::Sender<String>,
     draining: AtomicBool,
+    /// Jobs a worker has taken, from before they are marked running until
+    /// their end is recorded (the `running` map only knows spawned ones).
+    active: AtomicUsize,
+    /// The grace period is over: start no more sandboxes.
+    stopping: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -89,6 +94,8 @@ impl Runner {
             live: Mutex::new(HashMap::new()),
             finished,
             draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -145,11 +152,17 @@ impl Runner {
                 Some(id) => {
                     self.depth.fetch_sub(1, Ordering::SeqCst);
                     self.metrics.queue_depth.set(self.depth() as i64);
+                    // count the job before looking at `draining`: shutdown
+                    // sets `draining` before it reads `active`, so either it
+                    // waits for this job or this job stays queued
+                    self.active.fetch_add(1, Ordering::SeqCst);
                     if self.draining.load(Ordering::SeqCst) {
+                        self.active.fetch_sub(1, Ordering::SeqCst);
                         // leave it queued in the store for the next start
                         continue;
                     }
                     self.run(&id).await;
+                    self.active.fetch_sub(1, Ordering::SeqCst);
                     if lock(&self.queue).front().is_some() {
                         self.wake.notify_one();
                     }
@@ -246,9 +259,10 @@ impl Runner {
     pub async fn shutdown(&self, grace: Duration) {
         self.draining.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + grace;
-        while self.running_count() > 0 && Instant::now() < deadline {
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        self.stopping.store(true, Ordering::SeqCst);
         let left: Vec<(i32, Arc<AtomicBool>)> = lock(&self.running)
             .values()
             .map(|r| (r.pid, r.interrupted.clone()))
@@ -259,7 +273,7 @@ impl Runner {
             unsafe { libc::kill(*pid, libc::SIGKILL) };
         }
         let until = Instant::now() + Duration::from_secs(10);
-        while self.running_count() > 0 && Instant::now() < until {
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -467,6 +481,17 @@ impl Runner {
         let dir = self.job_dir(&job.id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return fail(format!("creating the job directory: {e}"));
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return Finish {
+                status: JobStatus::Interrupted,
+                exit_code: None,
+                error: Some(
+                    "interrupted: the server shut down before the job's sandbox started".into(),
+                ),
+                result: None,
+                patch: None,
+            };
         }
         let repo_raw = std::os::fd::AsRawFd::as_raw_fd(&repo_dir);
         let mut cmd = tokio::process::Command::new(&self.cfg.sandbox_bin);

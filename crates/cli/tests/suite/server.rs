@@ -1430,3 +1430,35 @@ fn a_repo_swapped_for_a_symlink_after_acceptance_does_not_run() {
         .2;
     assert!(!logs.contains("host data"), "{logs}");
 }
+
+/// SIGTERM right as a worker takes a job: whether the job started before
+/// the drain (then it finishes within the grace period) or stayed queued
+/// (then it runs after the restart), it must never be cut short.
+#[test]
+fn sigterm_at_the_moment_a_job_starts_loses_nothing() {
+    let (t, repo, s) = setup(&["--shutdown-grace", "20s"]);
+    let root = repo
+        .parent()
+        .unwrap_or(&repo)
+        .to_string_lossy()
+        .into_owned();
+    drop(s);
+    for round in 0..4 {
+        let mut s = Server::start(
+            &t.path().join("data"),
+            &["--allowed-root", &root, "--shutdown-grace", "20s"],
+        );
+        let (code, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 0.3; echo ok")));
+        assert_eq!(code, 202);
+        let id = j["id"].as_str().unwrap_or("").to_string();
+        s.signal(libc::SIGTERM);
+        assert!(
+            s.wait_exit(Duration::from_secs(30))
+                .is_some_and(|st| st.success()),
+            "round {round}"
+        );
+        let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+        let done = s2.wait(&id);
+        assert_eq!(done["status"], "succeeded", "round {round}: {done}");
+    }
+}
