@@ -935,6 +935,8 @@ fn schemathesis_finds_no_server_error_or_spec_mismatch() {
         .args(["--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance"])
         .args(["-n", "25", "--no-color", "--seed", "1"])
         .env("SCHEMATHESIS_TELEMETRY", "false")
+        // it keeps a cache in its working directory: not in the source tree
+        .current_dir(_t.path())
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     let text = String::from_utf8_lossy(&out.stdout);
