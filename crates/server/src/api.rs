@@ -209,6 +209,29 @@ async fn audit(
     }
 }
 
+impl Caller {
+    /// Audit a call made with this key from this client.
+    async fn record(
+        &self,
+        st: &AppState,
+        action: &str,
+        target: Option<&str>,
+        outcome: &str,
+        detail: Option<&str>,
+    ) {
+        audit(
+            st,
+            Some(self),
+            action,
+            target,
+            &self.client,
+            outcome,
+            detail,
+        )
+        .await
+    }
+}
+
 /// Authorize a mutating call; failures are audited too.
 async fn authorize_mut(
     st: &AppState,
@@ -399,16 +422,7 @@ async fn accept(
         Ok(v) => v,
         Err(e) => {
             let outcome = format!("rejected {}", e.status.as_u16());
-            audit(
-                st,
-                Some(caller),
-                action,
-                None,
-                &caller.client,
-                &outcome,
-                None,
-            )
-            .await;
+            caller.record(st, action, None, &outcome, None).await;
             return Err(e);
         }
     };
@@ -426,16 +440,9 @@ async fn accept(
         })
         .await
         .map_err(submit_error)?;
-    audit(
-        st,
-        Some(caller),
-        action,
-        Some(&job.id),
-        &caller.client,
-        "accepted",
-        None,
-    )
-    .await;
+    caller
+        .record(st, action, Some(&job.id), "accepted", None)
+        .await;
     Ok(job)
 }
 
@@ -1022,31 +1029,17 @@ pub async fn cancel_job(
     let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.cancel", Some(&id)).await?;
     let job = find(&st, &id).await?;
     if job.status.is_final() || !st.runner.cancel(&id).await? {
-        audit(
-            &st,
-            Some(&caller),
-            "job.cancel",
-            Some(&id),
-            &caller.client,
-            "rejected 409",
-            None,
-        )
-        .await;
+        caller
+            .record(&st, "job.cancel", Some(&id), "rejected 409", None)
+            .await;
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("Job {id} has already ended ({})", job.status.as_str()),
         ));
     }
-    audit(
-        &st,
-        Some(&caller),
-        "job.cancel",
-        Some(&id),
-        &caller.client,
-        "accepted",
-        None,
-    )
-    .await;
+    caller
+        .record(&st, "job.cancel", Some(&id), "accepted", None)
+        .await;
     Ok((StatusCode::ACCEPTED, Json(find(&st, &id).await?.into())))
 }
 
@@ -1105,16 +1098,9 @@ pub async fn apply_job(
     })?;
     match res {
         Ok(commit) => {
-            audit(
-                &st,
-                Some(&caller),
-                "job.apply",
-                Some(&id),
-                &caller.client,
-                "ok",
-                Some(&branch),
-            )
-            .await;
+            caller
+                .record(&st, "job.apply", Some(&id), "ok", Some(&branch))
+                .await;
             Ok((StatusCode::CREATED, Json(Applied { branch, commit })))
         }
         Err(e) => {
@@ -1126,16 +1112,15 @@ pub async fn apply_job(
             if status == StatusCode::INTERNAL_SERVER_ERROR {
                 tracing::error!(job = %id, error = %e, "apply failed");
             }
-            audit(
-                &st,
-                Some(&caller),
-                "job.apply",
-                Some(&id),
-                &caller.client,
-                &format!("rejected {}", status.as_u16()),
-                None,
-            )
-            .await;
+            caller
+                .record(
+                    &st,
+                    "job.apply",
+                    Some(&id),
+                    &format!("rejected {}", status.as_u16()),
+                    None,
+                )
+                .await;
             Err(ApiError::new(status, e.to_string()))
         }
     }
@@ -1155,31 +1140,17 @@ pub async fn delete_job(
     let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.delete", Some(&id)).await?;
     let job = find(&st, &id).await?;
     if !st.store.delete_job(&id).await? {
-        audit(
-            &st,
-            Some(&caller),
-            "job.delete",
-            Some(&id),
-            &caller.client,
-            "rejected 409",
-            None,
-        )
-        .await;
+        caller
+            .record(&st, "job.delete", Some(&id), "rejected 409", None)
+            .await;
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             format!("Job {id} is {}; cancel it first", job.status.as_str()),
         ));
     }
-    audit(
-        &st,
-        Some(&caller),
-        "job.delete",
-        Some(&id),
-        &caller.client,
-        "ok",
-        None,
-    )
-    .await;
+    caller
+        .record(&st, "job.delete", Some(&id), "ok", None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1275,16 +1246,15 @@ pub async fn create_key(
         revoked_at: None,
     };
     st.store.insert_key(&key).await?;
-    audit(
-        &st,
-        Some(&caller),
-        "key.create",
-        Some(&key.id),
-        &caller.client,
-        "ok",
-        Some(&scopes.join(",")),
-    )
-    .await;
+    caller
+        .record(
+            &st,
+            "key.create",
+            Some(&key.id),
+            "ok",
+            Some(&scopes.join(",")),
+        )
+        .await;
     Ok((
         StatusCode::CREATED,
         Json(NewKey {
@@ -1340,32 +1310,18 @@ pub async fn revoke_key(
         .filter(|k| k.revoked_at.is_none() && auth::max_scope(&k.scopes) == Some(Scope::Admin))
         .count();
     if auth::max_scope(&target.scopes) == Some(Scope::Admin) && admins <= 1 {
-        audit(
-            &st,
-            Some(&caller),
-            "key.revoke",
-            Some(&id),
-            &caller.client,
-            "rejected 409",
-            None,
-        )
-        .await;
+        caller
+            .record(&st, "key.revoke", Some(&id), "rejected 409", None)
+            .await;
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "This is the last active admin key; create another admin key first",
         ));
     }
     st.store.revoke_key(&id).await?;
-    audit(
-        &st,
-        Some(&caller),
-        "key.revoke",
-        Some(&id),
-        &caller.client,
-        "ok",
-        None,
-    )
-    .await;
+    caller
+        .record(&st, "key.revoke", Some(&id), "ok", None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
