@@ -91,7 +91,7 @@ async fn refusals_are_403_with_a_reason_header() {
     let (pp, p) = proxy(&format!("127.0.0.1:{up},localhost:{up},api.example.com")).await;
     for (req, why) in [
         (
-            format!("GET http://not-listed.example/ HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "GET http://not-listed.example/ HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
             "host-not-allowlisted",
         ),
         (
@@ -106,11 +106,11 @@ async fn refusals_are_403_with_a_reason_header() {
             "ip-literal-not-allowlisted",
         ),
         (
-            format!("CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n"),
+            "CONNECT 169.254.169.254:80 HTTP/1.1\r\n\r\n".to_string(),
             "ip-literal-not-allowlisted",
         ),
         (
-            format!("GET https://api.example.com/ HTTP/1.1\r\n\r\n"),
+            "GET https://api.example.com/ HTTP/1.1\r\n\r\n".to_string(),
             "unsupported-target",
         ),
     ] {

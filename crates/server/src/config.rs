@@ -138,39 +138,6 @@ impl FileConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn builtin_profiles_parse_and_validate() {
-        let p: BTreeMap<String, Profile> =
-            toml::from_str(BUILTIN).unwrap_or_else(|e| panic!("{e}"));
-        for name in ["aider", "opencode", "claude", "codex", "shell"] {
-            let prof = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
-            prof.validate(name).unwrap_or_else(|e| panic!("{e}"));
-        }
-    }
-
-    #[test]
-    fn prompt_must_be_one_whole_element() {
-        let mut p = builtin_profiles()
-            .remove("shell")
-            .unwrap_or_else(|| panic!("shell"));
-        p.argv = vec!["sh".into(), "-c".into(), "echo {prompt}".into()];
-        assert!(p.validate("x").is_err());
-        let mut q = builtin_profiles()
-            .remove("shell")
-            .unwrap_or_else(|| panic!("shell"));
-        q.network = "allow:api.openai.com,127.0.0.1:8080".into();
-        assert!(q.validate("q").is_ok());
-        q.network = "allow:not a host".into();
-        assert!(q.validate("q").is_err());
-        q.network = "bridge".into();
-        assert!(q.validate("q").is_err());
-    }
-}
-
 /// Resolve the secrets: those configured (file or environment), plus every
 /// variable a profile may receive that the server's environment holds.
 /// Errors name the secret, never its value.
@@ -215,4 +182,37 @@ pub fn resolve_secrets(
         }
     }
     Ok(out.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_profiles_parse_and_validate() {
+        let p: BTreeMap<String, Profile> =
+            toml::from_str(BUILTIN).unwrap_or_else(|e| panic!("{e}"));
+        for name in ["aider", "opencode", "claude", "codex", "shell"] {
+            let prof = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
+            prof.validate(name).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn prompt_must_be_one_whole_element() {
+        let mut p = builtin_profiles()
+            .remove("shell")
+            .unwrap_or_else(|| panic!("shell"));
+        p.argv = vec!["sh".into(), "-c".into(), "echo {prompt}".into()];
+        assert!(p.validate("x").is_err());
+        let mut q = builtin_profiles()
+            .remove("shell")
+            .unwrap_or_else(|| panic!("shell"));
+        q.network = "allow:api.openai.com,127.0.0.1:8080".into();
+        assert!(q.validate("q").is_ok());
+        q.network = "allow:not a host".into();
+        assert!(q.validate("q").is_err());
+        q.network = "bridge".into();
+        assert!(q.validate("q").is_err());
+    }
 }
