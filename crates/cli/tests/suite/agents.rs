@@ -1,11 +1,13 @@
-//! Real agent CLIs, offline, against a scripted model server on loopback.
-//! aider must pass in CI (`.ci/run` installs it into /opt/agentvm-agents/aider);
-//! elsewhere the test is skipped with a note when aider is absent.
+//! Real agent CLIs, offline, against scripted model servers on loopback.
+//! `.ci/run` installs each CLI under /opt/agentvm-agents; in CI a missing
+//! CLI fails its test, elsewhere the test is skipped with a note.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -14,6 +16,23 @@ use crate::common::*;
 use crate::suite::server::Server;
 
 const AIDER_VENV: &str = "/opt/agentvm-agents/aider";
+const CLAUDE_DIR: &str = "/opt/agentvm-agents/claude";
+const CODEX_DIR: &str = "/opt/agentvm-agents/codex";
+const OPENCODE_DIR: &str = "/opt/agentvm-agents/opencode";
+
+/// The CLI at `path`, or `None` (skip) when it is not installed outside CI.
+fn installed(path: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(path);
+    if p.exists() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{path} is not installed (.ci/run installs it)"
+    );
+    eprintln!("skipping: {path} is not installed");
+    None
+}
 
 /// Read one HTTP/1.1 request from `r`: its first line and its body. `None`
 /// when the connection closed.
@@ -37,87 +56,112 @@ fn read_request(r: &mut impl BufRead) -> Option<(String, Vec<u8>)> {
     Some((first, body))
 }
 
-/// An OpenAI-compatible chat-completions server that always answers with
-/// `reply` (non-streaming), and counts what it was asked.
-fn scripted_openai(reply: &'static str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+/// A scripted model server on the host's loopback: `answer` maps each
+/// request (its first line and JSON body) to a status, a content type and a
+/// body. Connections are kept alive; POSTs are counted.
+fn scripted_model(
+    answer: impl Fn(&str, &Value) -> (u16, &'static str, String) + Send + Sync + 'static,
+) -> (u16, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h2 = hits.clone();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let (posts2, answer) = (posts.clone(), Arc::new(answer));
     std::thread::spawn(move || {
         for mut s in l.incoming().map_while(Result::ok) {
-            let h3 = h2.clone();
-            std::thread::spawn(move || {
+            let (posts, answer) = (posts2.clone(), answer.clone());
+            std::thread::spawn(move || loop {
                 let mut r = BufReader::new(match s.try_clone() {
                     Ok(c) => c,
                     Err(_) => return,
                 });
-                let Some((first, _body)) = read_request(&mut r) else {
+                let Some((first, body)) = read_request(&mut r) else {
                     return;
                 };
-                if !first.starts_with("POST") || !first.contains("/chat/completions") {
-                    let _ = s.write_all(
-                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
+                if first.starts_with("POST") {
+                    posts.fetch_add(1, Ordering::SeqCst);
+                }
+                let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let (status, ctype, text) = answer(&first, &req);
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n",
+                    text.len()
+                );
+                let body = if first.starts_with("HEAD") { "" } else { &text };
+                if s.write_all(format!("{head}{body}").as_bytes()).is_err() {
                     return;
                 }
-                h3.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let resp = json!({
-                    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "scripted",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-                })
-                .to_string();
-                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{resp}", resp.len()).as_bytes());
             });
         }
     });
-    (port, hits)
+    (port, posts)
 }
 
-#[test]
-fn aider_edits_a_file_through_the_allowlist_and_nothing_else() {
-    let aider = Path::new(AIDER_VENV).join("bin/aider");
-    if !aider.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "aider is not installed at {AIDER_VENV} (.ci/run installs it)"
-        );
-        eprintln!("skipping: aider is not installed at {AIDER_VENV}");
-        return;
+/// Server-sent events, each `data: JSON`, with an `event:` line naming its
+/// "type" when `named`; `tail` is appended as it is (e.g. "data: [DONE]").
+fn sse(events: &[Value], named: bool, tail: &str) -> String {
+    let mut s = String::new();
+    for e in events {
+        if named {
+            s += &format!("event: {}\n", e["type"].as_str().unwrap_or(""));
+        }
+        s += &format!("data: {e}\n\n");
     }
-    let (port, hits) = scripted_openai("hello.txt\n```\nhello from the scripted model\n```\n");
+    s + tail
+}
+
+/// Assert the job reached the model server at 127.0.0.1:`port` and nothing
+/// else: every allowed egress record names it.
+fn assert_only_model_egress(egress: &Value, port: u16) {
+    let eg = egress.as_array().cloned().unwrap_or_default();
+    let allowed: Vec<&Value> = eg.iter().filter(|e| e["allowed"] == true).collect();
+    assert!(!allowed.is_empty(), "no allowed egress at all: {eg:?}");
+    assert!(
+        allowed
+            .iter()
+            .all(|e| e["host"] == "127.0.0.1" && e["port"] == port),
+        "something but the model server was reached: {eg:?}"
+    );
+    assert!(
+        eg.iter()
+            .filter(|e| e["allowed"] == false)
+            .all(|e| e["reason"].is_string()),
+        "a refusal without a reason: {eg:?}"
+    );
+}
+
+/// What a job run through `agentvm serve` and the compat API left behind.
+struct Ran {
+    /// The /agent/run body.
+    compat: Value,
+    /// The job as GET /v1/jobs lists it.
+    job: Value,
+    /// GET /v1/jobs/{id}/patch.
+    patch: String,
+}
+
+/// Start `agentvm serve` with `profile` (TOML for one `[agents.NAME]`
+/// table, without its header) and the server secret `secret = value`
+/// (from a file), run one job of agent `name` on `repo` through
+/// /agent/run, and collect what it left.
+fn run_through_server(
+    name: &str,
+    profile: &str,
+    (secret, value): (&str, &str),
+    repo: &Path,
+    prompt: &str,
+    extra_args: &[&str],
+) -> Ran {
     let t = tempdir();
-    let root = t.path().join("root");
-    let repo = root.join("repo");
-    std::fs::create_dir_all(&repo).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap_or_else(|e| panic!("{e}"));
-    let key = "sk-scripted-model-key-0123456789";
-    let keyf = t.path().join("openai.key");
-    std::fs::write(&keyf, key).unwrap_or_else(|e| panic!("{e}"));
+    let root = repo.parent().unwrap_or(repo);
+    let keyf = t.path().join("secret");
+    std::fs::write(&keyf, value).unwrap_or_else(|e| panic!("{e}"));
     let cfg = t.path().join("agentvm.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            r#"allowed_roots = ["{root}"]
-[agents.aider]
-argv = ["{venv}/bin/aider", "--model", "openai/scripted", "--openai-api-base", "http://127.0.0.1:{port}/v1",
-        "--yes-always", "--no-git", "--edit-format", "whole", "--no-check-update", "--no-show-model-warnings",
-        "--no-show-release-notes", "--analytics-disable", "--no-pretty", "--no-stream",
-        "--chat-history-file", "/tmp/aider.chat.md", "--input-history-file", "/tmp/aider.input",
-        "--message", "{{prompt}}"]
-ro_binds = ["{venv}"]
-env = ["OPENAI_API_KEY"]
-set_env = {{ LITELLM_LOCAL_MODEL_COST_MAP = "True" }}
-network = "allow:127.0.0.1:{port}"
-memory = "2G"
-"#,
-            root = root.display(),
-            venv = AIDER_VENV,
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let secret_arg = format!("OPENAI_API_KEY={}", keyf.display());
+    let cfg_text = format!(
+        "allowed_roots = [\"{}\"]\n[agents.{name}]\n{profile}",
+        root.display()
+    );
+    std::fs::write(&cfg, cfg_text).unwrap_or_else(|e| panic!("{e}"));
+    let secret_arg = format!("{secret}={}", keyf.display());
     let server = Server::start(
         &t.path().join("data"),
         &[
@@ -132,10 +176,10 @@ memory = "2G"
         .timeout(Duration::from_secs(300))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let r: Value = http
+    let compat: Value = http
         .post(format!("{url}/agent/run"))
         .header("X-API-Key", &admin)
-        .json(&json!({"agent": "aider", "prompt": "change hello.txt", "repo_path": repo.to_string_lossy(), "extra_args": ["hello.txt"], "timeout": 300}))
+        .json(&json!({"agent": name, "prompt": prompt, "repo_path": repo.to_string_lossy(), "extra_args": extra_args, "timeout": 300}))
         .send()
         .and_then(|r| r.json())
         .unwrap_or_default();
@@ -154,115 +198,155 @@ memory = "2G"
         .and_then(|r| r.text())
         .unwrap_or_default();
     drop(server);
-    assert_eq!(r["success"], true, "aider failed: {r}\njob: {job}");
     assert!(
-        hits.load(std::sync::atomic::Ordering::SeqCst) >= 1,
-        "the scripted model was never asked"
+        !compat.to_string().contains(value)
+            && !patch.contains(value)
+            && !job.to_string().contains(value),
+        "the secret leaked"
+    );
+    Ran { compat, job, patch }
+}
+
+/// A fixture repo (one file, `hello.txt`) inside an allowed root.
+fn agent_repo() -> (tempfile::TempDir, PathBuf) {
+    let t = tempdir();
+    let repo = t.path().join("root/repo");
+    std::fs::create_dir_all(&repo).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap_or_else(|e| panic!("{e}"));
+    (t, repo)
+}
+
+/// The job succeeded, the model was asked at least `min_posts` times, the
+/// patch adds `line` to `file`, the host repo is as it was, and the only
+/// egress allowed was the model server.
+fn assert_agent_edit(
+    ran: &Ran,
+    posts: &AtomicUsize,
+    min_posts: usize,
+    port: u16,
+    repo: &Path,
+    file: &str,
+    line: &str,
+) {
+    assert_eq!(
+        ran.compat["success"], true,
+        "the agent failed: {}\njob: {}",
+        ran.compat, ran.job
     );
     assert!(
-        patch.contains("+++ b/hello.txt") && patch.contains("+hello from the scripted model"),
-        "{patch}"
+        posts.load(Ordering::SeqCst) >= min_posts,
+        "the scripted model was asked fewer than {min_posts} times\njob: {}",
+        ran.job
+    );
+    assert!(
+        ran.patch.contains(&format!("+++ b/{file}")) && ran.patch.contains(&format!("+{line}")),
+        "{}\njob: {}",
+        ran.patch,
+        ran.job
     );
     assert_eq!(
         std::fs::read_to_string(repo.join("hello.txt")).unwrap_or_default(),
         "hello\n",
         "the host repo changed"
     );
-    let egress = job["result"]["egress"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let allowed: Vec<&Value> = egress.iter().filter(|e| e["allowed"] == true).collect();
-    assert!(!allowed.is_empty(), "{egress:?}");
-    assert!(
-        allowed
-            .iter()
-            .all(|e| e["host"] == "127.0.0.1" && e["port"] == port),
-        "something but the model server was reached: {egress:?}"
-    );
-    assert!(
-        !r.to_string().contains(key) && !patch.contains(key) && !job.to_string().contains(key),
-        "the API key leaked"
-    );
+    if file != "hello.txt" {
+        assert!(!repo.join(file).exists(), "the host repo changed");
+    }
+    assert_only_model_egress(&ran.job["result"]["egress"], port);
 }
 
-const CLAUDE_DIR: &str = "/opt/agentvm-agents/claude";
-
-/// An Anthropic Messages API server (streaming): the first turn asks for
-/// the Write tool, the turn after its result ends the conversation.
-fn scripted_anthropic() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
-    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let h2 = hits.clone();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().map_while(Result::ok) {
-            let h3 = h2.clone();
-            std::thread::spawn(move || loop {
-                // keep-alive: serve requests on this connection until it closes
-                let mut r = BufReader::new(match s.try_clone() {
-                    Ok(c) => c,
-                    Err(_) => return,
-                });
-                let Some((first, body)) = read_request(&mut r) else {
-                    return;
-                };
-                if !first.starts_with("POST") || !first.contains("/v1/messages") {
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                    continue;
-                }
-                h3.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let req: Value = serde_json::from_slice(&body).unwrap_or_default();
-                let has_result = req["messages"].as_array().is_some_and(|m| {
-                    m.iter().any(|x| {
-                        x["content"]
-                            .as_array()
-                            .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"))
-                    })
-                });
-                let has_write = req["tools"]
-                    .as_array()
-                    .is_some_and(|t| t.iter().any(|x| x["name"] == "Write"));
-                let model = req["model"].clone();
-                let mut ev = vec![
-                    json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
-                ];
-                let stop = if has_write && !has_result {
-                    let input = json!({"file_path": "/workspace/from_claude.txt", "content": "written by claude\n"}).to_string();
-                    ev.push(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}}));
-                    ev.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": input}}));
-                    "tool_use"
-                } else {
-                    ev.push(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
-                    ev.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "done"}}));
-                    "end_turn"
-                };
-                ev.push(json!({"type": "content_block_stop", "index": 0}));
-                ev.push(json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 1}}));
-                ev.push(json!({"type": "message_stop"}));
-                let text: String = ev
-                    .iter()
-                    .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
-                    .collect();
-                let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: {}\r\n\r\n{text}", text.len()).as_bytes());
-            });
+#[test]
+fn aider_edits_a_file_through_the_allowlist_and_nothing_else() {
+    if installed(&format!("{AIDER_VENV}/bin/aider")).is_none() {
+        return;
+    }
+    // OpenAI chat completions, not streamed (--no-stream): a whole-file edit
+    let (port, posts) = scripted_model(|first, _req| {
+        if !first.starts_with("POST") || !first.contains("/chat/completions") {
+            return (404, "text/plain", String::new());
         }
+        let reply = "hello.txt\n```\nhello from the scripted model\n```\n";
+        let body = json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "scripted",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        });
+        (200, "application/json", body.to_string())
     });
-    (port, hits)
+    let (_t, repo) = agent_repo();
+    let profile = format!(
+        r#"argv = ["{AIDER_VENV}/bin/aider", "--model", "openai/scripted", "--openai-api-base", "http://127.0.0.1:{port}/v1",
+        "--yes-always", "--no-git", "--edit-format", "whole", "--no-check-update", "--no-show-model-warnings",
+        "--no-show-release-notes", "--analytics-disable", "--no-pretty", "--no-stream",
+        "--chat-history-file", "/tmp/aider.chat.md", "--input-history-file", "/tmp/aider.input",
+        "--message", "{{prompt}}"]
+ro_binds = ["{AIDER_VENV}"]
+env = ["OPENAI_API_KEY"]
+set_env = {{ LITELLM_LOCAL_MODEL_COST_MAP = "True" }}
+network = "allow:127.0.0.1:{port}"
+memory = "2G"
+"#
+    );
+    let key = ("OPENAI_API_KEY", "sk-scripted-model-key-0123456789");
+    let ran = run_through_server(
+        "aider",
+        &profile,
+        key,
+        &repo,
+        "change hello.txt",
+        &["hello.txt"],
+    );
+    assert_agent_edit(
+        &ran,
+        &posts,
+        1,
+        port,
+        &repo,
+        "hello.txt",
+        "hello from the scripted model",
+    );
 }
 
 #[test]
 fn claude_code_writes_a_file_through_the_allowlist_and_nothing_else() {
-    let claude = Path::new(CLAUDE_DIR).join("node_modules/.bin/claude");
-    if !claude.exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "claude-code is not installed at {CLAUDE_DIR} (.ci/run installs it)"
-        );
-        eprintln!("skipping: claude-code is not installed at {CLAUDE_DIR}");
+    let Some(claude) = installed(&format!("{CLAUDE_DIR}/node_modules/.bin/claude")) else {
         return;
-    }
-    let (port, hits) = scripted_anthropic();
+    };
+    // The Anthropic Messages API, streamed: the first turn asks for the Write
+    // tool, the turn after its result ends the conversation. Anything else
+    // (claude's HEAD / reachability check) gets an empty 200.
+    let (port, posts) = scripted_model(|first, req| {
+        if !first.starts_with("POST") || !first.contains("/v1/messages") {
+            return (200, "text/plain", String::new());
+        }
+        let has_result = req["messages"].as_array().is_some_and(|m| {
+            m.iter().any(|x| {
+                x["content"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|b| b["type"] == "tool_result"))
+            })
+        });
+        let has_write = req["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|x| x["name"] == "Write"));
+        let mut ev = vec![
+            json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": req["model"], "content": [], "stop_reason": null, "stop_sequence": null, "usage": {"input_tokens": 1, "output_tokens": 1}}}),
+        ];
+        let stop = if has_write && !has_result {
+            let input = json!({"file_path": "/workspace/from_claude.txt", "content": "written by claude\n"}).to_string();
+            ev.push(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {}}}));
+            ev.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": input}}));
+            "tool_use"
+        } else {
+            ev.push(json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}));
+            ev.push(json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "done"}}));
+            "end_turn"
+        };
+        ev.push(json!({"type": "content_block_stop", "index": 0}));
+        ev.push(json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 1}}));
+        ev.push(json!({"type": "message_stop"}));
+        (200, "text/event-stream", sse(&ev, true, ""))
+    });
     let repo_dir = tempdir();
     let repo = repo_dir.path();
     std::fs::write(repo.join("f"), "x\n").unwrap_or_else(|e| panic!("{e}"));
@@ -306,7 +390,7 @@ fn claude_code_writes_a_file_through_the_allowlist_and_nothing_else() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(o.status.success(), "{o:?}");
     assert!(
-        hits.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        posts.load(Ordering::SeqCst) >= 2,
         "the scripted model was not asked twice (tool use, then the result)"
     );
     let p = std::fs::read_to_string(&patch).unwrap_or_default();
@@ -320,13 +404,161 @@ fn claude_code_writes_a_file_through_the_allowlist_and_nothing_else() {
     );
     let r: Value =
         serde_json::from_slice(&std::fs::read(&result).unwrap_or_default()).unwrap_or_default();
-    let eg = r["egress"].as_array().cloned().unwrap_or_default();
-    assert!(
-        !eg.is_empty()
-            && eg
-                .iter()
-                .filter(|e| e["allowed"] == true)
-                .all(|e| e["host"] == "127.0.0.1" && e["port"] == port),
-        "{eg:?}"
+    assert_only_model_egress(&r["egress"], port);
+}
+
+#[test]
+fn codex_runs_a_command_through_the_allowlist_and_nothing_else() {
+    let Some(codex) = installed(&format!("{CODEX_DIR}/node_modules/.bin/codex")) else {
+        return;
+    };
+    // The OpenAI Responses API, streamed: the first turn calls codex's
+    // exec_command tool to write a file, the turn that carries the
+    // command's output ends with a message.
+    let (port, posts) = scripted_model(|first, req| {
+        if !first.starts_with("POST") || !first.contains("/v1/responses") {
+            return (404, "text/plain", String::new());
+        }
+        let has_output = req["input"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|x| x["type"] == "function_call_output"));
+        let has_exec = req["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|x| x["name"] == "exec_command"));
+        let item = if has_exec && !has_output {
+            let args = json!({"cmd": "printf 'written by codex\\n' > from_codex.txt"}).to_string();
+            json!({"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "exec_command", "arguments": args, "status": "completed"})
+        } else {
+            json!({"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [{"type": "output_text", "text": "done", "annotations": []}]})
+        };
+        let usage = json!({"input_tokens": 1, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 1, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 2});
+        let ev = [
+            json!({"type": "response.created", "response": {"id": "resp_1"}}),
+            json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            json!({"type": "response.completed", "response": {"id": "resp_1", "usage": usage}}),
+        ];
+        (200, "text/event-stream", sse(&ev, true, ""))
+    });
+    let (_t, repo) = agent_repo();
+    // the built-in profile's argv, with the CLI's path and a provider
+    // pointing at the scripted server
+    let profile = format!(
+        r#"argv = ["{codex}", "exec", "--skip-git-repo-check", "--sandbox", "danger-full-access",
+        "-c", "analytics.enabled=false", "-c", "check_for_update_on_startup=false",
+        "-c", "model=scripted", "-c", "model_provider=scripted",
+        "-c", 'model_providers.scripted={{name="scripted",base_url="http://127.0.0.1:{port}/v1",env_key="OPENAI_API_KEY",wire_api="responses"}}',
+        "{{prompt}}"]
+ro_binds = ["{CODEX_DIR}"]
+env = ["OPENAI_API_KEY"]
+network = "allow:127.0.0.1:{port}"
+memory = "2G"
+"#,
+        codex = codex.display()
+    );
+    let key = ("OPENAI_API_KEY", "sk-scripted-codex-key-0123456789");
+    let ran = run_through_server("codex", &profile, key, &repo, "create from_codex.txt", &[]);
+    assert_agent_edit(
+        &ran,
+        &posts,
+        2,
+        port,
+        &repo,
+        "from_codex.txt",
+        "written by codex",
+    );
+}
+
+#[test]
+fn opencode_writes_a_file_through_the_allowlist_and_nothing_else() {
+    let Some(opencode) = installed(&format!("{OPENCODE_DIR}/node_modules/.bin/opencode")) else {
+        return;
+    };
+    // OpenAI-compatible chat completions, streamed: a request that offers
+    // the write tool and carries no tool result gets a call to write; any
+    // other (the result, or opencode's title request) gets "done".
+    let (port, posts) = scripted_model(|first, req| {
+        if !first.starts_with("POST") || !first.contains("/chat/completions") {
+            return (404, "text/plain", String::new());
+        }
+        let has_write = req["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|x| x["function"]["name"] == "write"));
+        let has_result = req["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x["role"] == "tool"));
+        let (delta, finish) = if has_write && !has_result {
+            let args = json!({"filePath": "/workspace/from_opencode.txt", "content": "written by opencode\n"}).to_string();
+            let call = json!({"index": 0, "id": "call_1", "type": "function", "function": {"name": "write", "arguments": args}});
+            (
+                json!({"role": "assistant", "tool_calls": [call]}),
+                "tool_calls",
+            )
+        } else {
+            (json!({"role": "assistant", "content": "done"}), "stop")
+        };
+        let chunk = |choices: Value, extra: Value| {
+            let mut c = json!({"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": req["model"], "choices": choices});
+            if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+                c.extend(e.clone());
+            }
+            c
+        };
+        let ev = [
+            chunk(
+                json!([{"index": 0, "delta": delta, "finish_reason": null}]),
+                json!({}),
+            ),
+            chunk(
+                json!([{"index": 0, "delta": {}, "finish_reason": finish}]),
+                json!({}),
+            ),
+            chunk(
+                json!([]),
+                json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}),
+            ),
+        ];
+        (
+            200,
+            "text/event-stream",
+            sse(&ev, false, "data: [DONE]\n\n"),
+        )
+    });
+    let (_t, repo) = agent_repo();
+    let config = json!({
+        "provider": {"scripted": {
+            "npm": "@ai-sdk/openai-compatible", "name": "scripted",
+            "options": {"baseURL": format!("http://127.0.0.1:{port}/v1"), "apiKey": "{env:OPENAI_API_KEY}"},
+            "models": {"m": {"name": "m", "tool_call": true}}}},
+        "model": "scripted/m", "autoupdate": false, "share": "disabled",
+        "permission": {"edit": "allow", "bash": "allow"}
+    });
+    // the built-in profile, with the CLI's path and the provider config
+    let profile = format!(
+        r#"argv = ["{opencode}", "run", "{{prompt}}"]
+ro_binds = ["{OPENCODE_DIR}"]
+env = ["OPENAI_API_KEY"]
+set_env = {{ OPENCODE_CONFIG_CONTENT = '{config}', OPENCODE_DISABLE_MODELS_FETCH = "1", OPENCODE_DISABLE_AUTOUPDATE = "1", OPENCODE_DISABLE_DEFAULT_PLUGINS = "1" }}
+network = "allow:127.0.0.1:{port}"
+memory = "2G"
+"#,
+        opencode = opencode.display()
+    );
+    let key = ("OPENAI_API_KEY", "sk-scripted-opencode-key-0123456789");
+    let ran = run_through_server(
+        "opencode",
+        &profile,
+        key,
+        &repo,
+        "create from_opencode.txt",
+        &[],
+    );
+    assert_agent_edit(
+        &ran,
+        &posts,
+        2,
+        port,
+        &repo,
+        "from_opencode.txt",
+        "written by opencode",
     );
 }
