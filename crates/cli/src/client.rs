@@ -41,12 +41,19 @@ pub enum JobsCmd {
         /// Seconds, 1 to 3600.
         #[arg(long, default_value_t = 600)]
         timeout: i64,
+        /// This job's network instead of the profile's: none,
+        /// allow:HOST[:PORT],... (host needs an admin key).
+        #[arg(long, value_name = "MODE")]
+        network: Option<String>,
         /// Wait until the job ends (a spinner shows progress); exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
         /// Stream the job's output until it ends; exit 0 only if it succeeded.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// With -f: also print each egress decision, as it is made, to stderr.
+        #[arg(long, requires = "follow")]
+        egress: bool,
         /// The prompt.
         prompt: String,
         /// Extra arguments for the agent.
@@ -69,6 +76,9 @@ pub enum JobsCmd {
         id: String,
         #[arg(long, short = 'f')]
         follow: bool,
+        /// With -f: also print each egress decision, as it is made, to stderr.
+        #[arg(long, requires = "follow")]
+        egress: bool,
     },
     /// Print (or save) a job's patch.
     Patch {
@@ -247,9 +257,29 @@ fn status_exit(status: &str) -> ExitCode {
     }
 }
 
-/// Follow a job's SSE stream, printing output to stdout/stderr; resumes
-/// after a dropped connection. Returns the final status.
-async fn follow(c: &Client, id: &str) -> Result<String, String> {
+/// One egress decision as a line for a person: the decision when it is
+/// made, nothing more for an allowed connection's end.
+fn egress_line(v: &Value) -> Option<String> {
+    let at = format!(
+        "{} {}:{}",
+        v["method"].as_str().unwrap_or("?"),
+        v["host"].as_str().unwrap_or("?"),
+        v["port"]
+    );
+    match (v["allowed"] == true, v["phase"].as_str()) {
+        (true, Some("open")) => Some(format!("agentvm: egress {at} allowed")),
+        (false, _) => Some(format!(
+            "agentvm: egress {at} refused ({})",
+            v["reason"].as_str().unwrap_or("?")
+        )),
+        _ => None,
+    }
+}
+
+/// Follow a job's SSE stream, printing output to stdout/stderr (and, with
+/// `egress`, the proxy's decisions); resumes after a dropped connection.
+/// Returns the final status.
+async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
     use futures_util::StreamExt;
     let mut last: Option<String> = None;
     for _attempt in 0..20 {
@@ -278,6 +308,12 @@ async fn follow(c: &Client, id: &str) -> Result<String, String> {
                             let _ = std::io::stdout().flush();
                         }
                         "stderr" => eprint!("{text}"),
+                        "egress" if egress => {
+                            let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                            if let Some(l) = egress_line(&v) {
+                                eprintln!("{l}");
+                            }
+                        }
                         "end" => {
                             let v: Value = serde_json::from_str(&text).unwrap_or_default();
                             return Ok(v["status"].as_str().unwrap_or("unknown").to_string());
@@ -361,13 +397,18 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             agent,
             repo,
             timeout,
+            network,
             wait: w,
             follow: f,
+            egress,
             prompt,
             extra_args,
         } => {
             let repo = std::fs::canonicalize(&repo).unwrap_or(repo);
-            let body = json!({"agent": agent, "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": timeout, "extra_args": extra_args});
+            let mut body = json!({"agent": agent, "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": timeout, "extra_args": extra_args});
+            if let Some(n) = network {
+                body["network"] = json!(n);
+            }
             let job: Value = c
                 .send(c.req(Method::POST, "/v1/jobs").json(&body))
                 .await?
@@ -376,7 +417,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 .map_err(|e| e.to_string())?;
             let id = job["id"].as_str().unwrap_or("").to_string();
             if f {
-                let st = follow(c, &id).await?;
+                let st = follow(c, &id, egress).await?;
                 if c.json {
                     print_json(&c.get_json(&format!("/v1/jobs/{id}")).await?);
                 } else {
@@ -505,9 +546,13 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCmd::Logs { id, follow: f } => {
+        JobsCmd::Logs {
+            id,
+            follow: f,
+            egress,
+        } => {
             if f {
-                let st = follow(c, &id).await?;
+                let st = follow(c, &id, egress).await?;
                 return Ok(status_exit(&st));
             }
             let text = c

@@ -36,8 +36,41 @@ fn private_dir() -> Result<PathBuf, String> {
     Ok(d)
 }
 
-/// Start the proxy for `policy`; decisions also go to `log_to` if given.
-pub fn start(policy: Policy, log_to: Option<&Path>) -> Result<Running, String> {
+/// Take the inherited descriptor `fd` as the live decision stream: it must
+/// be open for writing; it becomes non-blocking (a slow reader loses lines,
+/// never stalls the proxy) and close-on-exec.
+pub fn events_pipe(fd: i32) -> Result<std::fs::File, String> {
+    // SAFETY: fcntl on an integer descriptor only reads its flags.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if fl < 0 {
+        return Err(format!("descriptor {fd} is not open"));
+    }
+    if fl & libc::O_ACCMODE == libc::O_RDONLY {
+        return Err(format!("descriptor {fd} is not open for writing"));
+    }
+    // SAFETY: as above, setting status and descriptor flags.
+    let ok = unsafe {
+        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+            && libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0
+    };
+    if !ok {
+        return Err(format!(
+            "descriptor {fd}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the descriptor is open, inherited for this purpose, and owned
+    // by nothing else in this process.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Start the proxy for `policy`; decisions also go to `log_to` if given,
+/// and to `events` (see [`events_pipe`]) as they are made.
+pub fn start(
+    policy: Policy,
+    log_to: Option<&Path>,
+    events: Option<std::fs::File>,
+) -> Result<Running, String> {
     let dir = private_dir()?;
     let socket = dir.join("egress.sock");
     let listener = std::os::unix::net::UnixListener::bind(&socket)
@@ -94,7 +127,8 @@ pub fn start(policy: Policy, log_to: Option<&Path>) -> Result<Running, String> {
                 rt.block_on(async move {
                     if listener.set_nonblocking(true).is_ok() {
                         if let Ok(l) = tokio::net::UnixListener::from_std(listener) {
-                            Proxy::new(policy, Some(child_log)).serve_unix(l).await;
+                            let sinks = std::iter::once(child_log).chain(events).collect();
+                            Proxy::new(policy, sinks).serve_unix(l).await;
                         }
                     }
                 });
@@ -103,7 +137,9 @@ pub fn start(policy: Policy, log_to: Option<&Path>) -> Result<Running, String> {
             unsafe { libc::_exit(0) }
         }
         Ok(ForkResult::Parent { child }) => {
-            drop(listener);
+            // the proxy holds the only writer: the reader sees the end of
+            // the stream when it ends
+            drop((listener, events));
             Ok(Running {
                 socket,
                 dir,
@@ -123,16 +159,31 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
 }
 
 impl Running {
-    /// Stop the proxy and return its decisions.
+    /// Stop the proxy and return its decisions, one per connection: the
+    /// final (`closed`) record, or the `open` one of a connection that was
+    /// still open when the proxy stopped.
     pub fn finish(mut self) -> Vec<serde_json::Value> {
         let _ = kill(self.pid, Signal::SIGKILL);
         let _ = waitpid(self.pid, None);
         let _ = self.log.rewind();
-        let out = BufReader::new(&self.log)
+        let mut out: Vec<serde_json::Value> = Vec::new();
+        let mut at: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+        for v in BufReader::new(&self.log)
             .lines()
             .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect();
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        {
+            let conn = v["conn"].as_u64();
+            match conn.and_then(|c| at.get(&c).copied()) {
+                Some(i) => out[i] = v,
+                None => {
+                    if let Some(c) = conn {
+                        at.insert(c, out.len());
+                    }
+                    out.push(v);
+                }
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         out
     }
@@ -168,7 +219,7 @@ pub fn standalone(allow: &str, listen: std::net::SocketAddr) -> std::process::Ex
         if let Ok(a) = l.local_addr() {
             eprintln!("agentvm: egress proxy listening on {a}");
         }
-        Proxy::new(policy, None).serve_tcp(l).await;
+        Proxy::new(policy, Vec::new()).serve_tcp(l).await;
         std::process::ExitCode::SUCCESS
     })
 }

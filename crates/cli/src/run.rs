@@ -42,6 +42,11 @@ pub struct RunArgs {
     /// With --network allow: write each proxy decision as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     egress_log: Option<PathBuf>,
+    /// With --network allow: also write each decision, as it is made, to
+    /// the inherited descriptor FD (a pipe; the server streams them live).
+    /// Best effort: a line the reader is too slow for is dropped there.
+    #[arg(long, value_name = "FD", hide = true, value_parser = clap::value_parser!(i32).range(3..))]
+    egress_events_fd: Option<i32>,
     /// Memory limit, swap included (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     memory: Option<u64>,
@@ -472,14 +477,21 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
 
     let mut spec = spec;
+    let events = match args.egress_events_fd.map(crate::egress::events_pipe) {
+        Some(Err(e)) => return fail(&format!("--egress-events-fd: {e}")),
+        Some(Ok(f)) => Some(f),
+        None => None,
+    };
     let proxy = match &args.network.policy {
-        Some(policy) => match crate::egress::start(policy.clone(), args.egress_log.as_deref()) {
-            Ok(p) => {
-                spec.proxy_socket = Some(p.socket.clone());
-                Some(p)
+        Some(policy) => {
+            match crate::egress::start(policy.clone(), args.egress_log.as_deref(), events) {
+                Ok(p) => {
+                    spec.proxy_socket = Some(p.socket.clone());
+                    Some(p)
+                }
+                Err(e) => return fail(&format!("sandbox setup failed: network: {e}")),
             }
-            Err(e) => return fail(&format!("sandbox setup failed: network: {e}")),
-        },
+        }
         None => None,
     };
     let outcome = agentvm_sandbox::run(&spec);

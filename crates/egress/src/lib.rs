@@ -19,6 +19,7 @@ mod sni;
 mod splice;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,11 +29,25 @@ use tokio::net::TcpStream;
 
 pub use policy::Policy;
 
+/// Where a connection's record stands.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Allowed and connected; the bytes are still moving (sinks only).
+    Open,
+    /// The decision is final: refused, or the connection has ended.
+    Closed,
+}
+
 /// One decision of the proxy.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Record {
-    /// Unix time in milliseconds.
+    /// Unix time in milliseconds (of the decision).
     pub ts: u64,
+    /// The connection's number within this proxy: an allowed connection's
+    /// `open` and `closed` records share it.
+    pub conn: u64,
+    pub phase: Phase,
     /// CONNECT, GET, POST, ...
     pub method: String,
     pub host: String,
@@ -65,19 +80,25 @@ fn now_ms() -> u64 {
 pub struct Proxy {
     policy: Policy,
     records: Mutex<Vec<Record>>,
-    sink: Option<Mutex<std::fs::File>>,
+    sinks: Vec<Mutex<std::fs::File>>,
+    conns: AtomicU64,
 }
 
 impl Proxy {
-    /// `log`: a file that receives every record as a JSON line, as it is made.
-    pub fn new(policy: Policy, log: Option<std::fs::File>) -> Arc<Proxy> {
+    /// `sinks`: files (or pipes) that receive every record as a JSON line,
+    /// as it is made: an allowed connection's `open` record when it
+    /// connects, and every `closed` one. A write that fails (a full
+    /// non-blocking pipe, a reader gone) is dropped for that sink alone.
+    pub fn new(policy: Policy, sinks: Vec<std::fs::File>) -> Arc<Proxy> {
         Arc::new(Proxy {
             policy,
             records: Mutex::new(Vec::new()),
-            sink: log.map(Mutex::new),
+            sinks: sinks.into_iter().map(Mutex::new).collect(),
+            conns: AtomicU64::new(0),
         })
     }
 
+    /// The final (`closed`) records so far.
     pub fn records(&self) -> Vec<Record> {
         match self.records.lock() {
             Ok(r) => r.clone(),
@@ -85,14 +106,23 @@ impl Proxy {
         }
     }
 
-    fn record(&self, r: Record) {
-        if let Some(s) = &self.sink {
-            if let (Ok(mut f), Ok(mut line)) = (s.lock(), serde_json::to_vec(&r)) {
+    fn emit(&self, r: &Record) {
+        let Ok(mut line) = serde_json::to_vec(r) else {
+            return;
+        };
+        line.push(b'\n');
+        for s in &self.sinks {
+            if let Ok(mut f) = s.lock() {
                 use std::io::Write;
-                line.push(b'\n');
+                // one write(2) of a line under PIPE_BUF is atomic on a pipe
                 let _ = f.write_all(&line);
             }
         }
+    }
+
+    fn record(&self, mut r: Record) {
+        r.phase = Phase::Closed;
+        self.emit(&r);
         match self.records.lock() {
             Ok(mut v) => v.push(r),
             Err(p) => p.into_inner().push(r),
@@ -148,6 +178,7 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + splice::Socket + Unpin,
     {
+        let conn = self.conns.fetch_add(1, Ordering::Relaxed) + 1;
         let mut buf = Vec::with_capacity(2048);
         let head_len = loop {
             let mut chunk = [0u8; 4096];
@@ -186,6 +217,8 @@ impl Proxy {
             let _ = s.write_all(&refusal(400, "unsupported-target")).await;
             self.record(Record {
                 ts: now_ms(),
+                conn,
+                phase: Phase::Closed,
                 method,
                 host: target,
                 port: 0,
@@ -199,6 +232,8 @@ impl Proxy {
         };
         let mut rec = Record {
             ts: now_ms(),
+            conn,
+            phase: Phase::Open,
             method: method.clone(),
             host: host.clone(),
             port,
@@ -291,6 +326,7 @@ impl Proxy {
             }
             rec.bytes_up = head.len() as u64;
         }
+        self.emit(&rec);
         match splice::both(&s, &up).await {
             Ok((a, b)) => {
                 rec.bytes_up += a;

@@ -46,9 +46,13 @@ async fn echo_upstream() -> u16 {
 }
 
 async fn proxy(policy: &str) -> (u16, Arc<Proxy>) {
+    proxy_with(policy, Vec::new()).await
+}
+
+async fn proxy_with(policy: &str, sinks: Vec<std::fs::File>) -> (u16, Arc<Proxy>) {
     let p = Proxy::new(
         Policy::parse(policy).unwrap_or_else(|e| panic!("{e}")),
-        None,
+        sinks,
     );
     let l = TcpListener::bind("127.0.0.1:0")
         .await
@@ -303,4 +307,63 @@ async fn bulk_transfers_never_stall() {
         "{:?}",
         p.records()
     );
+}
+
+/// The JSON lines written to `f` so far.
+fn lines(f: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(f)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn sinks_see_a_connection_open_while_it_lasts_then_closed() {
+    let echo = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("d.jsonl");
+    let f = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let (port, p) = proxy_with(&format!("127.0.0.1:{echo}"), vec![f]).await;
+    // a refusal is final at once
+    let r = exchange(port, b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n");
+    s.write_all(head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = [0u8; 39];
+    s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(b"ping").await.unwrap_or_else(|e| panic!("{e}"));
+    let mut pong = [0u8; 4];
+    s.read_exact(&mut pong)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // the tunnel is still open: the sink already has its decision
+    let open = lines(&log);
+    assert_eq!(open.len(), 2, "{open:?}");
+    assert_eq!(open[0]["phase"], "closed");
+    assert_eq!(open[0]["allowed"], false);
+    assert_eq!(open[1]["phase"], "open");
+    assert_eq!(open[1]["allowed"], true);
+    assert_eq!(open[1]["port"], echo);
+    assert_ne!(open[0]["conn"], open[1]["conn"]);
+    assert_eq!(p.records().len(), 1, "records() holds final decisions only");
+    drop(s);
+    let mut all = Vec::new();
+    for _ in 0..100 {
+        all = lines(&log);
+        if all.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert_eq!(all[2]["phase"], "closed");
+    assert_eq!(all[2]["conn"], open[1]["conn"]);
+    assert_eq!(all[2]["bytes_up"], 4);
+    assert_eq!(all[2]["bytes_down"], 4);
 }

@@ -901,21 +901,19 @@ fn follow(
                     }
                     match rx.as_mut() {
                         Some(r) => match r.recv().await {
+                            // queued, then sent from `pending` on the next turn
                             Ok(Live::Chunk(c)) if c.seq > last => {
                                 last = c.seq;
-                                let ev = chunk_event(&c);
-                                return Some((
-                                    Ok(ev),
-                                    FollowState::Live {
-                                        st,
-                                        job,
-                                        rx,
-                                        last,
-                                        pending,
-                                    },
-                                ));
+                                pending.push_back(chunk_event(&c));
                             }
                             Ok(Live::Chunk(_)) => {}
+                            Ok(Live::Egress(v)) => {
+                                // live only: afterwards they are in the
+                                // job's result and the audit trail
+                                pending.push_back(
+                                    Event::default().event("egress").data(v.to_string()),
+                                );
+                            }
                             Ok(Live::End(s)) => {
                                 // anything stored but not yet sent, then the end
                                 for c in st.store.logs(job.seq, last).await.unwrap_or_default() {

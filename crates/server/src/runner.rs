@@ -25,6 +25,8 @@ use crate::redact::Redactor;
 #[derive(Debug, Clone)]
 pub enum Live {
     Chunk(LogChunk),
+    /// A decision of the job's egress proxy, as it is made (redacted).
+    Egress(serde_json::Value),
     End(JobStatus),
 }
 
@@ -351,6 +353,7 @@ impl Runner {
             .get(&job.agent)
             .ok_or_else(|| format!("agent {} is no longer configured", job.agent))?;
         let dir = self.job_dir(&job.id);
+        let network = job.network.clone().unwrap_or_else(|| p.network.clone());
         let mut a: Vec<String> = vec![
             "run".into(),
             "--die-with-parent".into(),
@@ -364,8 +367,12 @@ impl Runner {
             "--timeout".into(),
             format!("{}s", job.timeout_s),
             "--network".into(),
-            job.network.clone().unwrap_or_else(|| p.network.clone()),
+            network.clone(),
         ];
+        if network.starts_with("allow:") {
+            // decisions stream back live through a pipe (see execute)
+            a.extend(["--egress-events-fd".into(), "4".into()]);
+        }
         if let Some(m) = &p.memory {
             a.extend(["--memory".into(), m.clone()]);
         }
@@ -420,42 +427,64 @@ impl Runner {
         if let Err(e) = self.store.finish_job(id, &finish).await {
             tracing::error!(job = id, error = %e, "recording the end of a job failed");
         }
-        // every egress decision joins the audit trail, under the job's key
-        if let Some(eg) = finish.result.as_ref().and_then(|r| r["egress"].as_array()) {
-            for e in eg {
-                let target = format!(
-                    "{} {}:{}",
-                    e["method"].as_str().unwrap_or(""),
-                    e["host"].as_str().unwrap_or(""),
-                    e["port"]
-                );
-                let outcome = if e["allowed"] == true {
-                    "allowed".to_string()
-                } else {
-                    format!("refused: {}", e["reason"].as_str().unwrap_or(""))
-                };
-                let detail = format!(
-                    "job {id}; {} B up, {} B down",
-                    e["bytes_up"], e["bytes_down"]
-                );
-                let _ = self
-                    .store
-                    .audit(
-                        job.key_id.as_deref(),
-                        "egress",
-                        Some(&target),
-                        None,
-                        &outcome,
-                        Some(&detail),
-                    )
-                    .await;
-            }
-        }
         let _ = std::fs::remove_dir_all(self.job_dir(id));
         lock(&self.running).remove(id);
         let _ = tx.send(Live::End(finish.status));
         lock(&self.live).remove(id);
         let _ = self.finished.send(id.to_string());
+    }
+
+    /// One line from the egress event pipe: redact it, stream it, and audit
+    /// it once it is final.
+    async fn egress_decision(
+        &self,
+        job: &Job,
+        line: &[u8],
+        audited: &mut std::collections::HashSet<u64>,
+        tx: &broadcast::Sender<Live>,
+    ) {
+        let text = self.redactor.redact_str(&String::from_utf8_lossy(line));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return;
+        };
+        if v["phase"] == "closed" {
+            if let Some(c) = v["conn"].as_u64() {
+                if audited.insert(c) {
+                    self.audit_egress(job, &v).await;
+                }
+            }
+        }
+        let _ = tx.send(Live::Egress(v));
+    }
+
+    /// An egress decision as an audit row, under the job's key.
+    async fn audit_egress(&self, job: &Job, e: &serde_json::Value) {
+        let target = format!(
+            "{} {}:{}",
+            e["method"].as_str().unwrap_or(""),
+            e["host"].as_str().unwrap_or(""),
+            e["port"]
+        );
+        let outcome = match (e["allowed"] == true, e["phase"] == "open") {
+            (true, true) => "allowed (still open when the job ended)".to_string(),
+            (true, false) => "allowed".to_string(),
+            _ => format!("refused: {}", e["reason"].as_str().unwrap_or("")),
+        };
+        let detail = format!(
+            "job {}; {} B up, {} B down",
+            job.id, e["bytes_up"], e["bytes_down"]
+        );
+        let _ = self
+            .store
+            .audit(
+                job.key_id.as_deref(),
+                "egress",
+                Some(&target),
+                None,
+                &outcome,
+                Some(&detail),
+            )
+            .await;
     }
 
     async fn execute(&self, job: &Job, tx: &broadcast::Sender<Live>) -> Finish {
@@ -493,19 +522,44 @@ impl Runner {
                 patch: None,
             };
         }
-        let repo_raw = std::os::fd::AsRawFd::as_raw_fd(&repo_dir);
+        // The egress proxy's decisions, live: the write end goes to the
+        // child as fd 4 (only when it runs a proxy).
+        let events = if args.iter().any(|a| a == "--egress-events-fd") {
+            match events_pipe() {
+                Ok(p) => Some(p),
+                Err(e) => return fail(format!("creating the egress event pipe: {e}")),
+            }
+        } else {
+            None
+        };
+        // The descriptors the child inherits, first moved above fd 10 so
+        // placing them at 3 and 4 cannot clobber one with the other.
+        let repo_hi = match high_fd(&repo_dir) {
+            Ok(f) => f,
+            Err(e) => return fail(format!("preparing the repo descriptor: {e}")),
+        };
+        let (ev_read, ev_write) = match events {
+            Some((r, w)) => match high_fd(&w) {
+                Ok(w) => (Some(r), Some(w)),
+                Err(e) => return fail(format!("preparing the egress event pipe: {e}")),
+            },
+            None => (None, None),
+        };
+        let repo_raw = std::os::fd::AsRawFd::as_raw_fd(&repo_hi);
+        let ev_raw = ev_write.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = tokio::process::Command::new(&self.cfg.sandbox_bin);
-        // SAFETY: between fork and exec only dup2 and fcntl run, both
-        // async-signal-safe; they put the checked repo descriptor at fd 3
-        // without close-on-exec.
+        // SAFETY: between fork and exec only dup2 runs (async-signal-safe);
+        // it puts the checked repo descriptor at fd 3 and the event pipe at
+        // fd 4, both without close-on-exec (their sources are >= 10).
         unsafe {
             cmd.pre_exec(move || {
-                if repo_raw == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                if libc::dup2(repo_raw, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(w) = ev_raw {
+                    if libc::dup2(w, 4) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(repo_raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -519,7 +573,8 @@ impl Runner {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn();
-        drop(repo_dir);
+        // the child holds the only writer now: its end is the stream's end
+        drop((repo_dir, repo_hi, ev_write));
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => return fail(format!("starting the sandbox: {e}")),
@@ -549,11 +604,40 @@ impl Runner {
         let mut buf_e = vec![0u8; 32 * 1024];
         // secrets never reach the store or a follower: redact first
         let (mut red_o, mut red_e) = (self.redactor.stream(), self.redactor.stream());
-        while out.is_some() || err.is_some() {
+        let mut ev = ev_read.and_then(|r| tokio::net::unix::pipe::Receiver::from_owned_fd(r).ok());
+        let (mut buf_ev, mut ev_line) = (vec![0u8; 8 * 1024], Vec::<u8>::new());
+        let mut audited = std::collections::HashSet::new();
+        while out.is_some() || err.is_some() || ev.is_some() {
+            // once the output has ended, the proxy's last lines are due at once
+            let output_done = out.is_none() && err.is_none();
             let (stream, n) = tokio::select! {
                 r = async { match out.as_mut() { Some(o) => o.read(&mut buf_o).await, None => std::future::pending().await } } => ("stdout", r),
                 r = async { match err.as_mut() { Some(e) => e.read(&mut buf_e).await, None => std::future::pending().await } } => ("stderr", r),
+                r = async {
+                    match ev.as_mut() {
+                        Some(e) if output_done => tokio::time::timeout(Duration::from_secs(2), e.read(&mut buf_ev)).await.unwrap_or(Ok(0)),
+                        Some(e) => e.read(&mut buf_ev).await,
+                        None => std::future::pending().await,
+                    }
+                } => ("egress", r),
             };
+            if stream == "egress" {
+                match n {
+                    Ok(0) | Err(_) => ev = None,
+                    Ok(n) => {
+                        ev_line.extend_from_slice(&buf_ev[..n]);
+                        while let Some(i) = ev_line.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = ev_line.drain(..=i).collect();
+                            self.egress_decision(job, &line, &mut audited, tx).await;
+                        }
+                        if ev_line.len() > 1 << 20 {
+                            // not a line of ours; the result still has them all
+                            ev_line.clear();
+                        }
+                    }
+                }
+                continue;
+            }
             let data = match n {
                 Ok(0) | Err(_) => {
                     if stream == "stdout" {
@@ -646,6 +730,15 @@ impl Runner {
         let result = result.map(|v| {
             serde_json::from_str(&r.redact_str(&v.to_string())).unwrap_or(serde_json::Value::Null)
         });
+        // every egress decision joins the audit trail: those not yet
+        // audited live (a line the pipe dropped, a connection still open)
+        if let Some(eg) = result.as_ref().and_then(|r| r["egress"].as_array()) {
+            for e in eg {
+                if !e["conn"].as_u64().is_some_and(|c| audited.contains(&c)) {
+                    self.audit_egress(job, e).await;
+                }
+            }
+        }
         Finish {
             status: st,
             exit_code,
@@ -654,4 +747,32 @@ impl Runner {
             patch: patch.map(|p| r.redact(&p)),
         }
     }
+}
+
+/// A pipe for the egress proxy's live decisions: (read end, write end),
+/// both close-on-exec.
+fn events_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by no one else.
+    Ok(unsafe {
+        (
+            std::os::fd::FromRawFd::from_raw_fd(fds[0]),
+            std::os::fd::FromRawFd::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+/// A close-on-exec duplicate of `fd` numbered 10 or above.
+fn high_fd(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we hold.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: n was just created and is owned by no one else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(n) })
 }

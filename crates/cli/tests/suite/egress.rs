@@ -148,7 +148,17 @@ fn decisions_stream_to_the_egress_log_and_the_proxy_goes_away() {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    assert_eq!(lines.len(), 2, "{lines:?}");
+    // the allowed request opens, then closes; the refusal is final at once
+    let phases: Vec<(&str, bool)> = lines
+        .iter()
+        .map(|l| (l["phase"].as_str().unwrap_or(""), l["allowed"] == true))
+        .collect();
+    assert_eq!(
+        phases,
+        [("open", true), ("closed", true), ("closed", false)],
+        "{lines:?}"
+    );
+    assert_eq!(lines[0]["conn"], lines[1]["conn"]);
     // the proxy's socket directory (made under TMPDIR) is gone, and with it
     // the proxy
     let left: Vec<_> = std::fs::read_dir(&tmp)

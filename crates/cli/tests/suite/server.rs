@@ -437,6 +437,16 @@ fn jobs_lifecycle_logs_patch_cancel_delete() {
 
 /// Read server-sent events until `end`: (id, event, data) triples.
 fn sse(s: &Server, path: &str, last_id: Option<&str>) -> Vec<(String, String, String)> {
+    sse_live(s, path, last_id).iter().collect()
+}
+
+/// Server-sent events as they arrive, until `end`: (id, event, data)
+/// triples from a reader thread.
+fn sse_live(
+    s: &Server,
+    path: &str,
+    last_id: Option<&str>,
+) -> std::sync::mpsc::Receiver<(String, String, String)> {
     let mut r = s
         .http
         .get(format!("{}{path}", s.url))
@@ -446,30 +456,32 @@ fn sse(s: &Server, path: &str, last_id: Option<&str>) -> Vec<(String, String, St
     }
     let resp = r.send().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(resp.status().as_u16(), 200);
-    let mut out = Vec::new();
-    let (mut id, mut ev, mut data) = (String::new(), String::new(), Vec::<String>::new());
-    for line in BufReader::new(resp).lines().map_while(Result::ok) {
-        if line.is_empty() {
-            if !ev.is_empty() || !data.is_empty() {
-                out.push((id.clone(), ev.clone(), data.join("\n")));
-                if ev == "end" {
-                    break;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut id, mut ev, mut data) = (String::new(), String::new(), Vec::<String>::new());
+        for line in BufReader::new(resp).lines().map_while(Result::ok) {
+            if line.is_empty() {
+                if !ev.is_empty() || !data.is_empty() {
+                    let end = ev == "end";
+                    if tx.send((id.clone(), ev.clone(), data.join("\n"))).is_err() || end {
+                        break;
+                    }
                 }
+                id.clear();
+                ev.clear();
+                data.clear();
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = v.into();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                ev = v.into();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data.push(v.into());
+            } else if line == "data:" {
+                data.push(String::new());
             }
-            id.clear();
-            ev.clear();
-            data.clear();
-        } else if let Some(v) = line.strip_prefix("id: ") {
-            id = v.into();
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            ev = v.into();
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            data.push(v.into());
-        } else if line == "data:" {
-            data.push(String::new());
         }
-    }
-    out
+    });
+    rx
 }
 
 #[test]
@@ -983,6 +995,27 @@ fn cli_client_submits_follows_and_reports_errors() {
         String::from_utf8_lossy(&o.stdout).contains("+++ b/made.txt"),
         "{o:?}"
     );
+    // a job's own allowlist, and its decisions as they are made
+    let o = cli(&[
+        "jobs",
+        "submit",
+        "--agent",
+        "shell",
+        "--repo",
+        &r,
+        "--network",
+        "allow:127.0.0.1:9",
+        "-f",
+        "--egress",
+        "curl -s http://blocked.example/ >/dev/null; echo done",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "done\n");
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("agentvm: egress GET blocked.example:80 refused (host-not-allowlisted)\n"),
+        "{o:?}"
+    );
     let o = cli(&[
         "jobs", "submit", "--agent", "shell", "--repo", &r, "--wait", "--json", "exit 4",
     ]);
@@ -1401,6 +1434,95 @@ fn a_job_may_carry_its_own_egress_policy() {
     let (code, v) = s.json("POST", "/v1/jobs", Some(bad));
     assert_eq!(code, 422);
     assert!(v["detail"][0]["loc"].to_string().contains("network"), "{v}");
+}
+
+#[test]
+fn egress_decisions_stream_live_and_join_the_audit_while_the_job_runs() {
+    let (_t, repo, s) = setup(&[]);
+    // an upstream that holds its answer until the test lets it go
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    std::thread::spawn(move || {
+        if let Some(mut c) = l.incoming().map_while(Result::ok).next() {
+            use std::io::{Read, Write};
+            let mut b = [0u8; 2048];
+            let _ = c.read(&mut b);
+            let _ = held.recv_timeout(Duration::from_secs(60));
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nfound\n",
+            );
+        }
+    });
+    let mut b = shell(
+        &repo,
+        &format!("curl -s -o /dev/null http://blocked.example/; curl -s http://127.0.0.1:{port}/"),
+    );
+    b["network"] = json!(format!("allow:127.0.0.1:{port}"));
+    let (code, j) = s.json("POST", "/v1/jobs", Some(b));
+    assert_eq!(code, 202, "{j}");
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let events = sse_live(&s, &format!("/v1/jobs/{id}/logs?follow=true"), None);
+    let next_egress = || loop {
+        match events.recv_timeout(Duration::from_secs(30)) {
+            Ok((_, ev, data)) if ev == "egress" => {
+                return serde_json::from_str::<Value>(&data).unwrap_or_default()
+            }
+            Ok((_, ev, data)) => assert_ne!(ev, "end", "ended before its egress: {data}"),
+            Err(e) => panic!("no egress event: {e}"),
+        }
+    };
+    let refused = next_egress();
+    assert_eq!(refused["host"], "blocked.example", "{refused}");
+    assert_eq!(refused["allowed"], false);
+    assert_eq!(refused["phase"], "closed");
+    assert_eq!(refused["reason"], "host-not-allowlisted");
+    let open = next_egress();
+    assert_eq!(open["host"], "127.0.0.1", "{open}");
+    assert_eq!(open["port"], port);
+    assert_eq!(
+        (&open["allowed"], &open["phase"]),
+        (&json!(true), &json!("open"))
+    );
+    // the upstream has not answered: the job is still running, and the
+    // refusal is already in the audit trail
+    let (_, now) = s.json("GET", &format!("/v1/jobs/{id}"), None);
+    assert_eq!(now["status"], "running", "{now}");
+    let audit_for = |outcome: &str| {
+        let (_, a) = s.json("GET", "/v1/audit?limit=200", None);
+        a["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                e["action"] == "egress"
+                    && e["outcome"] == outcome
+                    && e["detail"].as_str().unwrap_or("").contains(&id)
+            })
+            .count()
+    };
+    assert_eq!(audit_for("refused: host-not-allowlisted"), 1);
+    assert_eq!(audit_for("allowed"), 0, "audited before it closed");
+    let _ = release.send(());
+    let closed = next_egress();
+    assert_eq!(closed["conn"], open["conn"], "{closed}");
+    assert_eq!(closed["phase"], "closed");
+    assert!(closed["bytes_down"].as_u64().unwrap_or(0) > 0, "{closed}");
+    let rest: Vec<_> = events.iter().collect();
+    assert_eq!(rest.last().map(|e| e.1.as_str()), Some("end"), "{rest:?}");
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // once each, not again when the job ended
+    assert_eq!(audit_for("refused: host-not-allowlisted"), 1);
+    assert_eq!(audit_for("allowed"), 1);
+    // the result keeps one final record per connection
+    let eg = done["result"]["egress"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(eg.len(), 2, "{eg:?}");
+    assert!(eg.iter().all(|e| e["phase"] == "closed"), "{eg:?}");
 }
 
 #[test]
