@@ -7,7 +7,7 @@ allow:`, through the in-sandbox bridge and the Unix socket).
 usage: bench/egress.py [ROUNDS]   (default 5 downloads each, 500 CONNECTs)
 needs: curl
 """
-import os, re, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
+import glob, os, re, resource, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import AGENTVM, build
 
@@ -43,15 +43,35 @@ threading.Thread(target=upstream, args=(srv,), daemon=True).start()
 px = subprocess.Popen([AGENTVM, "egress-proxy", "--allow", f"127.0.0.1:{up}"], stderr=subprocess.PIPE)
 pport = int(re.search(rb":(\d+)\s*$", px.stderr.readline()).group(1))
 
-def curl(args):
+def proxy_cpu():
+    """CPU seconds the proxy has used, from the scheduler's ns counters."""
+    t = 0
+    for f in glob.glob(f"/proc/{px.pid}/task/*/schedstat"):
+        try:
+            t += int(open(f).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return t / 1e9
+def rusage(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+# CPU seconds per party, summed over each mode's downloads: the upstream is
+# this process (its sendfile thread), curl is our child
+cpu = {m: {"upstream": 0.0, "proxy": 0.0, "curl": 0.0} for m in ("direct", "proxied")}
+def curl(args, mode=None):
+    u0, c0, p0 = rusage(resource.RUSAGE_SELF), rusage(resource.RUSAGE_CHILDREN), proxy_cpu()
     o = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download}"] + args, capture_output=True, text=True)
+    if mode:
+        cpu[mode]["upstream"] += rusage(resource.RUSAGE_SELF) - u0
+        cpu[mode]["curl"] += rusage(resource.RUSAGE_CHILDREN) - c0
+        cpu[mode]["proxy"] += proxy_cpu() - p0
     return float(o.stdout) / 1e6  # MB/s
 url = f"http://127.0.0.1:{up}/big"
 direct, proxied, tunnel, sandboxed = [], [], [], []
 try:
     for _ in range(rounds):
-        direct.append(curl([url]))
-        proxied.append(curl(["-x", f"http://127.0.0.1:{pport}", url]))
+        direct.append(curl([url], "direct"))
+        proxied.append(curl(["-x", f"http://127.0.0.1:{pport}", url], "proxied"))
         tunnel.append(curl(["-x", f"http://127.0.0.1:{pport}", "--proxytunnel", url]))
         o = subprocess.run([AGENTVM, "run", "--network", f"allow:127.0.0.1:{up}", "--", "curl", "-s", "-o", "/dev/null",
                             "-w", "%{speed_download}", url], capture_output=True, text=True)
@@ -85,5 +105,13 @@ print(f"  direct:                         {md:8.0f}")
 print(f"  through the proxy (plain HTTP): {mp:8.0f}  {mp/md:5.2f}x direct")
 print(f"  through the proxy (CONNECT):    {mt:8.0f}  {mt/md:5.2f}x direct")
 print(f"  from inside a sandbox (bridge + unix socket + proxy, plain HTTP): {ms:8.0f}  {ms/md:5.2f}x direct")
+print(f"CPU per 100 MB download (ms; upstream = the sendfile server, curl includes its start-up):")
+tot = {}
+for m, c in cpu.items():
+    tot[m] = sum(c.values()) * 1000 / rounds
+    parts = "  ".join(f"{k} {v * 1000 / rounds:5.1f}" for k, v in c.items())
+    print(f"  {m:8s} {parts}  total {tot[m]:5.1f}")
+print(f"  when every party competes for the same {os.cpu_count()} cores, the CPU-bound ceiling is"
+      f" {tot['direct'] / tot['proxied']:.2f}x direct")
 pd, pp = statistics.median(d) * 1000, statistics.median(p) * 1000
 print(f"CONNECT, 500 each: TCP connect direct p50 {pd:.3f} ms; connect + CONNECT through the proxy p50 {pp:.3f} ms; added p50 {pp-pd:.3f} ms")
