@@ -86,6 +86,13 @@ pub enum JobsCmd {
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Print (or save) a job's output as an asciicast v2 recording
+    /// (`asciinema play FILE` replays it).
+    Recording {
+        id: String,
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Cancel a queued or running job.
     Cancel { id: String },
     /// Put an ended job's patch on a new branch agentvm/<id> of its repo
@@ -390,6 +397,30 @@ pub fn jobs(conn: Conn, cmd: JobsCmd) -> ExitCode {
     })())
 }
 
+/// GET /v1/jobs/{id}/{what} to `output`, or to stdout (as {"id", what}
+/// with --json).
+async fn download(
+    c: &Client,
+    id: &str,
+    what: &str,
+    output: Option<PathBuf>,
+) -> Result<ExitCode, String> {
+    let b = c
+        .send(c.req(reqwest::Method::GET, &format!("/v1/jobs/{id}/{what}")))
+        .await?
+        .bytes()
+        .await
+        .map_err(|e| e.to_string())?;
+    match output {
+        Some(f) => std::fs::write(&f, &b).map_err(|e| format!("{}: {e}", f.display()))?,
+        None if c.json => print_json(&json!({"id": id, what: String::from_utf8_lossy(&b)})),
+        None => {
+            let _ = std::io::stdout().write_all(&b);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
     use reqwest::Method;
     match cmd {
@@ -568,24 +599,8 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCmd::Patch { id, output } => {
-            let p = c
-                .send(c.req(Method::GET, &format!("/v1/jobs/{id}/patch")))
-                .await?
-                .bytes()
-                .await
-                .map_err(|e| e.to_string())?;
-            match output {
-                Some(f) => std::fs::write(&f, &p).map_err(|e| format!("{}: {e}", f.display()))?,
-                None if c.json => {
-                    print_json(&json!({"id": id, "patch": String::from_utf8_lossy(&p)}))
-                }
-                None => {
-                    let _ = std::io::stdout().write_all(&p);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        JobsCmd::Patch { id, output } => download(c, &id, "patch", output).await,
+        JobsCmd::Recording { id, output } => download(c, &id, "recording", output).await,
         JobsCmd::Cancel { id } => {
             let j: Value = c
                 .send(c.req(Method::POST, &format!("/v1/jobs/{id}/cancel")))

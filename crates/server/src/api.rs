@@ -982,6 +982,30 @@ fn follow(
     })
 }
 
+/// The job's output as an asciicast v2 recording (`asciinema play` reads
+/// it); for a running job, what it has printed so far.
+#[utoipa::path(get, path = "/v1/jobs/{id}/recording", params(("id" = String, Path)),
+    responses((status = 200, description = "asciicast v2: a JSON header line, then one [seconds, \"o\", text] line per output chunk", content_type = "application/x-asciicast", body = String),
+        (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn job_recording(
+    State(st): S,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Response> {
+    authorize(&st, &headers, addr, Scope::Read).await?;
+    let job = find(&st, &id).await?;
+    let chunks = st.store.logs(job.seq, 0).await?;
+    let cast = crate::recording::asciicast(&job, &chunks, st.runner.redactor());
+    Ok((
+        [(header::CONTENT_TYPE, crate::recording::CONTENT_TYPE)],
+        cast,
+    )
+        .into_response())
+}
+
 /// The job's changes as a git patch (empty when nothing changed).
 #[utoipa::path(get, path = "/v1/jobs/{id}/patch", params(("id" = String, Path)),
     responses((status = 200, description = "A git patch", content_type = "text/x-diff", body = String),
@@ -1441,7 +1465,7 @@ impl utoipa::Modify for SecurityAddon {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "AgentVM", description = "Run coding agents in sandboxes. Every route but /health, /openapi.json and /docs needs an API key (X-API-Key or Authorization: Bearer)."),
-    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics),
+    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics),
     components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobPage, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage)),
     modifiers(&SecurityAddon)
 )]

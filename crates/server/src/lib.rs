@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod recording;
 pub mod redact;
 pub mod runner;
 
@@ -205,6 +206,7 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::delete_job))
         .route("/v1/jobs/{id}/logs", get(api::job_logs))
         .route("/v1/jobs/{id}/patch", get(api::job_patch))
+        .route("/v1/jobs/{id}/recording", get(api::job_recording))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/apply", post(api::apply_job))
         .route("/v1/keys", post(api::create_key).get(api::list_keys))

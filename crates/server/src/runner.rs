@@ -197,6 +197,11 @@ impl Runner {
         Ok(job)
     }
 
+    /// The redactor every job's output passes through.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
     /// Subscribe to a job's live events (None when it is not running).
     pub fn follow(&self, id: &str) -> Option<broadcast::Receiver<Live>> {
         lock(&self.live).get(id).map(|s| s.subscribe())

@@ -1241,6 +1241,8 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
     let sse = get(&format!("/v1/jobs/{id}/logs?follow=true"));
     let patch = get(&format!("/v1/jobs/{id}/patch"));
     assert!(patch.contains("+++ b/leak.txt"), "{patch}");
+    let recording = get(&format!("/v1/jobs/{id}/recording"));
+    assert!(recording.contains("[REDACTED]"), "{recording}");
     let _ = child.kill();
     let _ = child.wait();
     let server_logs = logs.lock().map(|g| g.clone()).unwrap_or_default();
@@ -1256,6 +1258,7 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
         ("logs", text_logs),
         ("SSE", sse),
         ("patch", patch),
+        ("recording", recording),
         ("server logs", server_logs),
         ("database", String::from_utf8_lossy(&stored).into_owned()),
     ] {
@@ -1271,6 +1274,82 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
             );
         }
     }
+}
+
+#[test]
+fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
+    let (t, repo, s) = setup(&[]);
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(
+            &repo,
+            "echo first; sleep 0.3; printf 'caf\\303\\251\\n' >&2; echo last",
+        )),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(s.wait(&id)["status"], "succeeded");
+    let (code, h, cast) = s.req(
+        "GET",
+        &format!("/v1/jobs/{id}/recording"),
+        Some(&s.key),
+        None,
+    );
+    assert_eq!(code, 200, "{cast}");
+    assert_eq!(h["content-type"], "application/x-asciicast");
+    let mut lines = cast.lines();
+    let head: Value = serde_json::from_str(lines.next().unwrap_or("")).unwrap_or_default();
+    assert_eq!(head["version"], 2, "{cast}");
+    assert!(head["title"].as_str().unwrap_or("").contains(&id), "{head}");
+    let events: Vec<Value> = lines
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let times: Vec<f64> = events
+        .iter()
+        .map(|e| e[0].as_f64().unwrap_or(-1.0))
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    assert!(times.iter().all(|&t| t >= 0.0), "{times:?}");
+    // the sleep shows in the timing
+    assert!(
+        times.last().unwrap_or(&0.0) - times.first().unwrap_or(&0.0) >= 0.25,
+        "{times:?}"
+    );
+    let text: String = events
+        .iter()
+        .map(|e| {
+            assert_eq!(e[1], "o", "{e}");
+            e[2].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(text, "first\r\ncafé\r\nlast\r\n", "{cast}");
+    // the real player's parser accepts it (.ci/run installs asciinema)
+    let file = t.path().join("job.cast");
+    std::fs::write(&file, &cast).unwrap_or_else(|e| panic!("{e}"));
+    match Command::new("asciinema").arg("cat").arg(&file).output() {
+        Ok(o) => {
+            assert!(o.status.success(), "{o:?}");
+            assert_eq!(String::from_utf8_lossy(&o.stdout), text);
+        }
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "asciinema: {e}");
+            eprintln!("skipping the asciinema check: {e}");
+        }
+    }
+    // and the CLI saves the same file
+    let saved = t.path().join("cli.cast");
+    let o = Command::new(agentvm_path())
+        .args(["jobs", "recording", &id, "-o"])
+        .arg(&saved)
+        .env("AGENTVM_URL", &s.url)
+        .env("AGENTVM_API_KEY_FILE", s.data.join("admin.key"))
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(std::fs::read_to_string(&saved).unwrap_or_default(), cast);
+    // unknown job: a clear 404
+    let (code, _, body) = s.req("GET", "/v1/jobs/job_nope/recording", Some(&s.key), None);
+    assert_eq!(code, 404, "{body}");
 }
 
 #[test]
