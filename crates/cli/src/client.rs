@@ -646,6 +646,57 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
     }
 }
 
+pub fn audit(conn: Conn, limit: i64, job: Option<String>) -> ExitCode {
+    finish((|| {
+        let c = Client::new(&conn)?;
+        rt()?.block_on(audit_inner(&c, limit, job))
+    })())
+}
+
+/// Page through /v1/audit until `limit` events (of `job`, if given) are
+/// collected or the trail ends.
+async fn audit_inner(c: &Client, limit: i64, job: Option<String>) -> Result<ExitCode, String> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = "/v1/audit?limit=200".to_string();
+        if let Some(cur) = &cursor {
+            path += &format!("&cursor={cur}");
+        }
+        let page = c.get_json(&path).await?;
+        for e in page["events"].as_array().cloned().unwrap_or_default() {
+            let of_job = job.as_deref().is_none_or(|id| {
+                e["target"].as_str() == Some(id)
+                    || e["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.starts_with(&format!("job {id};")))
+            });
+            if of_job && (out.len() as i64) < limit {
+                out.push(e);
+            }
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() || out.len() as i64 >= limit {
+            break;
+        }
+    }
+    if c.json {
+        print_json(&json!(out));
+        return Ok(ExitCode::SUCCESS);
+    }
+    for e in &out {
+        println!(
+            "{:<10} {:<12} {:<32} {:<28} {}",
+            ago(e["ts"].as_i64()),
+            e["action"].as_str().unwrap_or(""),
+            e["target"].as_str().unwrap_or("-"),
+            e["outcome"].as_str().unwrap_or(""),
+            e["detail"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn keys(conn: Conn, cmd: KeysCmd) -> ExitCode {
     finish((|| {
         let c = Client::new(&conn)?;

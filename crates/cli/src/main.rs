@@ -54,6 +54,18 @@ enum Command {
         #[command(subcommand)]
         cmd: client::KeysCmd,
     },
+    /// Show the server's audit trail, newest first (admin): every mutating
+    /// call and every egress decision of every job.
+    Audit {
+        #[command(flatten)]
+        conn: client::Conn,
+        /// How many events to show (at most 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=1000))]
+        limit: i64,
+        /// Only the events of this job (its calls and egress decisions).
+        #[arg(long, value_name = "ID")]
+        job: Option<String>,
+    },
     /// Run the egress proxy on a TCP address (benchmarks and policy debugging).
     #[command(hide = true)]
     EgressProxy {
@@ -100,6 +112,7 @@ fn main() -> ExitCode {
         Command::Agents(a) => agents::main(a),
         Command::EgressProxy { allow, listen } => egress::standalone(&allow, listen),
         Command::Keys { conn, cmd } => client::keys(conn, cmd),
+        Command::Audit { conn, limit, job } => client::audit(conn, limit, job),
         Command::Backup(args) => serve::backup(args),
         Command::Restore(args) => serve::restore(args),
         Command::Doctor {

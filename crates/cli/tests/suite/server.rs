@@ -1016,6 +1016,41 @@ fn cli_client_submits_follows_and_reports_errors() {
             .contains("agentvm: egress GET blocked.example:80 refused (host-not-allowlisted)\n"),
         "{o:?}"
     );
+    // the job's audit trail: its submission and its egress decision
+    let o = cli(&["jobs", "list", "--json"]);
+    let page: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let eid = page["jobs"][0]["id"].as_str().unwrap_or("").to_string();
+    let o = cli(&["audit", "--job", &eid, "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let trail: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let trail = trail.as_array().cloned().unwrap_or_default();
+    assert!(
+        trail.iter().any(|e| e["action"] == "egress"
+            && e["target"] == "GET blocked.example:80"
+            && e["outcome"] == "refused: host-not-allowlisted"),
+        "{trail:?}"
+    );
+    assert!(
+        trail
+            .iter()
+            .any(|e| e["action"] == "job.create" && e["target"] == eid.as_str()),
+        "{trail:?}"
+    );
+    assert!(
+        trail.iter().all(|e| e["target"] == eid.as_str()
+            || e["detail"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("job {eid};"))),
+        "another job's events: {trail:?}"
+    );
+    let o = cli(&["audit", "--limit", "2"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        2,
+        "{o:?}"
+    );
     let o = cli(&[
         "jobs", "submit", "--agent", "shell", "--repo", &r, "--wait", "--json", "exit 4",
     ]);
