@@ -5,7 +5,10 @@ invocation. Also the full sandbox path (curl inside `agentvm run --network
 allow:`, through the in-sandbox bridge and the Unix socket).
 
 usage: bench/egress.py [ROUNDS]   (default 5 downloads each, 500 CONNECTs)
-needs: curl
+needs: curl; uses haproxy as a peer relay when it is installed
+(apt-get install haproxy): a plain TCP relay with splice(2) and 1 MiB
+pipes, doing less than the egress proxy (no HTTP, no policy), so it shows
+what the extra loopback hop itself costs on this machine.
 """
 import glob, os, re, resource, shutil, socket, statistics, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +46,37 @@ threading.Thread(target=upstream, args=(srv,), daemon=True).start()
 px = subprocess.Popen([AGENTVM, "egress-proxy", "--allow", f"127.0.0.1:{up}"], stderr=subprocess.PIPE)
 pport = int(re.search(rb":(\d+)\s*$", px.stderr.readline()).group(1))
 
+ha, hport = None, None
+if shutil.which("haproxy"):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); hport = s.getsockname()[1]; s.close()
+    cfg = os.path.join(work, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(f"""global
+  maxconn 100
+  nbthread 1
+  maxpipes 64
+  tune.pipesize 1048576
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option splice-request
+  option splice-response
+frontend f
+  bind 127.0.0.1:{hport}
+  default_backend b
+backend b
+  server u 127.0.0.1:{up}
+""")
+    ha = subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", hport)).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+
 def proxy_cpu():
     """CPU seconds the proxy has used, from the scheduler's ns counters."""
     t = 0
@@ -67,12 +101,14 @@ def curl(args, mode=None):
         cpu[mode]["proxy"] += proxy_cpu() - p0
     return float(o.stdout) / 1e6  # MB/s
 url = f"http://127.0.0.1:{up}/big"
-direct, proxied, tunnel, sandboxed = [], [], [], []
+direct, proxied, tunnel, sandboxed, relayed = [], [], [], [], []
 try:
     for _ in range(rounds):
         direct.append(curl([url], "direct"))
         proxied.append(curl(["-x", f"http://127.0.0.1:{pport}", url], "proxied"))
         tunnel.append(curl(["-x", f"http://127.0.0.1:{pport}", "--proxytunnel", url]))
+        if ha:
+            relayed.append(curl([f"http://127.0.0.1:{hport}/big"]))
         o = subprocess.run([AGENTVM, "run", "--network", f"allow:127.0.0.1:{up}", "--", "curl", "-s", "-o", "/dev/null",
                             "-w", "%{speed_download}", url], capture_output=True, text=True)
         sandboxed.append(float(o.stdout or 0) / 1e6)
@@ -97,6 +133,8 @@ try:
         d.append(connect_direct()); p.append(connect_proxy())
 finally:
     px.kill()
+    if ha:
+        ha.kill()
     shutil.rmtree(work, ignore_errors=True)
 
 md, mp, mt, ms = (statistics.median(x) for x in (direct, proxied, tunnel, sandboxed))
@@ -105,6 +143,10 @@ print(f"  direct:                         {md:8.0f}")
 print(f"  through the proxy (plain HTTP): {mp:8.0f}  {mp/md:5.2f}x direct")
 print(f"  through the proxy (CONNECT):    {mt:8.0f}  {mt/md:5.2f}x direct")
 print(f"  from inside a sandbox (bridge + unix socket + proxy, plain HTTP): {ms:8.0f}  {ms/md:5.2f}x direct")
+if relayed:
+    mh = statistics.median(relayed)
+    print(f"  peer: haproxy TCP relay (splice, 1 MiB pipes): {mh:8.0f}  {mh/md:5.2f}x direct;"
+          f" the egress proxy (plain HTTP) is {mp/mh:.2f}x haproxy")
 print(f"CPU per 100 MB download (ms; upstream = the sendfile server, curl includes its start-up):")
 tot = {}
 for m, c in cpu.items():
