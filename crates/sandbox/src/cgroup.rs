@@ -28,6 +28,62 @@ pub struct Hierarchy {
 
 const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuset"];
 
+/// A left-behind cgroup must be at least this old before it is swept, so
+/// one being set up right now (by a supervisor we cannot see, say in
+/// another pid namespace) is never touched.
+const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
+
+/// The supervisor pid in the name of a cgroup we create:
+/// `agentvm-PID-UNIQUE` or `agentvm-doctor-PID`.
+fn owner_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("agentvm-")?;
+    let (pid, tail) = match rest.strip_prefix("doctor-") {
+        Some(p) => (p, None),
+        None => {
+            let (p, u) = rest.split_once('-')?;
+            (p, Some(u))
+        }
+    };
+    if tail.is_some_and(|u| u.is_empty() || !u.bytes().all(|b| b.is_ascii_digit())) {
+        return None;
+    }
+    pid.parse().ok().filter(|&p: &i32| p > 0)
+}
+
+/// Remove, under `base`, the cgroups of earlier sandboxes whose supervisor
+/// was killed before it could clean up (SIGKILL, a crashed host process):
+/// named by [`owner_pid`] for a pid that no longer exists, holding no
+/// process, and older than [`SWEEP_MIN_AGE`]. Best effort and silent:
+/// rmdir fails harmlessly on a cgroup that is in use.
+pub fn sweep(base: &Path) -> usize {
+    let Ok(rd) = fs::read_dir(base) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(owner_pid) else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the pid exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if !gone {
+            continue;
+        }
+        let p = e.path();
+        let old = fs::metadata(&p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= SWEEP_MIN_AGE);
+        let empty = fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty());
+        if old && empty && fs::remove_dir(&p).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Discover the cgroup layout from /proc/self/mountinfo.
 pub fn discover() -> Option<Hierarchy> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
@@ -179,12 +235,14 @@ impl Cgroup {
         match h.version {
             Version::V1 => {
                 for ctrl in &need {
-                    let dir = base_for(ctrl)?.join(name);
-                    cg.mkdir(ctrl, &dir)?;
+                    let base = base_for(ctrl)?;
+                    sweep(&base);
+                    cg.mkdir(ctrl, &base.join(name))?;
                 }
             }
             Version::V2 => {
                 let base = base_for("memory")?;
+                sweep(&base);
                 let enable: String = need.iter().map(|c| format!("+{c} ")).collect();
                 // Best effort: the parent may already delegate them.
                 let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
@@ -336,6 +394,30 @@ impl Cgroup {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::owner_pid;
+
+    #[test]
+    fn only_our_names_carry_an_owner() {
+        assert_eq!(owner_pid("agentvm-123-1795440742960496261"), Some(123));
+        assert_eq!(owner_pid("agentvm-doctor-77"), Some(77));
+        for other in [
+            "agentvm-test-delegated",
+            "agentvm-12",
+            "agentvm-12-",
+            "agentvm-12-x",
+            "agentvm-0-1",
+            "agentvm--1-1",
+            "agentvm-doctor-",
+            "user.slice",
+            "agentvm",
+        ] {
+            assert_eq!(owner_pid(other), None, "{other}");
         }
     }
 }

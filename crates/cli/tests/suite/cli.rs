@@ -194,6 +194,66 @@ fn limits_are_applied() {
 }
 
 #[test]
+fn cgroups_left_by_killed_supervisors_are_swept() {
+    if !is_root() {
+        eprintln!("skipping: needs root to make a cgroup parent");
+        return;
+    }
+    let base = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !base.join("cgroup.procs").exists() {
+        eprintln!("skipping: no cgroup v1 memory hierarchy");
+        return;
+    }
+    let parent = format!("agentvm-test-sweep-{}", std::process::id());
+    let dir = base.join(&parent);
+    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    // a pid that is certainly gone: a child we have reaped
+    let mut c = std::process::Command::new("true")
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dead = c.id();
+    let _ = c.wait();
+    let me = std::process::id();
+    let stale = dir.join(format!("agentvm-{dead}-1"));
+    let fresh = dir.join(format!("agentvm-{dead}-2"));
+    let live = dir.join(format!("agentvm-{me}-3"));
+    let other = dir.join("not-ours");
+    for d in [&stale, &fresh, &live, &other] {
+        std::fs::create_dir(d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+    }
+    for d in [&stale, &live, &other] {
+        let o = sh(
+            dir.as_path(),
+            &format!("touch -d '10 minutes ago' {}", d.display()),
+        );
+        assert!(o.status.success(), "{o:?}");
+    }
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--cgroup-parent",
+            &parent,
+            "--memory",
+            "64M",
+            "--",
+            "true",
+        ],
+    );
+    let left: Vec<bool> = [&stale, &fresh, &live, &other]
+        .iter()
+        .map(|d| d.exists())
+        .collect();
+    for d in [&stale, &fresh, &live, &other] {
+        let _ = std::fs::remove_dir(d);
+    }
+    let _ = std::fs::remove_dir(&dir);
+    assert!(o.status.success(), "{o:?}");
+    // only the old one whose owner is gone went; the run's own is gone too
+    assert_eq!(left, [false, true, true, true]);
+}
+
+#[test]
 fn opt_outs_and_host_network_are_loud() {
     let o = agentvm(
         Who::Me,
