@@ -62,16 +62,23 @@ fn wait_timeout(child: std::process::Child, d: Duration) -> Option<std::process:
 }
 
 pub fn main(a: AgentsArgs) -> ExitCode {
-    let mut agents = agentvm_server::config::builtin_profiles();
-    if let Some(p) = &a.config {
-        match agentvm_server::FileConfig::load(p) {
-            Ok(f) => agents.extend(f.agents),
+    let tables = match &a.config {
+        Some(p) => match agentvm_server::FileConfig::load(p) {
+            Ok(f) => f.agents,
             Err(e) => {
                 eprintln!("agentvm agents: {e}");
                 return ExitCode::from(2);
             }
+        },
+        None => Default::default(),
+    };
+    let agents = match agentvm_server::config::profiles(tables) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agentvm agents: {e}");
+            return ExitCode::from(2);
         }
-    }
+    };
     let mut rows = Vec::new();
     for (name, p) in &agents {
         let argv0 = p.argv.first().cloned().unwrap_or_default();

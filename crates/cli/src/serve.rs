@@ -99,10 +99,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         Some(s) => units::parse_duration(&s)?,
         None => Duration::from_secs(30),
     };
-    let mut agents = agentvm_server::config::builtin_profiles();
-    for (k, v) in file.agents {
-        agents.insert(k, v);
-    }
+    let agents = agentvm_server::config::profiles(file.agents)?;
     let mut sandbox_args = Vec::new();
     if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
         sandbox_args.extend(["--cgroup-parent".to_string(), cg]);

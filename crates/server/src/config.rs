@@ -46,6 +46,83 @@ pub fn builtin_profiles() -> BTreeMap<String, Profile> {
     toml::from_str(BUILTIN).unwrap_or_default()
 }
 
+/// A `[agents.NAME]` table of the config file. With `argv` it is a whole
+/// profile and nothing is inherited. Without, it changes the built-in
+/// profile of that name: `command` replaces the program (argv[0]), `args`
+/// go right after it (global options such as a model or provider),
+/// `set_env` adds to the built-in's variables, and every other key given
+/// replaces the built-in's.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub argv: Option<Vec<String>>,
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    pub ro_binds: Option<Vec<String>>,
+    pub env: Option<Vec<String>>,
+    #[serde(default)]
+    pub set_env: BTreeMap<String, String>,
+    pub network: Option<String>,
+    pub memory: Option<String>,
+    pub pids: Option<u64>,
+    pub disk: Option<String>,
+}
+
+/// The built-in profiles with the config file's `[agents.*]` tables
+/// applied (see [`ProfileConfig`]). Errors name the agent.
+pub fn profiles(
+    tables: BTreeMap<String, ProfileConfig>,
+) -> Result<BTreeMap<String, Profile>, String> {
+    let mut out = builtin_profiles();
+    for (name, t) in tables {
+        let p = match t.argv {
+            Some(argv) => {
+                if t.command.is_some() || !t.args.is_empty() {
+                    return Err(format!(
+                        "agent {name}: argv is a whole command line; command and args only change a built-in profile's"
+                    ));
+                }
+                Profile {
+                    argv,
+                    ro_binds: t.ro_binds.unwrap_or_default(),
+                    env: t.env.unwrap_or_default(),
+                    set_env: t.set_env,
+                    network: t.network.unwrap_or_else(default_network),
+                    memory: t.memory,
+                    pids: t.pids,
+                    disk: t.disk,
+                }
+            }
+            None => {
+                let Some(mut p) = out.get(&name).cloned() else {
+                    return Err(format!(
+                        "agent {name}: there is no built-in profile of that name to change, so it needs an argv"
+                    ));
+                };
+                if let Some(c) = t.command {
+                    if let Some(first) = p.argv.first_mut() {
+                        *first = c;
+                    }
+                }
+                let at = 1.min(p.argv.len());
+                p.argv.splice(at..at, t.args);
+                p.set_env.extend(t.set_env);
+                p.ro_binds = t.ro_binds.unwrap_or(p.ro_binds);
+                p.env = t.env.unwrap_or(p.env);
+                p.network = t.network.unwrap_or(p.network);
+                p.memory = t.memory.or(p.memory);
+                p.pids = t.pids.or(p.pids);
+                p.disk = t.disk.or(p.disk);
+                p
+            }
+        };
+        p.validate(&name)?;
+        out.insert(name, p);
+    }
+    Ok(out)
+}
+
 impl Profile {
     pub fn validate(&self, name: &str) -> Result<(), String> {
         if self.argv.is_empty() {
@@ -124,7 +201,7 @@ pub struct FileConfig {
     pub shutdown_grace: Option<String>,
     pub cgroup_parent: Option<String>,
     #[serde(default)]
-    pub agents: BTreeMap<String, Profile>,
+    pub agents: BTreeMap<String, ProfileConfig>,
     /// `[secrets] NAME = { file = "..." }` or `{ env = "VAR" }`.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretSource>,
@@ -196,6 +273,77 @@ mod tests {
             let prof = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
             prof.validate(name).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+
+    fn table(toml_text: &str) -> BTreeMap<String, ProfileConfig> {
+        toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_table_without_argv_changes_the_builtin() {
+        let p = profiles(table(
+            r#"[codex]
+command = "/opt/codex/bin/codex"
+args = ["-c", "model=m"]
+ro_binds = ["/opt/codex"]
+network = "allow:api.example.com"
+set_env = { EXTRA = "1" }
+"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let built = builtin_profiles();
+        let (b, c) = (&built["codex"], &p["codex"]);
+        assert_eq!(c.argv[0], "/opt/codex/bin/codex");
+        assert_eq!(&c.argv[1..3], ["-c", "model=m"]);
+        assert_eq!(c.argv[3..], b.argv[1..], "the rest is the built-in's");
+        assert_eq!(c.ro_binds, ["/opt/codex"]);
+        assert_eq!(c.network, "allow:api.example.com");
+        assert_eq!(c.env, b.env, "not given: kept");
+        assert_eq!(c.memory, b.memory);
+        assert_eq!(c.set_env.get("EXTRA").map(String::as_str), Some("1"));
+        for (k, v) in &b.set_env {
+            assert_eq!(c.set_env.get(k), Some(v), "set_env adds, keeps {k}");
+        }
+        // untouched profiles stay as built
+        assert_eq!(p["aider"], built["aider"]);
+    }
+
+    #[test]
+    fn a_table_with_argv_is_a_whole_profile() {
+        let p = profiles(table(
+            r#"[aider]
+argv = ["/x/aider", "--message", "{prompt}"]
+[mine]
+argv = ["tool", "{prompt}"]
+"#,
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p["aider"].argv, ["/x/aider", "--message", "{prompt}"]);
+        assert!(p["aider"].env.is_empty() && p["aider"].set_env.is_empty());
+        assert_eq!(p["mine"].network, "none");
+    }
+
+    #[test]
+    fn bad_tables_are_clear_errors() {
+        for (text, want) in [
+            (
+                "[nope]\ncommand = \"x\"\n",
+                "agent nope: there is no built-in profile",
+            ),
+            (
+                "[aider]\nargv = [\"a\", \"{prompt}\"]\ncommand = \"b\"\n",
+                "agent aider: argv is a whole command line",
+            ),
+            (
+                "[aider]\nnetwork = \"bridge\"\n",
+                "agent aider: network must be",
+            ),
+            ("[x]\nargv = [\"a\"]\n", "agent x: argv must contain"),
+        ] {
+            let e = profiles(table(text)).err().unwrap_or_default();
+            assert!(e.starts_with(want), "{text}: {e}");
+        }
+        assert!(toml::from_str::<BTreeMap<String, ProfileConfig>>("[a]\nargs2 = []\n").is_err());
     }
 
     #[test]

@@ -5,7 +5,6 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -274,15 +273,12 @@ fn aider_edits_a_file_through_the_allowlist_and_nothing_else() {
         (200, "application/json", body.to_string())
     });
     let (_t, repo) = agent_repo();
+    // the built-in profile, told where aider is and which model to use
     let profile = format!(
-        r#"argv = ["{AIDER_VENV}/bin/aider", "--model", "openai/scripted", "--openai-api-base", "http://127.0.0.1:{port}/v1",
-        "--yes-always", "--no-git", "--edit-format", "whole", "--no-check-update", "--no-show-model-warnings",
-        "--no-show-release-notes", "--analytics-disable", "--no-pretty", "--no-stream",
-        "--chat-history-file", "/tmp/aider.chat.md", "--input-history-file", "/tmp/aider.input",
-        "--message", "{{prompt}}"]
+        r#"command = "{AIDER_VENV}/bin/aider"
+args = ["--model", "openai/scripted", "--openai-api-base", "http://127.0.0.1:{port}/v1",
+        "--edit-format", "whole", "--no-stream"]
 ro_binds = ["{AIDER_VENV}"]
-env = ["OPENAI_API_KEY"]
-set_env = {{ LITELLM_LOCAL_MODEL_COST_MAP = "True" }}
 network = "allow:127.0.0.1:{port}"
 memory = "2G"
 "#
@@ -347,64 +343,29 @@ fn claude_code_writes_a_file_through_the_allowlist_and_nothing_else() {
         ev.push(json!({"type": "message_stop"}));
         (200, "text/event-stream", sse(&ev, true, ""))
     });
-    let repo_dir = tempdir();
-    let repo = repo_dir.path();
-    std::fs::write(repo.join("f"), "x\n").unwrap_or_else(|e| panic!("{e}"));
-    let out = tempdir();
-    let (patch, result) = (out.path().join("p"), out.path().join("r.json"));
-    let key = "sk-ant-scripted-0123456789abcdef";
-    let o = Command::new(agentvm_path())
-        .args(["run", "--repo"])
-        .arg(repo)
-        .arg("--patch-out")
-        .arg(&patch)
-        .arg("--result-json")
-        .arg(&result)
-        .args([
-            "--network",
-            &format!("allow:127.0.0.1:{port}"),
-            "--ro-bind",
-            CLAUDE_DIR,
-            "--memory",
-            "2G",
-        ])
-        .args([
-            "--env",
-            &format!("ANTHROPIC_BASE_URL=http://127.0.0.1:{port}"),
-        ])
-        .args(["--env-pass", "ANTHROPIC_API_KEY"])
-        .args([
-            "--env",
-            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
-            "--env",
-            "DISABLE_AUTOUPDATER=1",
-            "--timeout",
-            "120s",
-        ])
-        .arg("--")
-        .arg(&claude)
-        .args(["-p", "create the file", "--permission-mode", "acceptEdits"])
-        .env("ANTHROPIC_API_KEY", key)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(o.status.success(), "{o:?}");
-    assert!(
-        posts.load(Ordering::SeqCst) >= 2,
-        "the scripted model was not asked twice (tool use, then the result)"
+    let (_t, repo) = agent_repo();
+    // the built-in profile, told where claude is and where its API lives
+    let profile = format!(
+        r#"command = "{claude}"
+ro_binds = ["{CLAUDE_DIR}"]
+set_env = {{ ANTHROPIC_BASE_URL = "http://127.0.0.1:{port}" }}
+network = "allow:127.0.0.1:{port}"
+memory = "2G"
+"#,
+        claude = claude.display()
     );
-    let p = std::fs::read_to_string(&patch).unwrap_or_default();
-    assert!(
-        p.contains("+++ b/from_claude.txt") && p.contains("+written by claude"),
-        "{p}\n{o:?}"
+    let key = ("ANTHROPIC_API_KEY", "sk-ant-scripted-0123456789abcdef");
+    let ran = run_through_server("claude", &profile, key, &repo, "create the file", &[]);
+    // tool use, then the turn that carries the tool's result
+    assert_agent_edit(
+        &ran,
+        &posts,
+        2,
+        port,
+        &repo,
+        "from_claude.txt",
+        "written by claude",
     );
-    assert!(
-        !repo.join("from_claude.txt").exists(),
-        "the host repo changed"
-    );
-    let r: Value =
-        serde_json::from_slice(&std::fs::read(&result).unwrap_or_default()).unwrap_or_default();
-    assert_only_model_egress(&r["egress"], port);
 }
 
 #[test]
@@ -440,16 +401,12 @@ fn codex_runs_a_command_through_the_allowlist_and_nothing_else() {
         (200, "text/event-stream", sse(&ev, true, ""))
     });
     let (_t, repo) = agent_repo();
-    // the built-in profile's argv, with the CLI's path and a provider
-    // pointing at the scripted server
+    // the built-in profile, told where codex is and which provider to use
     let profile = format!(
-        r#"argv = ["{codex}", "exec", "--skip-git-repo-check", "--sandbox", "danger-full-access",
-        "-c", "analytics.enabled=false", "-c", "check_for_update_on_startup=false",
-        "-c", "model=scripted", "-c", "model_provider=scripted",
-        "-c", 'model_providers.scripted={{name="scripted",base_url="http://127.0.0.1:{port}/v1",env_key="OPENAI_API_KEY",wire_api="responses"}}',
-        "{{prompt}}"]
+        r#"command = "{codex}"
+args = ["-c", "model=scripted", "-c", "model_provider=scripted",
+        "-c", 'model_providers.scripted={{name="scripted",base_url="http://127.0.0.1:{port}/v1",env_key="OPENAI_API_KEY",wire_api="responses"}}']
 ro_binds = ["{CODEX_DIR}"]
-env = ["OPENAI_API_KEY"]
 network = "allow:127.0.0.1:{port}"
 memory = "2G"
 "#,
@@ -532,12 +489,11 @@ fn opencode_writes_a_file_through_the_allowlist_and_nothing_else() {
         "model": "scripted/m", "autoupdate": false, "share": "disabled",
         "permission": {"edit": "allow", "bash": "allow"}
     });
-    // the built-in profile, with the CLI's path and the provider config
+    // the built-in profile, told where opencode is and its provider
     let profile = format!(
-        r#"argv = ["{opencode}", "run", "{{prompt}}"]
+        r#"command = "{opencode}"
 ro_binds = ["{OPENCODE_DIR}"]
-env = ["OPENAI_API_KEY"]
-set_env = {{ OPENCODE_CONFIG_CONTENT = '{config}', OPENCODE_DISABLE_MODELS_FETCH = "1", OPENCODE_DISABLE_AUTOUPDATE = "1", OPENCODE_DISABLE_DEFAULT_PLUGINS = "1" }}
+set_env = {{ OPENCODE_CONFIG_CONTENT = '{config}' }}
 network = "allow:127.0.0.1:{port}"
 memory = "2G"
 "#,
