@@ -428,4 +428,58 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
     }
     assert_eq!(find("shell")["present"], true, "sh is in every sandbox");
     assert_eq!(find("missing")["present"], false);
+    // the real CLIs, where .ci/run installed them, told where they are: the
+    // sandbox sees each and reports its version
+    let installed = [
+        ("aider", "/opt/agentvm-agents/aider", "bin/aider", "0.86.2"),
+        (
+            "claude",
+            "/opt/agentvm-agents/claude",
+            "node_modules/.bin/claude",
+            "2.1.197",
+        ),
+        (
+            "codex",
+            "/opt/agentvm-agents/codex",
+            "node_modules/.bin/codex",
+            "0.169.0",
+        ),
+        (
+            "opencode",
+            "/opt/agentvm-agents/opencode",
+            "node_modules/.bin/opencode",
+            "1.18.33",
+        ),
+    ];
+    let mut text = String::new();
+    for (name, dir, bin, _) in installed {
+        if std::path::Path::new(dir).join(bin).exists() {
+            text +=
+                &format!("[agents.{name}]\ncommand = \"{dir}/{bin}\"\nro_binds = [\"{dir}\"]\n");
+        } else {
+            assert!(std::env::var_os("CI").is_none(), "{dir} is not installed");
+        }
+    }
+    std::fs::write(&cfg, &text).unwrap_or_else(|e| panic!("{e}"));
+    let o = agentvm(
+        Who::Me,
+        &["agents", "--json", "--config", cfg.to_str().unwrap_or("")],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    for (name, dir, bin, version) in installed {
+        if !std::path::Path::new(dir).join(bin).exists() {
+            continue;
+        }
+        let row = v
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["present"], true, "{row}");
+        assert!(
+            row["version"].as_str().unwrap_or("").contains(version),
+            "{row}"
+        );
+    }
 }
