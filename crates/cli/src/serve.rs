@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Largest request body; beyond, 413 [default: 1M].
     #[arg(long, value_name = "SIZE", env = "AGENTVM_BODY_LIMIT")]
     body_limit: Option<String>,
+    /// Output kept per job (stdout and stderr together); the rest is
+    /// discarded and the job marked output_truncated [default: 64M].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_OUTPUT")]
+    max_output: Option<String>,
     /// Requests per minute per key; beyond, 429 (0: no limit) [default: 600].
     #[arg(long, value_name = "N", env = "AGENTVM_RATE_LIMIT")]
     rate_limit: Option<u32>,
@@ -94,6 +98,10 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     let body_limit = match a.body_limit.or(file.body_limit) {
         Some(s) => units::parse_size(&s)? as usize,
         None => 1 << 20,
+    };
+    let max_output = match a.max_output.or(file.max_output) {
+        Some(s) => units::parse_size(&s)?,
+        None => 64 << 20,
     };
     let grace = match a.shutdown_grace.or(file.shutdown_grace) {
         Some(s) => units::parse_duration(&s)?,
@@ -142,6 +150,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
             .unwrap_or(100)
             .clamp(1, 1_000_000),
         body_limit,
+        max_output,
         rate_limit: a.rate_limit.or(file.rate_limit).unwrap_or(600),
         shutdown_grace_s: grace.as_secs(),
         agents,

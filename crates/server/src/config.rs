@@ -163,6 +163,8 @@ pub struct Config {
     pub max_concurrent: usize,
     pub max_queue: usize,
     pub body_limit: usize,
+    /// Bytes of output kept per job.
+    pub max_output: u64,
     /// Requests per minute per key.
     pub rate_limit: u32,
     pub shutdown_grace_s: u64,
@@ -197,6 +199,7 @@ pub struct FileConfig {
     pub max_concurrent: Option<usize>,
     pub max_queue: Option<usize>,
     pub body_limit: Option<String>,
+    pub max_output: Option<String>,
     pub rate_limit: Option<u32>,
     pub shutdown_grace: Option<String>,
     pub cgroup_parent: Option<String>,

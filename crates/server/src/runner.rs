@@ -439,6 +439,30 @@ impl Runner {
         let _ = self.finished.send(id.to_string());
     }
 
+    /// Store one piece of output, then fan it out to followers.
+    async fn emit(
+        &self,
+        job: &Job,
+        tx: &broadcast::Sender<Live>,
+        seq: &mut i64,
+        stream: &str,
+        data: Vec<u8>,
+    ) {
+        if data.is_empty() {
+            return;
+        }
+        *seq += 1;
+        if let Err(e) = self.store.append_log(job.seq, *seq, stream, &data).await {
+            tracing::error!(job = %job.id, error = %e, "storing output failed");
+        }
+        let _ = tx.send(Live::Chunk(LogChunk {
+            seq: *seq,
+            stream: stream.into(),
+            ts: agentvm_store::now_ms(),
+            data,
+        }));
+    }
+
     /// One line from the egress event pipe: redact it, stream it, and audit
     /// it once it is final.
     async fn egress_decision(
@@ -612,6 +636,7 @@ impl Runner {
         let mut ev = ev_read.and_then(|r| tokio::net::unix::pipe::Receiver::from_owned_fd(r).ok());
         let (mut buf_ev, mut ev_line) = (vec![0u8; 8 * 1024], Vec::<u8>::new());
         let mut audited = std::collections::HashSet::new();
+        let (mut kept, mut truncated) = (0u64, false);
         while out.is_some() || err.is_some() || ev.is_some() {
             // once the output has ended, the proxy's last lines are due at once
             let output_done = out.is_none() && err.is_none();
@@ -656,24 +681,36 @@ impl Runner {
                 Ok(n) if stream == "stdout" => red_o.push(&buf_o[..n]),
                 Ok(n) => red_e.push(&buf_e[..n]),
             };
-            if data.is_empty() {
+            // past the output limit, the pipes are still drained (the
+            // command must not block) but nothing more is kept
+            if data.is_empty() || truncated {
                 continue;
             }
-            seq += 1;
-            if let Err(e) = self.store.append_log(job.seq, seq, stream, &data).await {
-                tracing::error!(job = %job.id, error = %e, "storing output failed");
+            let room =
+                usize::try_from(self.cfg.max_output.saturating_sub(kept)).unwrap_or(usize::MAX);
+            let over = data.len() > room;
+            let data = if over { data[..room].to_vec() } else { data };
+            kept += data.len() as u64;
+            self.emit(job, tx, &mut seq, stream, data).await;
+            if over {
+                truncated = true;
+                let note = format!(
+                    "\n[agentvm: this job's output passed the server's limit of {} bytes; the rest was discarded]\n",
+                    self.cfg.max_output
+                );
+                self.emit(job, tx, &mut seq, "stderr", note.into_bytes())
+                    .await;
             }
-            let _ = tx.send(Live::Chunk(LogChunk {
-                seq,
-                stream: stream.into(),
-                ts: agentvm_store::now_ms(),
-                data,
-            }));
         }
         let status = child.wait().await;
-        let result: Option<serde_json::Value> = std::fs::read(dir.join("result.json"))
+        let mut result: Option<serde_json::Value> = std::fs::read(dir.join("result.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
+        if truncated {
+            if let Some(o) = result.as_mut().and_then(|r| r.as_object_mut()) {
+                o.insert("output_truncated".into(), serde_json::Value::Bool(true));
+            }
+        }
         let patch = std::fs::read(dir.join("patch")).ok();
         let code = status.as_ref().ok().and_then(|s| s.code());
         let r_status = result

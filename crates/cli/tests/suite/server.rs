@@ -1312,6 +1312,38 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
 }
 
 #[test]
+fn output_past_the_limit_is_drained_and_dropped() {
+    let (_t, repo, s) = setup(&["--max-output", "1K"]);
+    // 50 MB: the job must not block on a full pipe, and the store keeps 1 KiB
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "yes | head -c 50000000; echo after >&2")),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["result"]["output_truncated"], true, "{done}");
+    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let note = "[agentvm: this job's output passed the server's limit of 1024 bytes; the rest was discarded]";
+    assert!(logs.starts_with("y\ny\n"), "{logs}");
+    assert!(logs.contains(note), "{logs}");
+    assert!(
+        logs.len() <= 1024 + note.len() + 2,
+        "{} bytes kept",
+        logs.len()
+    );
+    assert!(!logs.contains("after"), "{logs}");
+    // a job under the limit is untouched
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo small")));
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    assert!(done["result"].get("output_truncated").is_none(), "{done}");
+    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    assert_eq!(logs, "small\n");
+}
+
+#[test]
 fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
     let (t, repo, s) = setup(&[]);
     let (_, j) = s.json(
