@@ -55,6 +55,10 @@ pub struct ServeArgs {
     /// discarded and the job marked output_truncated [default: 64M].
     #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_OUTPUT")]
     max_output: Option<String>,
+    /// Largest patch kept per job; a job whose patch is larger fails, its
+    /// output kept [default: 64M].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_PATCH")]
+    max_patch: Option<String>,
     /// Requests per minute per key; beyond, 429 (0: no limit) [default: 600].
     #[arg(long, value_name = "N", env = "AGENTVM_RATE_LIMIT")]
     rate_limit: Option<u32>,
@@ -100,6 +104,10 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         None => 1 << 20,
     };
     let max_output = match a.max_output.or(file.max_output) {
+        Some(s) => units::parse_size(&s)?,
+        None => 64 << 20,
+    };
+    let max_patch = match a.max_patch.or(file.max_patch) {
         Some(s) => units::parse_size(&s)?,
         None => 64 << 20,
     };
@@ -151,6 +159,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
             .clamp(1, 1_000_000),
         body_limit,
         max_output,
+        max_patch,
         rate_limit: a.rate_limit.or(file.rate_limit).unwrap_or(600),
         shutdown_grace_s: grace.as_secs(),
         agents,

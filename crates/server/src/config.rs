@@ -165,6 +165,8 @@ pub struct Config {
     pub body_limit: usize,
     /// Bytes of output kept per job.
     pub max_output: u64,
+    /// The largest patch stored; a job with a larger one fails.
+    pub max_patch: u64,
     /// Requests per minute per key.
     pub rate_limit: u32,
     pub shutdown_grace_s: u64,
@@ -200,6 +202,7 @@ pub struct FileConfig {
     pub max_queue: Option<usize>,
     pub body_limit: Option<String>,
     pub max_output: Option<String>,
+    pub max_patch: Option<String>,
     pub rate_limit: Option<u32>,
     pub shutdown_grace: Option<String>,
     pub cgroup_parent: Option<String>,

@@ -429,9 +429,27 @@ impl Runner {
         if let Some(ms) = finish.result.as_ref().and_then(|r| r["setup_ms"].as_u64()) {
             self.metrics.sandbox_start.observe(ms as f64 / 1000.0);
         }
-        if let Err(e) = self.store.finish_job(id, &finish).await {
-            tracing::error!(job = id, error = %e, "recording the end of a job failed");
-        }
+        let finish = match self.store.finish_job(id, &finish).await {
+            Ok(_) => finish,
+            Err(e) => {
+                // never leave a job "running": record its end without what
+                // could not be stored
+                tracing::error!(job = id, error = %e, "recording the end of a job failed");
+                let bare = Finish {
+                    status: JobStatus::Failed,
+                    exit_code: finish.exit_code,
+                    error: Some(format!(
+                        "the server could not record this job's result and patch ({e}); its output is kept"
+                    )),
+                    result: None,
+                    patch: None,
+                };
+                if let Err(e) = self.store.finish_job(id, &bare).await {
+                    tracing::error!(job = id, error = %e, "recording the end of a job failed twice");
+                }
+                bare
+            }
+        };
         let _ = std::fs::remove_dir_all(self.job_dir(id));
         lock(&self.running).remove(id);
         let _ = tx.send(Live::End(finish.status));
@@ -711,7 +729,13 @@ impl Runner {
                 o.insert("output_truncated".into(), serde_json::Value::Bool(true));
             }
         }
-        let patch = std::fs::read(dir.join("patch")).ok();
+        // a patch past the limit is not read at all
+        let patch_len = std::fs::metadata(dir.join("patch")).map(|m| m.len()).ok();
+        let too_big = patch_len.filter(|&n| n > self.cfg.max_patch);
+        let patch = match too_big {
+            Some(_) => None,
+            None => std::fs::read(dir.join("patch")).ok(),
+        };
         let code = status.as_ref().ok().and_then(|s| s.code());
         let r_status = result
             .as_ref()
@@ -766,6 +790,25 @@ impl Runner {
                 _ => format!("exited with status {}", exit_code.unwrap_or(-1)),
             };
             (JobStatus::Failed, Some(msg))
+        };
+        let (st, error) = match too_big {
+            None => (st, error),
+            Some(n) => {
+                let note = format!(
+                    "the patch is {n} bytes, more than the server keeps ({} bytes, --max-patch); it was not stored",
+                    self.cfg.max_patch
+                );
+                let st = if st == JobStatus::Succeeded {
+                    JobStatus::Failed
+                } else {
+                    st
+                };
+                let error = match error {
+                    Some(e) => format!("{e}; {note}"),
+                    None => note,
+                };
+                (st, Some(error))
+            }
         };
         // nothing a job produced keeps a secret
         let r = &self.redactor;

@@ -1344,6 +1344,37 @@ fn output_past_the_limit_is_drained_and_dropped() {
 }
 
 #[test]
+fn a_patch_past_the_limit_fails_the_job_and_is_not_stored() {
+    let (_t, repo, s) = setup(&["--max-patch", "2K"]);
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(
+            &repo,
+            "yes line | head -n 2000 > big.txt; echo wrote",
+        )),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "failed", "{done}");
+    let err = done["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("more than the server keeps (2048 bytes, --max-patch)"),
+        "{done}"
+    );
+    let (code, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
+    assert_eq!((code, patch.as_str()), (200, ""));
+    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    assert_eq!(logs, "wrote\n", "the output is kept");
+    // under the limit, as ever
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo x > small.txt")));
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(s.wait(&id)["status"], "succeeded");
+    let (_, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
+    assert!(patch.contains("+++ b/small.txt"), "{patch}");
+}
+
+#[test]
 fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
     let (t, repo, s) = setup(&[]);
     let (_, j) = s.json(
