@@ -1382,7 +1382,8 @@ fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
         "/v1/jobs",
         Some(shell(
             &repo,
-            "echo first; sleep 0.3; printf 'caf\\303\\251\\n' >&2; echo last",
+            // stdout and stderr are two pipes: only time orders them
+            "echo first; sleep 0.3; printf 'caf\\303\\251\\n' >&2; sleep 0.3; echo last",
         )),
     );
     let id = j["id"].as_str().unwrap_or("").to_string();
