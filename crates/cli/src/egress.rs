@@ -125,10 +125,25 @@ pub fn start(
                 .build();
             if let Ok(rt) = rt {
                 rt.block_on(async move {
-                    if listener.set_nonblocking(true).is_ok() {
-                        if let Ok(l) = tokio::net::UnixListener::from_std(listener) {
-                            let sinks = std::iter::once(child_log).chain(events).collect();
-                            Proxy::new(policy, sinks).serve_unix(l).await;
+                    use tokio::signal::unix::{signal, SignalKind};
+                    let (Ok(()), Ok(mut term)) = (
+                        listener.set_nonblocking(true),
+                        signal(SignalKind::terminate()),
+                    ) else {
+                        return;
+                    };
+                    let Ok(l) = tokio::net::UnixListener::from_std(listener) else {
+                        return;
+                    };
+                    let sinks = std::iter::once(child_log).chain(events).collect();
+                    let proxy = Proxy::new(policy, sinks);
+                    tokio::select! {
+                        _ = proxy.clone().serve_unix(l) => {}
+                        // the sandbox has ended: let each connection still
+                        // open (now closed at the sandbox's end) write its
+                        // final record, then go
+                        _ = term.recv() => {
+                            proxy.drain(DRAIN).await;
                         }
                     }
                 });
@@ -158,13 +173,31 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
         .open(dir.join("decisions.jsonl"))
 }
 
+/// How long connections may take to finish once the sandbox has ended.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Running {
-    /// Stop the proxy and return its decisions, one per connection: the
-    /// final (`closed`) record, or the `open` one of a connection that was
-    /// still open when the proxy stopped.
+    /// Stop the proxy (SIGTERM: it waits up to [`DRAIN`] for connections to
+    /// write their final records; SIGKILL after that) and return its
+    /// decisions, one per connection: the final (`closed`) record, or the
+    /// `open` one of a connection that did not finish.
     pub fn finish(mut self) -> Vec<serde_json::Value> {
-        let _ = kill(self.pid, Signal::SIGKILL);
-        let _ = waitpid(self.pid, None);
+        use nix::sys::wait::{WaitPidFlag, WaitStatus};
+        let _ = kill(self.pid, Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + DRAIN + std::time::Duration::from_secs(1);
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = kill(self.pid, Signal::SIGKILL);
+                    let _ = waitpid(self.pid, None);
+                    break;
+                }
+                _ => break,
+            }
+        }
         let _ = self.log.rewind();
         let mut out: Vec<serde_json::Value> = Vec::new();
         let mut at: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();

@@ -82,6 +82,20 @@ pub struct Proxy {
     records: Mutex<Vec<Record>>,
     sinks: Vec<Mutex<std::fs::File>>,
     conns: AtomicU64,
+    /// Connections being handled right now.
+    active: AtomicU64,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts a connection as active while it lives.
+struct Active<'a>(&'a Proxy);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl Proxy {
@@ -95,7 +109,24 @@ impl Proxy {
             records: Mutex::new(Vec::new()),
             sinks: sinks.into_iter().map(Mutex::new).collect(),
             conns: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Wait, at most `within`, until no connection is being handled, so
+    /// each has written its final record. True when all have.
+    pub async fn drain(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.idle.notified();
+            if self.active.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.active.load(Ordering::SeqCst) == 0;
+            }
+        }
     }
 
     /// The final (`closed`) records so far.
@@ -132,6 +163,7 @@ impl Proxy {
     /// Serve connections from a Unix socket until the listener fails.
     pub async fn serve_unix(self: Arc<Self>, l: tokio::net::UnixListener) {
         while let Ok((s, _)) = l.accept().await {
+            self.active.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
             tokio::spawn(async move { me.handle(s).await });
         }
@@ -140,6 +172,7 @@ impl Proxy {
     /// Serve connections from a TCP listener (tests and benchmarks).
     pub async fn serve_tcp(self: Arc<Self>, l: tokio::net::TcpListener) {
         while let Ok((s, _)) = l.accept().await {
+            self.active.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
             tokio::spawn(async move { me.handle(s).await });
         }
@@ -178,6 +211,8 @@ impl Proxy {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + splice::Socket + Unpin,
     {
+        // counted by the accept loop, uncounted when this returns
+        let _active = Active(self);
         let conn = self.conns.fetch_add(1, Ordering::Relaxed) + 1;
         let mut buf = Vec::with_capacity(2048);
         let head_len = loop {
@@ -214,7 +249,6 @@ impl Proxy {
             split_url(&target)
         };
         let Some((host, port, origin_path)) = parsed else {
-            let _ = s.write_all(&refusal(400, "unsupported-target")).await;
             self.record(Record {
                 ts: now_ms(),
                 conn,
@@ -228,6 +262,7 @@ impl Proxy {
                 bytes_up: 0,
                 bytes_down: 0,
             });
+            let _ = s.write_all(&refusal(400, "unsupported-target")).await;
             return;
         };
         let mut rec = Record {
@@ -246,9 +281,12 @@ impl Proxy {
         let addrs = match self.decide(&host, port).await {
             Ok(a) => a,
             Err(why) => {
-                let _ = s.write_all(&refusal(403, &why)).await;
+                // recorded before the client can see the answer: once it has,
+                // the whole sandbox may end at any moment
+                let answer = refusal(403, &why);
                 rec.reason = Some(why);
                 self.record(rec);
+                let _ = s.write_all(&answer).await;
                 return;
             }
         };
@@ -261,9 +299,9 @@ impl Proxy {
             }
         }
         let Some(mut up) = up else {
-            let _ = s.write_all(&refusal(502, "connect-failed")).await;
             rec.reason = Some("connect-failed".into());
             self.record(rec);
+            let _ = s.write_all(&refusal(502, "connect-failed")).await;
             return;
         };
         let _ = up.set_nodelay(true);
@@ -327,12 +365,11 @@ impl Proxy {
             rec.bytes_up = head.len() as u64;
         }
         self.emit(&rec);
-        match splice::both(&s, &up).await {
-            Ok((a, b)) => {
-                rec.bytes_up += a;
-                rec.bytes_down += b;
-            }
-            Err(e) => rec.reason = Some(format!("tunnel-ended:{}", e.kind())),
+        let ((a, b), err) = splice::both(&s, &up).await;
+        rec.bytes_up += a;
+        rec.bytes_down += b;
+        if let Some(e) = err {
+            rec.reason = Some(format!("tunnel-ended:{}", e.kind()));
         }
         self.record(rec);
     }

@@ -83,16 +83,22 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Move everything from `from` to `to` until end of stream, then shut
-/// `to`'s writing side. Returns the bytes moved.
+/// `to`'s writing side. Returns the bytes moved, also when an error ended
+/// the transfer (with that error).
 ///
 /// The pipe is filled only when it is empty, then drained completely. A
 /// pipe has a fixed number of page slots and spliced socket data can leave
 /// them partly used, so a non-empty pipe may refuse more with EAGAIN; tokio
 /// would take that EAGAIN for "socket not readable" and wait for an edge
 /// that never comes. With an empty pipe, EAGAIN can only mean the socket.
-pub async fn one_way<A: Socket, B: Socket>(from: &A, to: &B) -> io::Result<u64> {
-    let (pr, pw, cap) = pipe()?;
+pub async fn one_way<A: Socket, B: Socket>(from: &A, to: &B) -> (u64, io::Result<()>) {
     let mut total = 0u64;
+    let r = relay(from, to, &mut total).await;
+    (total, r)
+}
+
+async fn relay<A: Socket, B: Socket>(from: &A, to: &B, total: &mut u64) -> io::Result<()> {
+    let (pr, pw, cap) = pipe()?;
     loop {
         from.ready(Interest::READABLE).await?;
         let n = match from.try_io_(Interest::READABLE, || {
@@ -111,7 +117,7 @@ pub async fn one_way<A: Socket, B: Socket>(from: &A, to: &B) -> io::Result<u64> 
             }) {
                 Ok(m) => {
                     left -= m;
-                    total += m as u64;
+                    *total += m as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -119,11 +125,12 @@ pub async fn one_way<A: Socket, B: Socket>(from: &A, to: &B) -> io::Result<u64> 
         }
     }
     to.shutdown_write();
-    Ok(total)
+    Ok(())
 }
 
-/// Both directions at once: (a to b, b to a).
-pub async fn both<A: Socket, B: Socket>(a: &A, b: &B) -> io::Result<(u64, u64)> {
-    let (x, y) = tokio::join!(one_way(a, b), one_way(b, a));
-    Ok((x?, y?))
+/// Both directions at once: the bytes (a to b, b to a), and the first
+/// error that ended either.
+pub async fn both<A: Socket, B: Socket>(a: &A, b: &B) -> ((u64, u64), Option<io::Error>) {
+    let ((x, ex), (y, ey)) = tokio::join!(one_way(a, b), one_way(b, a));
+    ((x, y), ex.err().or(ey.err()))
 }

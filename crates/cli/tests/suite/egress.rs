@@ -171,6 +171,46 @@ fn decisions_stream_to_the_egress_log_and_the_proxy_goes_away() {
 }
 
 #[test]
+fn a_connection_open_when_the_command_ends_still_gets_its_final_record() {
+    // an upstream that streams a byte every 50 ms for 20 s
+    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                for _ in 0..400 {
+                    if s.write_all(b"x").is_err() {
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    // the download is still running when the command exits and the
+    // sandbox kills it
+    let script = format!("curl -s -N http://127.0.0.1:{port}/ >/dev/null & sleep 1; exit 0");
+    let started = std::time::Instant::now();
+    let (code, out, v) = run(Who::Me, &format!("127.0.0.1:{port}"), &script, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "the run waited for the stream"
+    );
+    let eg = v["egress"].as_array().cloned().unwrap_or_default();
+    assert_eq!(eg.len(), 1, "{eg:?}");
+    assert_eq!(eg[0]["phase"], "closed", "{eg:?}");
+    assert_eq!(eg[0]["allowed"], true, "{eg:?}");
+    assert!(
+        eg[0]["bytes_down"].as_u64().unwrap_or(0) >= 10,
+        "the bytes it moved are counted: {eg:?}"
+    );
+}
+
+#[test]
 fn bad_allowlists_are_a_clear_125() {
     for bad in ["allow:", "allow:bad host", "allow:x:99999", "allow:*."] {
         let o = agentvm(Who::Me, &["run", "--network", bad, "--", "true"]);
