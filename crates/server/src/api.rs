@@ -533,10 +533,10 @@ pub async fn agent_run(
     let logs = st.store.logs(done.seq, 0).await?;
     let (mut out, mut err) = (Vec::new(), Vec::new());
     for c in logs {
-        if c.stream == "stdout" {
-            out.extend_from_slice(&c.data)
-        } else {
-            err.extend_from_slice(&c.data)
+        match c.stream.as_str() {
+            "stdout" => out.extend_from_slice(&c.data),
+            "stderr" => err.extend_from_slice(&c.data),
+            _ => {} // egress decisions are not output
         }
     }
     let error = match done.status {
@@ -820,10 +820,15 @@ pub async fn job_logs(
     }
     let logs = st.store.logs(job.seq, 0).await?;
     let mut all = Vec::new();
-    for c in logs {
+    for c in logs.iter().filter(|c| is_output(c)) {
         all.extend_from_slice(&c.data);
     }
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], all).into_response())
+}
+
+/// Output chunks are "stdout" and "stderr"; "egress" ones are decisions.
+pub fn is_output(c: &agentvm_store::LogChunk) -> bool {
+    c.stream == "stdout" || c.stream == "stderr"
 }
 
 enum FollowState {
@@ -907,13 +912,6 @@ fn follow(
                                 pending.push_back(chunk_event(&c));
                             }
                             Ok(Live::Chunk(_)) => {}
-                            Ok(Live::Egress(v)) => {
-                                // live only: afterwards they are in the
-                                // job's result and the audit trail
-                                pending.push_back(
-                                    Event::default().event("egress").data(v.to_string()),
-                                );
-                            }
                             Ok(Live::End(s)) => {
                                 // anything stored but not yet sent, then the end
                                 for c in st.store.logs(job.seq, last).await.unwrap_or_default() {

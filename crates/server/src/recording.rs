@@ -99,7 +99,7 @@ pub fn asciicast(job: &Job, chunks: &[LogChunk], redactor: &Redactor) -> String 
             out.push('\n');
         }
     };
-    for c in chunks {
+    for c in chunks.iter().filter(|c| crate::api::is_output(c)) {
         // never backwards: clocks may step, the format needs order
         t = t.max((c.ts - start) as f64 / 1000.0);
         let bytes = onlcr(&red.push(&c.data), &mut prev_cr);

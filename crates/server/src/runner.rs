@@ -24,9 +24,9 @@ use crate::redact::Redactor;
 /// An event of a running job, for followers.
 #[derive(Debug, Clone)]
 pub enum Live {
+    /// Output (stream "stdout" or "stderr") or an egress decision (stream
+    /// "egress", one JSON record), stored before it is sent.
     Chunk(LogChunk),
-    /// A decision of the job's egress proxy, as it is made (redacted).
-    Egress(serde_json::Value),
     End(JobStatus),
 }
 
@@ -481,14 +481,16 @@ impl Runner {
         }));
     }
 
-    /// One line from the egress event pipe: redact it, stream it, and audit
-    /// it once it is final.
+    /// One line from the egress event pipe: redact it, store it among the
+    /// job's output as stream "egress" (followers get it live, and again
+    /// on reconnect), and audit it once it is final.
     async fn egress_decision(
         &self,
         job: &Job,
         line: &[u8],
         audited: &mut std::collections::HashSet<u64>,
         tx: &broadcast::Sender<Live>,
+        seq: &mut i64,
     ) {
         let text = self.redactor.redact_str(&String::from_utf8_lossy(line));
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
@@ -501,7 +503,8 @@ impl Runner {
                 }
             }
         }
-        let _ = tx.send(Live::Egress(v));
+        self.emit(job, tx, seq, "egress", v.to_string().into_bytes())
+            .await;
     }
 
     /// An egress decision as an audit row, under the job's key.
@@ -676,7 +679,8 @@ impl Runner {
                         ev_line.extend_from_slice(&buf_ev[..n]);
                         while let Some(i) = ev_line.iter().position(|&b| b == b'\n') {
                             let line: Vec<u8> = ev_line.drain(..=i).collect();
-                            self.egress_decision(job, &line, &mut audited, tx).await;
+                            self.egress_decision(job, &line, &mut audited, tx, &mut seq)
+                                .await;
                         }
                         if ev_line.len() > 1 << 20 {
                             // not a line of ours; the result still has them all

@@ -1701,6 +1701,30 @@ fn egress_decisions_stream_live_and_join_the_audit_while_the_job_runs() {
         .unwrap_or_default();
     assert_eq!(eg.len(), 2, "{eg:?}");
     assert!(eg.iter().all(|e| e["phase"] == "closed"), "{eg:?}");
+    // a follower who comes late gets every decision too, with ids, among
+    // the output (the closed record and the output race: either first)
+    let replay = sse(&s, &format!("/v1/jobs/{id}/logs?follow=true"), None);
+    let mut kinds: Vec<&str> = replay.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(kinds.pop(), Some("end"), "{replay:?}");
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["egress", "egress", "egress", "stdout"],
+        "{replay:?}"
+    );
+    assert!(replay[..4].iter().all(|e| !e.0.is_empty()), "{replay:?}");
+    assert_eq!(replay[0].1, "egress", "{replay:?}");
+    assert!(replay[0].2.contains("blocked.example"), "{replay:?}");
+    // and they are not output: not in the text logs, nor the recording
+    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    assert_eq!(logs, "found\n");
+    let (_, _, cast) = s.req(
+        "GET",
+        &format!("/v1/jobs/{id}/recording"),
+        Some(&s.key),
+        None,
+    );
+    assert!(!cast.contains("blocked.example"), "{cast}");
 }
 
 #[test]
