@@ -267,6 +267,12 @@ fn status_exit(status: &str) -> ExitCode {
 /// One egress decision as a line for a person: the decision when it is
 /// made, nothing more for an allowed connection's end.
 fn egress_line(v: &Value) -> Option<String> {
+    if let Some(u) = v.get("unrecorded") {
+        return Some(format!(
+            "agentvm: egress: past the first {} connections, decisions are only counted: {} allowed, {} refused so far",
+            u["limit"], u["allowed"], u["refused"]
+        ));
+    }
     let at = format!(
         "{} {}:{}",
         v["method"].as_str().unwrap_or("?"),

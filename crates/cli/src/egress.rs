@@ -70,6 +70,7 @@ pub fn start(
     policy: Policy,
     log_to: Option<&Path>,
     events: Option<std::fs::File>,
+    record_limit: u64,
 ) -> Result<Running, String> {
     let dir = private_dir()?;
     let socket = dir.join("egress.sock");
@@ -136,7 +137,7 @@ pub fn start(
                         return;
                     };
                     let sinks = std::iter::once(child_log).chain(events).collect();
-                    let proxy = Proxy::new(policy, sinks);
+                    let proxy = Proxy::with_record_limit(policy, sinks, record_limit);
                     tokio::select! {
                         _ = proxy.clone().serve_unix(l) => {}
                         // the sandbox has ended: let each connection still
@@ -144,6 +145,7 @@ pub fn start(
                         // final record, then go
                         _ = term.recv() => {
                             proxy.drain(DRAIN).await;
+                            proxy.write_unrecorded();
                         }
                     }
                 });
@@ -180,8 +182,9 @@ impl Running {
     /// Stop the proxy (SIGTERM: it waits up to [`DRAIN`] for connections to
     /// write their final records; SIGKILL after that) and return its
     /// decisions, one per connection: the final (`closed`) record, or the
-    /// `open` one of a connection that did not finish.
-    pub fn finish(mut self) -> Vec<serde_json::Value> {
+    /// `open` one of a connection that did not finish; and the count of
+    /// connections past the record limit, if any.
+    pub fn finish(mut self) -> (Vec<serde_json::Value>, Option<serde_json::Value>) {
         use nix::sys::wait::{WaitPidFlag, WaitStatus};
         let _ = kill(self.pid, Signal::SIGTERM);
         let deadline = std::time::Instant::now() + DRAIN + std::time::Duration::from_secs(1);
@@ -200,12 +203,18 @@ impl Running {
         }
         let _ = self.log.rewind();
         let mut out: Vec<serde_json::Value> = Vec::new();
+        let mut unrecorded = None;
         let mut at: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
         for v in BufReader::new(&self.log)
             .lines()
             .map_while(Result::ok)
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
         {
+            if v.get("unrecorded").is_some() {
+                // the last count is the final one
+                unrecorded = Some(v["unrecorded"].clone());
+                continue;
+            }
             let conn = v["conn"].as_u64();
             match conn.and_then(|c| at.get(&c).copied()) {
                 Some(i) => out[i] = v,
@@ -218,7 +227,7 @@ impl Running {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-        out
+        (out, unrecorded)
     }
 }
 

@@ -47,6 +47,11 @@ pub struct RunArgs {
     /// Best effort: a line the reader is too slow for is dropped there.
     #[arg(long, value_name = "FD", hide = true, value_parser = clap::value_parser!(i32).range(3..))]
     egress_events_fd: Option<i32>,
+    /// With --network allow: record this many connections one by one, then
+    /// only count them (tests; the default bounds what a looping program
+    /// can make the proxy write).
+    #[arg(long, value_name = "N", hide = true, default_value_t = agentvm_egress::RECORD_LIMIT)]
+    egress_record_limit: u64,
     /// Memory limit, swap included (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     memory: Option<u64>,
@@ -310,6 +315,9 @@ struct RunResult {
     landlock_abi: u32,
     layers_disabled: Vec<&'static str>,
     error: Option<ErrorJson>,
+    /// Connections past the record limit: `{allowed, refused, limit}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress_unrecorded: Option<serde_json::Value>,
     /// Every decision of the egress proxy (allow mode).
     #[serde(skip_serializing_if = "Option::is_none")]
     egress: Option<Vec<serde_json::Value>>,
@@ -474,6 +482,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         layers_disabled: disabled,
         error: None,
         egress: None,
+        egress_unrecorded: None,
     };
 
     let mut spec = spec;
@@ -484,7 +493,12 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
     let proxy = match &args.network.policy {
         Some(policy) => {
-            match crate::egress::start(policy.clone(), args.egress_log.as_deref(), events) {
+            match crate::egress::start(
+                policy.clone(),
+                args.egress_log.as_deref(),
+                events,
+                args.egress_record_limit,
+            ) {
                 Ok(p) => {
                     spec.proxy_socket = Some(p.socket.clone());
                     Some(p)
@@ -496,7 +510,9 @@ pub fn main(args: RunArgs) -> ExitCode {
     };
     let outcome = agentvm_sandbox::run(&spec);
     if let Some(p) = proxy {
-        result.egress = Some(p.finish());
+        let (records, unrecorded) = p.finish();
+        result.egress = Some(records);
+        result.egress_unrecorded = unrecorded;
     }
     let code: i32 = match outcome {
         Err(RunError::Setup(e)) => {

@@ -76,12 +76,31 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// How many connections of one proxy are recorded one by one; later ones
+/// are still decided by the policy, and only counted (see
+/// [`Proxy::unrecorded`]), so a program that loops on connections cannot
+/// grow the records, the audit trail or the proxy's memory without bound.
+pub const RECORD_LIMIT: u64 = 10_000;
+
+/// Connections past the record limit: counted, not recorded one by one.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Unrecorded {
+    pub allowed: u64,
+    pub refused: u64,
+    /// The limit that was reached.
+    pub limit: u64,
+}
+
 /// A proxy for one sandbox.
 pub struct Proxy {
     policy: Policy,
     records: Mutex<Vec<Record>>,
     sinks: Vec<Mutex<std::fs::File>>,
     conns: AtomicU64,
+    limit: u64,
+    unrecorded_allowed: AtomicU64,
+    unrecorded_refused: AtomicU64,
+    announced: std::sync::atomic::AtomicBool,
     /// Connections being handled right now.
     active: AtomicU64,
     idle: tokio::sync::Notify,
@@ -104,11 +123,21 @@ impl Proxy {
     /// connects, and every `closed` one. A write that fails (a full
     /// non-blocking pipe, a reader gone) is dropped for that sink alone.
     pub fn new(policy: Policy, sinks: Vec<std::fs::File>) -> Arc<Proxy> {
+        Proxy::with_record_limit(policy, sinks, RECORD_LIMIT)
+    }
+
+    /// Like [`Proxy::new`], recording only the first `limit` connections
+    /// one by one.
+    pub fn with_record_limit(policy: Policy, sinks: Vec<std::fs::File>, limit: u64) -> Arc<Proxy> {
         Arc::new(Proxy {
             policy,
             records: Mutex::new(Vec::new()),
             sinks: sinks.into_iter().map(Mutex::new).collect(),
             conns: AtomicU64::new(0),
+            limit,
+            unrecorded_allowed: AtomicU64::new(0),
+            unrecorded_refused: AtomicU64::new(0),
+            announced: std::sync::atomic::AtomicBool::new(false),
             active: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
         })
@@ -137,8 +166,33 @@ impl Proxy {
         }
     }
 
+    /// The connections past the record limit so far, if any.
+    pub fn unrecorded(&self) -> Option<Unrecorded> {
+        let u = Unrecorded {
+            allowed: self.unrecorded_allowed.load(Ordering::SeqCst),
+            refused: self.unrecorded_refused.load(Ordering::SeqCst),
+            limit: self.limit,
+        };
+        (u.allowed + u.refused > 0).then_some(u)
+    }
+
+    /// Write `{"unrecorded": {...}}` to the sinks: when the limit is first
+    /// passed, and by whoever stops the proxy, with the final counts.
+    pub fn write_unrecorded(&self) {
+        if let Some(u) = self.unrecorded() {
+            self.write_line(&serde_json::json!({ "unrecorded": u }));
+        }
+    }
+
     fn emit(&self, r: &Record) {
-        let Ok(mut line) = serde_json::to_vec(r) else {
+        if r.conn > self.limit {
+            return;
+        }
+        self.write_line(r);
+    }
+
+    fn write_line(&self, v: &impl Serialize) {
+        let Ok(mut line) = serde_json::to_vec(v) else {
             return;
         };
         line.push(b'\n');
@@ -152,6 +206,19 @@ impl Proxy {
     }
 
     fn record(&self, mut r: Record) {
+        if r.conn > self.limit {
+            let n = if r.allowed {
+                &self.unrecorded_allowed
+            } else {
+                &self.unrecorded_refused
+            };
+            n.fetch_add(1, Ordering::SeqCst);
+            if !self.announced.swap(true, Ordering::SeqCst) {
+                // the first one past the limit says so at once
+                self.write_unrecorded();
+            }
+            return;
+        }
         r.phase = Phase::Closed;
         self.emit(&r);
         match self.records.lock() {

@@ -367,3 +367,43 @@ async fn sinks_see_a_connection_open_while_it_lasts_then_closed() {
     assert_eq!(all[2]["bytes_up"], 4);
     assert_eq!(all[2]["bytes_down"], 4);
 }
+
+#[tokio::test]
+async fn past_the_record_limit_connections_are_counted_not_recorded() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("d.jsonl");
+    let f = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let p = Proxy::with_record_limit(
+        Policy::parse("example.com").unwrap_or_else(|e| panic!("{e}")),
+        vec![f],
+        2,
+    );
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(p.clone().serve_tcp(l));
+    for i in 0..5 {
+        // one at a time, so the numbering is the order here
+        let r = exchange(
+            port,
+            format!("CONNECT 10.0.0.{i}:443 HTTP/1.1\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(
+            r.starts_with("HTTP/1.1 403"),
+            "past the limit the policy still holds: {r}"
+        );
+    }
+    assert_eq!(p.records().len(), 2);
+    let u = p.unrecorded().unwrap_or_default();
+    assert_eq!((u.allowed, u.refused, u.limit), (0, 3, 2));
+    p.write_unrecorded();
+    let l = lines(&log);
+    // two records, the notice when the limit was first passed, the final count
+    assert_eq!(l.len(), 4, "{l:?}");
+    assert_eq!(l[1]["conn"], 2);
+    assert_eq!(l[2]["unrecorded"]["refused"], 1, "{l:?}");
+    assert_eq!(l[3]["unrecorded"]["refused"], 3, "{l:?}");
+    assert_eq!(l[3]["unrecorded"]["limit"], 2);
+}

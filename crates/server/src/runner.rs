@@ -828,6 +828,29 @@ impl Runner {
                 }
             }
         }
+        // past the proxy's record limit: one row with the counts
+        if let Some(u) = result
+            .as_ref()
+            .map(|r| &r["egress_unrecorded"])
+            .filter(|u| u.is_object())
+        {
+            let outcome = format!(
+                "not recorded one by one: {} allowed, {} refused (past the first {} connections)",
+                u["allowed"], u["refused"], u["limit"]
+            );
+            let detail = format!("job {}; counted, not recorded", job.id);
+            let _ = self
+                .store
+                .audit(
+                    job.key_id.as_deref(),
+                    "egress",
+                    None,
+                    None,
+                    &outcome,
+                    Some(&detail),
+                )
+                .await;
+        }
         Finish {
             status: st,
             exit_code,

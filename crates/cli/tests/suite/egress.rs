@@ -211,6 +211,35 @@ fn a_connection_open_when_the_command_ends_still_gets_its_final_record() {
 }
 
 #[test]
+fn past_the_record_limit_connections_are_only_counted() {
+    let port = host_server();
+    let script = format!(
+        "for i in 1 2 3 4 5; do curl -s http://blocked.example/ >/dev/null; done; curl -s http://127.0.0.1:{port}/"
+    );
+    let (code, out, v) = run(
+        Who::Me,
+        &format!("127.0.0.1:{port}"),
+        &script,
+        &["--egress-record-limit", "2"],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("hello from the host"),
+        "the policy still holds: {out}"
+    );
+    let eg = v["egress"].as_array().cloned().unwrap_or_default();
+    assert_eq!(eg.len(), 2, "{eg:?}");
+    assert_eq!(
+        v["egress_unrecorded"],
+        serde_json::json!({"allowed": 1, "refused": 3, "limit": 2}),
+        "{v}"
+    );
+    // without the limit's being reached, no such field
+    let (_, _, v) = run(Who::Me, &format!("127.0.0.1:{port}"), "true", &[]);
+    assert!(v.get("egress_unrecorded").is_none(), "{v}");
+}
+
+#[test]
 fn bad_allowlists_are_a_clear_125() {
     for bad in ["allow:", "allow:bad host", "allow:x:99999", "allow:*."] {
         let o = agentvm(Who::Me, &["run", "--network", bad, "--", "true"]);
