@@ -82,6 +82,25 @@ fn now_ms() -> u64 {
 /// grow the records, the audit trail or the proxy's memory without bound.
 pub const RECORD_LIMIT: u64 = 10_000;
 
+/// At most this many connections are handled at once; more are refused
+/// (`too-many-connections`).
+pub const MAX_ACTIVE: u64 = 256;
+
+/// Whether an accept error is passing (the listener can go on).
+fn accept_goes_on(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::EINTR
+        )
+    )
+}
+
 /// Connections past the record limit: counted, not recorded one by one.
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct Unrecorded {
@@ -229,20 +248,41 @@ impl Proxy {
 
     /// Serve connections from a Unix socket until the listener fails.
     pub async fn serve_unix(self: Arc<Self>, l: tokio::net::UnixListener) {
-        while let Ok((s, _)) = l.accept().await {
-            self.active.fetch_add(1, Ordering::SeqCst);
-            let me = self.clone();
-            tokio::spawn(async move { me.handle(s).await });
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => self.spawn(s),
+                Err(e) if !accept_goes_on(&e) => return,
+                // out of descriptors or memory for a moment: the
+                // connections that hold them will end
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
     }
 
     /// Serve connections from a TCP listener (tests and benchmarks).
     pub async fn serve_tcp(self: Arc<Self>, l: tokio::net::TcpListener) {
-        while let Ok((s, _)) = l.accept().await {
-            self.active.fetch_add(1, Ordering::SeqCst);
-            let me = self.clone();
-            tokio::spawn(async move { me.handle(s).await });
+        loop {
+            match l.accept().await {
+                Ok((s, _)) => self.spawn(s),
+                Err(e) if !accept_goes_on(&e) => return,
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
+    }
+
+    fn spawn<S>(self: &Arc<Self>, s: S)
+    where
+        S: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + splice::Socket
+            + Unpin
+            + Send
+            + Sync
+            + 'static,
+    {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let me = self.clone();
+        tokio::spawn(async move { me.handle(s).await });
     }
 
     /// Decide where (if anywhere) `host:port` may be reached.
@@ -345,12 +385,24 @@ impl Proxy {
             bytes_up: 0,
             bytes_down: 0,
         };
-        let addrs = match self.decide(&host, port).await {
+        // each open connection holds descriptors and pipe buffers in this
+        // process, outside the sandbox's limits
+        let decided = if self.active.load(Ordering::SeqCst) > MAX_ACTIVE {
+            Err("too-many-connections".to_string())
+        } else {
+            self.decide(&host, port).await
+        };
+        let addrs = match decided {
             Ok(a) => a,
             Err(why) => {
                 // recorded before the client can see the answer: once it has,
                 // the whole sandbox may end at any moment
-                let answer = refusal(403, &why);
+                let code = if why == "too-many-connections" {
+                    429
+                } else {
+                    403
+                };
+                let answer = refusal(code, &why);
                 rec.reason = Some(why);
                 self.record(rec);
                 let _ = s.write_all(&answer).await;
@@ -445,6 +497,7 @@ impl Proxy {
 fn refusal(code: u16, why: &str) -> Vec<u8> {
     let text = match code {
         403 => "Forbidden",
+        429 => "Too Many Requests",
         400 => "Bad Request",
         431 => "Request Header Fields Too Large",
         _ => "Bad Gateway",

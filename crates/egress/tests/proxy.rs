@@ -407,3 +407,59 @@ async fn past_the_record_limit_connections_are_counted_not_recorded() {
     assert_eq!(l[3]["unrecorded"]["refused"], 3, "{l:?}");
     assert_eq!(l[3]["unrecorded"]["limit"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_concurrency_limit_are_refused_with_429() {
+    // about eight descriptors per held connection live in this process
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read the struct we pass.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(8192).max(lim.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    let echo = echo_upstream().await;
+    let (port, p) = proxy(&format!("127.0.0.1:{echo}")).await;
+    let mut held = Vec::new();
+    for _ in 0..agentvm_egress::MAX_ACTIVE {
+        let mut s = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut b = [0u8; 39];
+        s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(b.starts_with(b"HTTP/1.1 200"));
+        held.push(s);
+    }
+    let r = exchange(
+        port,
+        format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    assert!(
+        r.contains("X-AgentVM-Egress-Denied: too-many-connections"),
+        "{r}"
+    );
+    assert!(p
+        .records()
+        .iter()
+        .any(|r| r.reason.as_deref() == Some("too-many-connections")));
+    // once some close, new ones are served again
+    held.truncate(10);
+    let mut ok = false;
+    for _ in 0..100 {
+        let r = exchange(port, b"GET http://127.0.0.1:1/ HTTP/1.1\r\n\r\n").await;
+        if !r.contains("too-many-connections") {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(ok, "the limit did not free up");
+}
