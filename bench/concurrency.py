@@ -7,7 +7,7 @@ Memory is what the wave's own memory cgroup is charged (user and kernel
 memory: namespaces, mounts, page tables) when run as root on a host with a
 cgroup v1 memory controller; otherwise the drop in MemAvailable (noisy).
 
-usage: bench/concurrency.py [N]   (default 200)
+usage: bench/concurrency.py [N]   (default 200; also measures agentvm-run when it is built)
 """
 import os, sys, time, signal, subprocess
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +75,17 @@ cmd = ["sh", "-c", "echo ready; exec sleep 60"]
 bare_t, bare_kib = wave(cmd)
 box_t, box_kib = wave([AGENTVM, "run", "--"] + cmd)
 hostnet_t, hostnet_kib = wave([AGENTVM, "run", "--network", "host", "--"] + cmd)
+# the slim runner the server starts for jobs (same sandbox, smaller image)
+SLIM = os.path.join(os.path.dirname(AGENTVM), "agentvm-run")
+slim = os.path.exists(SLIM)
+if slim:
+    slim_t, slim_kib = wave([SLIM, "run", "--"] + cmd)
 print(f"{n} bare sleeps:                     started in {bare_t*1000:8.1f} ms, {bare_kib/1024:7.1f} MiB")
 print(f"{n} sandboxes:                       started in {box_t*1000:8.1f} ms, {box_kib/1024:7.1f} MiB")
 print(f"{n} sandboxes, --network host:       started in {hostnet_t*1000:8.1f} ms, {hostnet_kib/1024:7.1f} MiB")
+if slim:
+    print(f"{n} sandboxes under agentvm-run:     started in {slim_t*1000:8.1f} ms, {slim_kib/1024:7.1f} MiB")
 print(f"memory per sandbox beyond the sleeping process: {(box_kib-bare_kib)/n:.0f} KiB "
       f"(of which the network namespace {(box_kib-hostnet_kib)/n:.0f} KiB; target <= 1024 KiB)")
+if slim:
+    print(f"  under agentvm-run, as the server starts them: {(slim_kib-bare_kib)/n:.0f} KiB")

@@ -39,6 +39,10 @@ variants = {
     "agentvm run": [AGENTVM, "run", "--", "/bin/true"],
     "agentvm run +cgroup limits": [AGENTVM, "run", "--memory", "256M", "--pids", "256", "--", "/bin/true"],
 }
+# the slim runner the server starts for jobs, when it is built
+SLIM = os.path.join(os.path.dirname(AGENTVM), "agentvm-run")
+if os.path.exists(SLIM):
+    variants["agentvm-run run (server's)"] = [SLIM, "run", "--", "/bin/true"]
 samples = {k: [] for k in variants}
 for _ in range(5):
     for argv in variants.values():

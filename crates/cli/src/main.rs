@@ -2,17 +2,12 @@
 
 mod agents;
 mod client;
-mod egress;
-mod run;
 mod serve;
-mod units;
 
 use std::process::ExitCode;
 
+use agentvm::{egress, run, units};
 use clap::{Parser, Subcommand};
-
-/// Exit status when the sandbox could not be set up.
-pub const EXIT_SETUP: u8 = 125;
 
 #[derive(Parser)]
 #[command(
@@ -92,17 +87,8 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            use clap::error::ErrorKind;
-            let code = match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
-                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 2,
-                // `agentvm run` with bad options is a setup failure (125),
-                // like `env` or `timeout`: the command never ran.
-                _ if std::env::args().nth(1).as_deref() == Some("run") => EXIT_SETUP,
-                _ => 2,
-            };
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(agentvm::parse_error_exit(&e));
         }
     };
     match cli.command {

@@ -120,8 +120,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
         sandbox_args.extend(["--cgroup-parent".to_string(), cg]);
     }
-    let sandbox_bin =
-        std::env::current_exe().map_err(|e| format!("finding the agentvm binary: {e}"))?;
+    let sandbox_bin = sandbox_runner()?;
     let mut flag_secrets = Vec::new();
     for s in &a.secrets {
         let (n, f) = s
@@ -167,6 +166,25 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         sandbox_args,
         secrets,
     })
+}
+
+/// What runs each job's sandbox: the slim `agentvm-run` beside this
+/// binary (a much smaller image for every supervisor to map and relocate),
+/// else this binary itself (`agentvm run`), which does the same.
+fn sandbox_runner() -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().map_err(|e| format!("finding the agentvm binary: {e}"))?;
+    let slim = exe.with_file_name("agentvm-run");
+    let runnable =
+        std::fs::metadata(&slim).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if runnable {
+        return Ok(slim);
+    }
+    eprintln!(
+        "agentvm: note: {} is missing, so jobs run under `agentvm run` (the same, with more memory per sandbox); `cargo build --release` builds both",
+        slim.display()
+    );
+    Ok(exe)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

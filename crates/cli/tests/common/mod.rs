@@ -44,6 +44,7 @@ pub fn bin_dir() -> &'static Path {
             .unwrap_or_else(|e| panic!("{e}"));
         for (name, src) in [
             ("agentvm", env!("CARGO_BIN_EXE_agentvm")),
+            ("agentvm-run", env!("CARGO_BIN_EXE_agentvm-run")),
             ("agentvm-probe", env!("CARGO_BIN_EXE_agentvm-probe")),
         ] {
             let dst = d.join(name);

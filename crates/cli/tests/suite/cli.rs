@@ -32,6 +32,33 @@ fn exit_codes_follow_the_command() {
 }
 
 #[test]
+fn the_slim_runner_is_agentvm_run() {
+    let slim = bin_dir().join("agentvm-run");
+    let code = |args: &[&str]| {
+        std::process::Command::new(&slim)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let o = code(&["run", "--", "sh", "-c", "echo inside; exit 7"]);
+    assert_eq!(o.status.code(), Some(7), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "inside\n");
+    assert_eq!(
+        code(&["run", "--bogus", "--", "true"]).status.code(),
+        Some(125)
+    );
+    assert_eq!(
+        code(&["serve"]).status.code(),
+        Some(2),
+        "it runs sandboxes only"
+    );
+    let v = code(&["--version"]);
+    assert_eq!(v.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&v.stdout).starts_with("agentvm-run "));
+}
+
+#[test]
 fn missing_and_unexecutable_commands() {
     for who in runners() {
         let o = agentvm(who, &["run", "--", "definitely-not-a-command"]);

@@ -1374,6 +1374,95 @@ fn a_patch_past_the_limit_fails_the_job_and_is_not_stored() {
     assert!(patch.contains("+++ b/small.txt"), "{patch}");
 }
 
+/// The processes whose parent is `pid`, with the binaries they run.
+fn children(pid: u32) -> Vec<(u32, PathBuf)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|x| x.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(exe) = std::fs::read_link(format!("/proc/{p}/exe")) {
+                out.push((p, exe));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn jobs_run_under_the_slim_runner_or_else_the_full_binary() {
+    // beside `agentvm` (as the build and the test copies have it): the
+    // server starts agentvm-run for each job
+    let (_t, repo, s) = setup(&[]);
+    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 30")));
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    s.wait_running(&id);
+    // (a child seen between fork and exec still runs the server's image)
+    let slim = |kids: &[(u32, PathBuf)]| {
+        kids.iter()
+            .any(|(_, exe)| exe.file_name().is_some_and(|n| n == "agentvm-run"))
+    };
+    let mut kids = Vec::new();
+    for _ in 0..250 {
+        kids = children(s.pid());
+        if slim(&kids) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(slim(&kids), "{kids:?}");
+    let _ = s.json("POST", &format!("/v1/jobs/{id}/cancel"), None);
+    assert_eq!(s.wait(&id)["status"], "cancelled");
+    // without it, the server says so and jobs run under `agentvm run`
+    let t = tempdir();
+    let alone = t.path().join("agentvm");
+    std::fs::copy(agentvm_path(), &alone).unwrap_or_else(|e| panic!("{e}"));
+    let root = t.path().join("root");
+    std::fs::create_dir_all(root.join("repo")).unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(&alone)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(t.path().join("data"))
+        .arg("--allowed-root")
+        .arg(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+    let mut lines = BufReader::new(err).lines().map_while(Result::ok);
+    let mut note = false;
+    let url = loop {
+        let Some(l) = lines.next() else {
+            panic!("the server did not start")
+        };
+        note |= l.contains("agentvm-run is missing, so jobs run under `agentvm run`");
+        if let Some(u) = l.strip_prefix("agentvm: listening on ") {
+            break u.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    assert!(note, "no note about the missing runner");
+    let key = std::fs::read_to_string(t.path().join("data/admin.key")).unwrap_or_default();
+    let r: Value = Client::new()
+        .post(format!("{url}/agent/run"))
+        .header("X-API-Key", key.trim())
+        .json(&json!({"agent": "shell", "prompt": "echo ran", "repo_path": root.join("repo")}))
+        .send()
+        .and_then(|r| r.json())
+        .unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r["stdout"], "ran\n", "{r}");
+}
+
 #[test]
 fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
     let (t, repo, s) = setup(&[]);
