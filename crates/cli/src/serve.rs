@@ -172,19 +172,48 @@ fn config(a: ServeArgs) -> Result<Config, String> {
 /// binary (a much smaller image for every supervisor to map and relocate),
 /// else this binary itself (`agentvm run`), which does the same.
 fn sandbox_runner() -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
     let exe = std::env::current_exe().map_err(|e| format!("finding the agentvm binary: {e}"))?;
     let slim = exe.with_file_name("agentvm-run");
-    let runnable =
-        std::fs::metadata(&slim).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-    if runnable {
-        return Ok(slim);
+    match trusted_beside(&exe, &slim) {
+        Ok(()) => Ok(slim),
+        Err(why) => {
+            eprintln!(
+                "agentvm: note: {} {why}, so jobs run under `agentvm run` (the same, with more memory per sandbox); `cargo build --release` builds both",
+                slim.display()
+            );
+            Ok(exe)
+        }
     }
-    eprintln!(
-        "agentvm: note: {} is missing, so jobs run under `agentvm run` (the same, with more memory per sandbox); `cargo build --release` builds both",
-        slim.display()
-    );
-    Ok(exe)
+}
+
+/// Whether `other`, beside `exe`, may be run in its stead: a regular
+/// executable file owned by root or by `exe`'s owner, that neither it nor
+/// its directory lets anyone else write. The server may run as root, and a
+/// binary that another user could plant (say in a world-writable
+/// directory) must never be started.
+fn trusted_beside(exe: &Path, other: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let m = match std::fs::metadata(other) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("is missing".into()),
+        Err(e) => return Err(format!("cannot be read ({e})")),
+    };
+    let owner = std::fs::metadata(exe).map(|m| m.uid()).unwrap_or(0);
+    let dir = other.parent().and_then(|d| std::fs::metadata(d).ok());
+    if !m.is_file() || m.permissions().mode() & 0o111 == 0 {
+        Err("is not an executable file".into())
+    } else if m.uid() != 0 && m.uid() != owner {
+        Err(format!(
+            "belongs to uid {}, not to root or agentvm's owner",
+            m.uid()
+        ))
+    } else if m.permissions().mode() & 0o022 != 0 {
+        Err("is writable by others".into())
+    } else if dir.is_none_or(|d| d.permissions().mode() & 0o022 != 0) {
+        Err("sits in a directory others can write".into())
+    } else {
+        Ok(())
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -342,4 +371,58 @@ pub fn restore(a: RestoreArgs) -> ExitCode {
         Path::new(&dir).display()
     );
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trusted_beside;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn file(dir: &std::path::Path, name: &str, mode: u32) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("{e}"));
+        p
+    }
+
+    #[test]
+    fn only_a_runner_nobody_else_could_have_planted_is_used() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let exe = file(d.path(), "agentvm", 0o755);
+        let run = d.path().join("agentvm-run");
+        assert_eq!(trusted_beside(&exe, &run), Err("is missing".into()));
+        file(d.path(), "agentvm-run", 0o644);
+        assert_eq!(
+            trusted_beside(&exe, &run),
+            Err("is not an executable file".into())
+        );
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o757))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            trusted_beside(&exe, &run),
+            Err("is writable by others".into())
+        );
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(trusted_beside(&exe, &run), Ok(()));
+        // a directory others may write (like /tmp) can hold a planted one
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            trusted_beside(&exe, &run),
+            Err("sits in a directory others can write".into())
+        );
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // another user's file
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&run, Some(65534), None).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                trusted_beside(&exe, &run),
+                Err("belongs to uid 65534, not to root or agentvm's owner".into())
+            );
+        }
+    }
 }
