@@ -1464,6 +1464,44 @@ fn jobs_run_under_the_slim_runner_or_else_the_full_binary() {
 }
 
 #[test]
+fn a_store_that_refuses_a_jobs_end_still_gets_a_failed_end() {
+    let (_t, repo, s) = setup(&[]);
+    // make the database refuse any job end that carries a patch
+    let db = s.data.join("agentvm.db");
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             c.execute(\"CREATE TRIGGER refuse_patch BEFORE UPDATE OF patch ON jobs \
+             WHEN NEW.patch IS NOT NULL AND length(NEW.patch) > 0 \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END\")\n\
+             c.commit()\n",
+        )
+        .arg(&db)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(&repo, "echo x > made.txt; echo out")),
+    );
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["error"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("the server could not record this job's result and patch"),
+        "{done}"
+    );
+    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    assert_eq!(logs, "out\n", "the output is kept");
+}
+
+#[test]
 fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
     let (t, repo, s) = setup(&[]);
     let (_, j) = s.json(
