@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// Cgroup to create job cgroups under (see `agentvm run --help`).
     #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
     cgroup_parent: Option<String>,
+    /// Connections of a job recorded one by one; later ones are only
+    /// counted [default: 10000].
+    #[arg(long, value_name = "N", env = "AGENTVM_EGRESS_RECORD_LIMIT")]
+    egress_record_limit: Option<u64>,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -119,6 +123,9 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     let mut sandbox_args = Vec::new();
     if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
         sandbox_args.extend(["--cgroup-parent".to_string(), cg]);
+    }
+    if let Some(n) = a.egress_record_limit.or(file.egress_record_limit) {
+        sandbox_args.extend(["--egress-record-limit".to_string(), n.to_string()]);
     }
     let sandbox_bin = sandbox_runner()?;
     let mut flag_secrets = Vec::new();

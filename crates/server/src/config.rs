@@ -206,6 +206,7 @@ pub struct FileConfig {
     pub rate_limit: Option<u32>,
     pub shutdown_grace: Option<String>,
     pub cgroup_parent: Option<String>,
+    pub egress_record_limit: Option<u64>,
     #[serde(default)]
     pub agents: BTreeMap<String, ProfileConfig>,
     /// `[secrets] NAME = { file = "..." }` or `{ env = "VAR" }`.

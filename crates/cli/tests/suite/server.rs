@@ -1855,6 +1855,52 @@ fn egress_decisions_stream_live_and_join_the_audit_while_the_job_runs() {
 }
 
 #[test]
+fn past_the_record_limit_a_job_counts_its_connections() {
+    let (_t, repo, s) = setup(&["--egress-record-limit", "1"]);
+    let mut b = shell(
+        &repo,
+        "for h in one two three; do curl -s -o /dev/null http://$h.example/; done",
+    );
+    b["network"] = json!("allow:127.0.0.1:9");
+    let (_, j) = s.json("POST", "/v1/jobs", Some(b));
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["result"]["egress_unrecorded"],
+        json!({"allowed": 0, "refused": 2, "limit": 1}),
+        "{done}"
+    );
+    assert_eq!(done["result"]["egress"].as_array().map(Vec::len), Some(1));
+    // followers were told; the audit trail has one row with the counts
+    let evs = sse(&s, &format!("/v1/jobs/{id}/logs?follow=true"), None);
+    assert!(
+        evs.iter()
+            .any(|e| e.1 == "egress" && e.2.contains("\"unrecorded\"")),
+        "{evs:?}"
+    );
+    let (_, a) = s.json("GET", "/v1/audit?limit=200", None);
+    let rows: Vec<Value> = a["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e["action"] == "egress"
+                && e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with(&format!("job {id};")))
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "one decision, one count: {rows:?}");
+    assert!(
+        rows.iter().any(|e| e["outcome"]
+            == "not recorded one by one: 0 allowed, 2 refused (past the first 1 connections)"),
+        "{rows:?}"
+    );
+}
+
+#[test]
 fn a_repo_swapped_for_a_symlink_after_acceptance_does_not_run() {
     let (t, repo, s) = setup(&["--max-concurrent", "1"]);
     let outside = t.path().join("outside");
