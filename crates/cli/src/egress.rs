@@ -20,6 +20,7 @@ pub struct Running {
     dir: PathBuf,
     pid: Pid,
     log: std::fs::File,
+    record_limit: u64,
 }
 
 fn private_dir() -> Result<PathBuf, String> {
@@ -162,6 +163,7 @@ pub fn start(
                 dir,
                 pid: child,
                 log,
+                record_limit,
             })
         }
     }
@@ -205,9 +207,15 @@ impl Running {
         let mut out: Vec<serde_json::Value> = Vec::new();
         let mut unrecorded = None;
         let mut at: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
-        for v in BufReader::new(&self.log)
+        // at most two lines per recorded connection and a few counts: the
+        // proxy parses what the sandbox sends, so its log is read with a bound
+        let most = self.record_limit.saturating_mul(2).saturating_add(64);
+        // and about 1 KiB a line (a record is a few hundred bytes)
+        let bytes = most.saturating_mul(1024).saturating_add(1 << 20);
+        for v in BufReader::new(std::io::Read::take(&self.log, bytes))
             .lines()
             .map_while(Result::ok)
+            .take(usize::try_from(most).unwrap_or(usize::MAX))
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
         {
             if v.get("unrecorded").is_some() {
@@ -264,4 +272,41 @@ pub fn standalone(allow: &str, listen: std::net::SocketAddr) -> std::process::Ex
         Proxy::new(policy, Vec::new()).serve_tcp(l).await;
         std::process::ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Running;
+    use std::io::Write;
+
+    #[test]
+    fn finish_reads_the_proxys_log_with_a_bound() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let own = dir.path().join("own");
+        std::fs::create_dir(&own).unwrap_or_else(|e| panic!("{e}"));
+        let mut log = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+        // far more lines than a limit of 2 allows: a proxy gone wrong
+        for conn in 1..=1000u64 {
+            let line = serde_json::json!({"conn": conn, "phase": "closed", "allowed": false});
+            writeln!(log, "{line}").unwrap_or_else(|e| panic!("{e}"));
+        }
+        writeln!(log, "{}", "x".repeat(4 << 20)).unwrap_or_else(|e| panic!("{e}"));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let r = Running {
+            socket: own.join("egress.sock"),
+            dir: own.clone(),
+            pid: nix::unistd::Pid::from_raw(child.id() as i32),
+            log,
+            record_limit: 2,
+        };
+        let (records, unrecorded) = r.finish();
+        assert_eq!(records.len(), 2 * 2 + 64);
+        assert!(unrecorded.is_none());
+        assert!(!own.exists(), "its directory is removed");
+        // finish reaped it already; this only satisfies the type
+        let _ = child.try_wait();
+    }
 }

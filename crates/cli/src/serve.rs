@@ -124,9 +124,14 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
         sandbox_args.extend(["--cgroup-parent".to_string(), cg]);
     }
-    if let Some(n) = a.egress_record_limit.or(file.egress_record_limit) {
-        sandbox_args.extend(["--egress-record-limit".to_string(), n.to_string()]);
-    }
+    let egress_record_limit = a
+        .egress_record_limit
+        .or(file.egress_record_limit)
+        .unwrap_or(agentvm_egress::RECORD_LIMIT);
+    sandbox_args.extend([
+        "--egress-record-limit".to_string(),
+        egress_record_limit.to_string(),
+    ]);
     let sandbox_bin = sandbox_runner()?;
     let mut flag_secrets = Vec::new();
     for s in &a.secrets {
@@ -166,6 +171,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         body_limit,
         max_output,
         max_patch,
+        egress_record_limit,
         rate_limit: a.rate_limit.or(file.rate_limit).unwrap_or(600),
         shutdown_grace_s: grace.as_secs(),
         agents,

@@ -167,6 +167,8 @@ pub struct Config {
     pub max_output: u64,
     /// The largest patch stored; a job with a larger one fails.
     pub max_patch: u64,
+    /// Connections per job its egress proxy records one by one.
+    pub egress_record_limit: u64,
     /// Requests per minute per key.
     pub rate_limit: u32,
     pub shutdown_grace_s: u64,

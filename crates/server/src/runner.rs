@@ -658,6 +658,7 @@ impl Runner {
         let (mut buf_ev, mut ev_line) = (vec![0u8; 8 * 1024], Vec::<u8>::new());
         let mut audited = std::collections::HashSet::new();
         let (mut kept, mut truncated) = (0u64, false);
+        let mut ev_lines = 0u64;
         while out.is_some() || err.is_some() || ev.is_some() {
             // once the output has ended, the proxy's last lines are due at once
             let output_done = out.is_none() && err.is_none();
@@ -679,6 +680,19 @@ impl Runner {
                         ev_line.extend_from_slice(&buf_ev[..n]);
                         while let Some(i) = ev_line.iter().position(|&b| b == b'\n') {
                             let line: Vec<u8> = ev_line.drain(..=i).collect();
+                            // the proxy writes at most two lines per recorded
+                            // connection and a few counts; it parses what the
+                            // sandbox sends, so it is not trusted to keep to that
+                            ev_lines += 1;
+                            if ev_lines
+                                > self
+                                    .cfg
+                                    .egress_record_limit
+                                    .saturating_mul(2)
+                                    .saturating_add(64)
+                            {
+                                continue;
+                            }
                             self.egress_decision(job, &line, &mut audited, tx, &mut seq)
                                 .await;
                         }
