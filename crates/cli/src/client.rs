@@ -185,18 +185,41 @@ impl Client {
         }
     }
 
-    /// Send; a non-2xx answer becomes one clear line.
+    /// Send; a 429 (rate limit, full queue) is retried after its
+    /// Retry-After, a few times, saying so on stderr; any other non-2xx
+    /// answer becomes one clear line.
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-        let resp = r.send().await.map_err(|e| {
-            if e.is_connect() {
-                format!(
-                    "cannot reach the server at {} (is `agentvm serve` running?)",
-                    self.url
-                )
-            } else {
-                e.to_string()
+        let mut r = r;
+        let mut retries = 0;
+        let resp = loop {
+            let again = r.try_clone();
+            let resp = r.send().await.map_err(|e| {
+                if e.is_connect() {
+                    format!(
+                        "cannot reach the server at {} (is `agentvm serve` running?)",
+                        self.url
+                    )
+                } else {
+                    e.to_string()
+                }
+            })?;
+            match again {
+                Some(next) if resp.status().as_u16() == 429 && retries < MAX_RETRIES => {
+                    let secs = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(1)
+                        .clamp(1, 60);
+                    eprintln!("agentvm: the server is busy (429); trying again in {secs} s");
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    retries += 1;
+                    r = next;
+                }
+                _ => break resp,
             }
-        })?;
+        };
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -239,6 +262,9 @@ impl Client {
             .map_err(|e| e.to_string())
     }
 }
+
+/// How often a 429 is retried before it is reported.
+const MAX_RETRIES: u32 = 5;
 
 fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());

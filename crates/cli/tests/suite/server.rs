@@ -1079,6 +1079,34 @@ fn cli_client_submits_follows_and_reports_errors() {
 }
 
 #[test]
+fn the_cli_waits_out_a_full_queue() {
+    let (t, repo, s) = setup(&["--max-concurrent", "1", "--max-queue", "1"]);
+    let (_, a) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 2")));
+    s.wait_running(a["id"].as_str().unwrap_or(""));
+    let (code, _) = s.json("POST", "/v1/jobs", Some(shell(&repo, "true")));
+    assert_eq!(code, 202, "the second waits in the queue");
+    let (code, full) = s.json("POST", "/v1/jobs", Some(shell(&repo, "true")));
+    assert_eq!(code, 429, "{full}");
+    // the CLI takes the 429's Retry-After and tries again
+    let o = Command::new(agentvm_path())
+        .args(["jobs", "submit", "--agent", "shell", "--repo"])
+        .arg(&repo)
+        .args(["--wait", "--json", "echo third"])
+        .env("AGENTVM_URL", &s.url)
+        .env("AGENTVM_API_KEY_FILE", s.data.join("admin.key"))
+        .env("HOME", t.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the server is busy (429); trying again in"),
+        "{o:?}"
+    );
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(j["status"], "succeeded", "{j}");
+}
+
+#[test]
 fn config_file_env_and_flags_in_that_order() {
     let t = tempdir();
     let root = t.path().join("root");
