@@ -103,18 +103,14 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         (None, Some(s)) => s.parse().map_err(|e| format!("config listen {s:?}: {e}"))?,
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 8000)),
     };
-    let body_limit = match a.body_limit.or(file.body_limit) {
-        Some(s) => units::parse_size(&s)? as usize,
-        None => 1 << 20,
+    // a size setting: the flag, else the config file, else the default
+    let size = |flag: Option<String>, file: Option<String>, default: u64| match flag.or(file) {
+        Some(s) => units::parse_size(&s),
+        None => Ok(default),
     };
-    let max_output = match a.max_output.or(file.max_output) {
-        Some(s) => units::parse_size(&s)?,
-        None => 64 << 20,
-    };
-    let max_patch = match a.max_patch.or(file.max_patch) {
-        Some(s) => units::parse_size(&s)?,
-        None => 64 << 20,
-    };
+    let body_limit = size(a.body_limit, file.body_limit, 1 << 20)? as usize;
+    let max_output = size(a.max_output, file.max_output, 64 << 20)?;
+    let max_patch = size(a.max_patch, file.max_patch, 64 << 20)?;
     let grace = match a.shutdown_grace.or(file.shutdown_grace) {
         Some(s) => units::parse_duration(&s)?,
         None => Duration::from_secs(30),

@@ -19,7 +19,7 @@ mod sni;
 mod splice;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,7 +119,7 @@ pub struct Proxy {
     limit: u64,
     unrecorded_allowed: AtomicU64,
     unrecorded_refused: AtomicU64,
-    announced: std::sync::atomic::AtomicBool,
+    announced: AtomicBool,
     /// Connections being handled right now.
     active: AtomicU64,
     idle: tokio::sync::Notify,
@@ -156,7 +156,7 @@ impl Proxy {
             limit,
             unrecorded_allowed: AtomicU64::new(0),
             unrecorded_refused: AtomicU64::new(0),
-            announced: std::sync::atomic::AtomicBool::new(false),
+            announced: AtomicBool::new(false),
             active: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
         })

@@ -575,7 +575,8 @@ impl Runner {
         // The egress proxy's decisions, live: the write end goes to the
         // child as fd 4 (only when it runs a proxy).
         let events = if args.iter().any(|a| a == "--egress-events-fd") {
-            match events_pipe() {
+            // both ends close-on-exec; the write end is placed at fd 4 below
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Ok(p) => Some(p),
                 Err(e) => return fail(format!("creating the egress event pipe: {e}")),
             }
@@ -875,30 +876,9 @@ impl Runner {
     }
 }
 
-/// A pipe for the egress proxy's live decisions: (read end, write end),
-/// both close-on-exec.
-fn events_pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array it is given.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: both descriptors were just created and are owned by no one else.
-    Ok(unsafe {
-        (
-            std::os::fd::FromRawFd::from_raw_fd(fds[0]),
-            std::os::fd::FromRawFd::from_raw_fd(fds[1]),
-        )
-    })
-}
-
 /// A close-on-exec duplicate of `fd` numbered 10 or above.
-fn high_fd(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<std::os::fd::OwnedFd> {
-    // SAFETY: F_DUPFD_CLOEXEC duplicates a descriptor we hold.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+fn high_fd(fd: &impl std::os::fd::AsRawFd) -> nix::Result<std::os::fd::OwnedFd> {
+    let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
     // SAFETY: n was just created and is owned by no one else.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(n) })
 }

@@ -101,6 +101,20 @@ impl Server {
         }
     }
 
+    /// Submit a job (POST /v1/jobs with `body`) and wait until it ends:
+    /// its id and its final record.
+    pub fn run_job(&self, body: Value) -> (String, Value) {
+        let (_, j) = self.json("POST", "/v1/jobs", Some(body));
+        let id = j["id"].as_str().unwrap_or("").to_string();
+        let done = self.wait(&id);
+        (id, done)
+    }
+
+    /// GET `path` with the admin key: the body as text.
+    pub fn text(&self, path: &str) -> String {
+        self.req("GET", path, Some(&self.key.clone()), None).2
+    }
+
     /// Poll until the job is running (or has ended).
     pub fn wait_running(&self, id: &str) {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1343,16 +1357,10 @@ fn secrets_reach_only_their_agent_and_never_any_record() {
 fn output_past_the_limit_is_drained_and_dropped() {
     let (_t, repo, s) = setup(&["--max-output", "1K"]);
     // 50 MB: the job must not block on a full pipe, and the store keeps 1 KiB
-    let (_, j) = s.json(
-        "POST",
-        "/v1/jobs",
-        Some(shell(&repo, "yes | head -c 50000000; echo after >&2")),
-    );
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    let done = s.wait(&id);
+    let (id, done) = s.run_job(shell(&repo, "yes | head -c 50000000; echo after >&2"));
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["result"]["output_truncated"], true, "{done}");
-    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
     let note = "[agentvm: this job's output passed the server's limit of 1024 bytes; the rest was discarded]";
     assert!(logs.starts_with("y\ny\n"), "{logs}");
     assert!(logs.contains(note), "{logs}");
@@ -1363,27 +1371,19 @@ fn output_past_the_limit_is_drained_and_dropped() {
     );
     assert!(!logs.contains("after"), "{logs}");
     // a job under the limit is untouched
-    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo small")));
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    let done = s.wait(&id);
+    let (id, done) = s.run_job(shell(&repo, "echo small"));
     assert!(done["result"].get("output_truncated").is_none(), "{done}");
-    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
     assert_eq!(logs, "small\n");
 }
 
 #[test]
 fn a_patch_past_the_limit_fails_the_job_and_is_not_stored() {
     let (_t, repo, s) = setup(&["--max-patch", "2K"]);
-    let (_, j) = s.json(
-        "POST",
-        "/v1/jobs",
-        Some(shell(
-            &repo,
-            "yes line | head -n 2000 > big.txt; echo wrote",
-        )),
-    );
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    let done = s.wait(&id);
+    let (id, done) = s.run_job(shell(
+        &repo,
+        "yes line | head -n 2000 > big.txt; echo wrote",
+    ));
     assert_eq!(done["status"], "failed", "{done}");
     let err = done["error"].as_str().unwrap_or("");
     assert!(
@@ -1392,13 +1392,12 @@ fn a_patch_past_the_limit_fails_the_job_and_is_not_stored() {
     );
     let (code, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
     assert_eq!((code, patch.as_str()), (200, ""));
-    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
     assert_eq!(logs, "wrote\n", "the output is kept");
     // under the limit, as ever
-    let (_, j) = s.json("POST", "/v1/jobs", Some(shell(&repo, "echo x > small.txt")));
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    assert_eq!(s.wait(&id)["status"], "succeeded");
-    let (_, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
+    let (id, done) = s.run_job(shell(&repo, "echo x > small.txt"));
+    assert_eq!(done["status"], "succeeded");
+    let patch = s.text(&format!("/v1/jobs/{id}/patch"));
     assert!(patch.contains("+++ b/small.txt"), "{patch}");
 }
 
@@ -1510,13 +1509,7 @@ fn a_store_that_refuses_a_jobs_end_still_gets_a_failed_end() {
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(o.status.success(), "{o:?}");
-    let (_, j) = s.json(
-        "POST",
-        "/v1/jobs",
-        Some(shell(&repo, "echo x > made.txt; echo out")),
-    );
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    let done = s.wait(&id);
+    let (id, done) = s.run_job(shell(&repo, "echo x > made.txt; echo out"));
     assert_eq!(done["status"], "failed", "{done}");
     assert!(
         done["error"]
@@ -1525,24 +1518,19 @@ fn a_store_that_refuses_a_jobs_end_still_gets_a_failed_end() {
             .starts_with("the server could not record this job's result and patch"),
         "{done}"
     );
-    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
     assert_eq!(logs, "out\n", "the output is kept");
 }
 
 #[test]
 fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
     let (t, repo, s) = setup(&[]);
-    let (_, j) = s.json(
-        "POST",
-        "/v1/jobs",
-        Some(shell(
-            &repo,
-            // stdout and stderr are two pipes: only time orders them
-            "echo first; sleep 0.3; printf 'caf\\303\\251\\n' >&2; sleep 0.3; echo last",
-        )),
-    );
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    assert_eq!(s.wait(&id)["status"], "succeeded");
+    let (id, done) = s.run_job(shell(
+        &repo,
+        // stdout and stderr are two pipes: only time orders them
+        "echo first; sleep 0.3; printf 'caf\\303\\251\\n' >&2; sleep 0.3; echo last",
+    ));
+    assert_eq!(done["status"], "succeeded");
     let (code, h, cast) = s.req(
         "GET",
         &format!("/v1/jobs/{id}/recording"),
@@ -1871,7 +1859,7 @@ fn egress_decisions_stream_live_and_join_the_audit_while_the_job_runs() {
     assert_eq!(replay[0].1, "egress", "{replay:?}");
     assert!(replay[0].2.contains("blocked.example"), "{replay:?}");
     // and they are not output: not in the text logs, nor the recording
-    let (_, _, logs) = s.req("GET", &format!("/v1/jobs/{id}/logs"), Some(&s.key), None);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
     assert_eq!(logs, "found\n");
     let (_, _, cast) = s.req(
         "GET",
@@ -1890,9 +1878,7 @@ fn past_the_record_limit_a_job_counts_its_connections() {
         "for h in one two three; do curl -s -o /dev/null http://$h.example/; done",
     );
     b["network"] = json!("allow:127.0.0.1:9");
-    let (_, j) = s.json("POST", "/v1/jobs", Some(b));
-    let id = j["id"].as_str().unwrap_or("").to_string();
-    let done = s.wait(&id);
+    let (id, done) = s.run_job(b);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(
         done["result"]["egress_unrecorded"],
