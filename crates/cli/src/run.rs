@@ -85,6 +85,10 @@ pub struct RunArgs {
     /// Largest binary file encoded in the patch; larger ones are only marked.
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size, default_value = "8M")]
     patch_binary_max: u64,
+    /// Largest patch written; a larger one fails the run (exit 125, the
+    /// result says why) and --patch-out is left empty.
+    #[arg(long, value_name = "SIZE", value_parser = units::parse_size, default_value = "1G")]
+    patch_max: u64,
     /// DANGEROUS: run without the seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -307,7 +311,13 @@ struct RunResult {
     setup_ms: Option<u64>,
     changed_files: Vec<String>,
     binary_omitted: Vec<String>,
-    patch_bytes: usize,
+    /// Changed paths that `apply` refuses (startup files, hooks, CI, ...):
+    /// review them before applying the patch by hand.
+    protected_changes: Vec<String>,
+    patch_bytes: u64,
+    /// The patch passed --patch-max and was not written.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    patch_too_large: bool,
     oom_kills: u64,
     memory_peak_bytes: Option<u64>,
     timeout_ms: Option<u64>,
@@ -448,6 +458,23 @@ pub fn main(args: RunArgs) -> ExitCode {
         }
     }
 
+    // What a shell, an editor, git or CI would run later: found in the
+    // repo now, shown read-only inside, and named in the result if the
+    // patch touches it.
+    let (scan, protected) = match (&repo_dir, &repo_via_fd, &repo) {
+        (Some(fd), Some(_), Some(real)) => {
+            use std::os::fd::AsFd;
+            let mut extra = agentvm_workspace::protect::config_paths(real, Some(fd.as_fd()));
+            match agentvm_workspace::protect::existing(fd.as_fd(), real, &extra) {
+                Ok(scan) => {
+                    extra.extend(scan.targets.iter().cloned());
+                    (scan, agentvm_workspace::Protected::new(extra))
+                }
+                Err(e) => return fail(&format!("--repo: looking for protected files: {e}")),
+            }
+        }
+        _ => Default::default(),
+    };
     let spec = SandboxSpec {
         argv: args.command.clone(),
         env,
@@ -460,10 +487,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: args.cgroup_parent.clone(),
         proxy_socket: None,
-        protected: agentvm_workspace::apply::PROTECTED
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+        protected: scan.paths,
     };
     let mut result = RunResult {
         status: "error",
@@ -473,7 +497,9 @@ pub fn main(args: RunArgs) -> ExitCode {
         setup_ms: None,
         changed_files: Vec::new(),
         binary_omitted: Vec::new(),
+        protected_changes: Vec::new(),
         patch_bytes: 0,
+        patch_too_large: false,
         oom_kills: 0,
         memory_peak_bytes: None,
         timeout_ms: limits.timeout.map(|t| t.as_millis() as u64),
@@ -561,35 +587,43 @@ pub fn main(args: RunArgs) -> ExitCode {
             result.memory_peak_bytes = o.memory_peak;
             result.landlock_abi = o.landlock_abi;
             if outs.patch.is_some() || outs.result.is_some() {
-                let upper = PathBuf::from(format!("/proc/self/fd/{}", o.upper.as_raw_fd()));
-                match agentvm_workspace::capture(&upper, repo_via_fd.as_deref()) {
-                    Ok(changes) => {
-                        let r = agentvm_workspace::render(
-                            &changes,
-                            &agentvm_workspace::PatchOptions {
-                                binary_max: args.patch_binary_max as usize,
-                            },
-                        );
-                        result.changed_files = changes
-                            .iter()
-                            .map(|c| c.path().to_string_lossy().into_owned())
-                            .collect();
-                        result.binary_omitted = r.binary_omitted;
-                        result.patch_bytes = r.patch.len();
-                        if let Some(f) = outs.patch.as_mut() {
-                            if let Err(e) = f.write_all(&r.patch).and_then(|_| f.sync_all()) {
-                                eprintln!("agentvm: writing the patch: {e}");
-                            }
-                        }
+                if let Err(e) = capture(
+                    &args,
+                    &o.upper,
+                    repo_dir.as_ref(),
+                    &protected,
+                    &mut outs,
+                    &mut result,
+                ) {
+                    eprintln!("agentvm: capturing the changes failed: {e}");
+                    result.status = "error";
+                    result.error = Some(ErrorJson {
+                        layer: "capture".into(),
+                        message: e,
+                    });
+                    if let Some(f) = outs.patch.as_mut() {
+                        // never leave a partial patch someone could apply
+                        let _ = f.set_len(0);
                     }
-                    Err(e) => eprintln!("agentvm: capturing changes: {e}"),
+                    return finish(&mut outs, &result, EXIT_SETUP as i32);
+                }
+                if !result.protected_changes.is_empty() {
+                    eprintln!(
+                        "agentvm: note: the patch changes files that run by themselves later ({}); `agentvm jobs apply` refuses them, review them before applying the patch yourself",
+                        result.protected_changes.join(", ")
+                    );
                 }
             }
             code
         }
     };
+    finish(&mut outs, &result, code)
+}
+
+/// Write the result (whatever happened, there is one) and exit.
+fn finish(outs: &mut Outputs, result: &RunResult, code: i32) -> ExitCode {
     if let Some(f) = outs.result.as_mut() {
-        match serde_json::to_vec_pretty(&result) {
+        match serde_json::to_vec_pretty(result) {
             Ok(mut bytes) => {
                 bytes.push(b'\n');
                 if let Err(e) = f.write_all(&bytes) {
@@ -600,6 +634,55 @@ pub fn main(args: RunArgs) -> ExitCode {
         }
     }
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// Capture every change into --patch-out and the result, streaming: the
+/// host's memory does not follow the files' sizes.
+fn capture(
+    args: &RunArgs,
+    upper: &std::os::fd::OwnedFd,
+    repo: Option<&std::os::fd::OwnedFd>,
+    protected: &agentvm_workspace::Protected,
+    outs: &mut Outputs,
+    result: &mut RunResult,
+) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let cap = agentvm_workspace::capture(upper.as_fd(), repo.map(|r| r.as_fd()))
+        .map_err(|e| e.to_string())?;
+    result.changed_files = cap
+        .changes
+        .iter()
+        .map(|c| c.path().to_string_lossy().into_owned())
+        .collect();
+    result.protected_changes =
+        agentvm_workspace::apply::refused_paths(cap.changes.iter().map(|c| c.path()), protected);
+    let opts = agentvm_workspace::PatchOptions {
+        binary_max: args.patch_binary_max,
+        max_bytes: args.patch_max,
+    };
+    let rendered = match outs.patch.as_mut() {
+        Some(f) => {
+            let mut w = std::io::BufWriter::with_capacity(256 * 1024, &*f);
+            let r = agentvm_workspace::render(&cap, &opts, &mut w);
+            drop(w);
+            r.and_then(|r| {
+                f.sync_all()
+                    .map_err(agentvm_workspace::RenderError::Write)?;
+                Ok(r)
+            })
+        }
+        None => agentvm_workspace::render(&cap, &opts, &mut std::io::sink()),
+    };
+    let r = match rendered {
+        Ok(r) => r,
+        Err(e) => {
+            result.patch_too_large = matches!(e, agentvm_workspace::RenderError::TooLarge { .. });
+            return Err(e.to_string());
+        }
+    };
+    result.binary_omitted = r.binary_omitted;
+    result.patch_bytes = r.bytes;
+    Ok(())
 }
 
 fn report_setup_error(e: &SetupError, result: &mut RunResult) {

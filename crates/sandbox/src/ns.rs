@@ -1014,6 +1014,113 @@ fn move_mount(tree: &OwnedFd, dst: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Make `rel` (beneath the directory `base`) read-only: resolved without
+/// following any symlink or leaving `base`, cloned as a detached mount,
+/// made read-only, and attached over itself. A path that is not there,
+/// or not a plain file or directory, is skipped.
+fn bind_ro_beneath(base: &OwnedFd, rel: &Path) -> Result<(), SetupError> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .resolve(
+            ResolveFlag::RESOLVE_BENEATH
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let fd = match nix::fcntl::openat2(base.as_raw_fd(), rel, how) {
+        Ok(fd) => fd,
+        Err(
+            nix::errno::Errno::ENOENT
+            | nix::errno::Errno::ELOOP
+            | nix::errno::Errno::ENOTDIR
+            | nix::errno::Errno::EXDEV,
+        ) => return Ok(()),
+        Err(e) => {
+            return Err(SetupError::os(
+                Layer::Mounts,
+                format!("opening /workspace/{}", rel.display()),
+                e,
+            ))
+        }
+    };
+    // SAFETY: openat2 just returned this descriptor; we own it.
+    let target = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(target.as_raw_fd()).map_err(os(
+        Layer::Mounts,
+        format!("checking /workspace/{}", rel.display()),
+    ))?;
+    let fmt = st.st_mode & libc::S_IFMT;
+    if fmt != libc::S_IFDIR && fmt != libc::S_IFREG {
+        return Ok(());
+    }
+    let what = || format!("making /workspace/{} read-only", rel.display());
+    // SAFETY: open_tree on our descriptor with an empty NUL-terminated
+    // path; returns a new fd or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32)
+                as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(SetupError::os(
+            Layer::Mounts,
+            what(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the kernel just returned this descriptor; we own it.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: empty path with AT_EMPTY_PATH on our fd; attr is a valid
+    // mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(SetupError::os(
+            Layer::Mounts,
+            what(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: both descriptors are ours; empty paths with the EMPTY_PATH
+    // flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::MOVE_MOUNT_F_EMPTY_PATH | libc::MOVE_MOUNT_T_EMPTY_PATH) as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(SetupError::os(
+            Layer::Mounts,
+            what(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
@@ -1277,14 +1384,21 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         nosuid_nodev,
         Some("lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work,userxattr"),
     )?;
-    // Startup files a shell or editor would run later, read-only inside
-    // (new ones can be made, but apply refuses to carry them out).
-    for name in &spec.protected {
-        let path = ws.join(name);
-        if let Ok(md) = std::fs::symlink_metadata(&path) {
-            if (md.is_dir() || md.is_file()) && name != ".git" {
-                bind(&path, &path, ro)?;
-            }
+    // What a shell, an editor, git or CI would run later: read-only inside
+    // (new files can still be made, but apply refuses to carry them out).
+    if !spec.protected.is_empty() {
+        let wsfd = nix::fcntl::open(
+            &ws,
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(os(Layer::Mounts, "opening /workspace"))?;
+        // SAFETY: open just returned this descriptor; we own it.
+        let wsfd = unsafe { OwnedFd::from_raw_fd(wsfd) };
+        for rel in &spec.protected {
+            bind_ro_beneath(&wsfd, rel)?;
         }
     }
     // The repo's own git directory is read-only inside.

@@ -106,9 +106,11 @@ pub struct SandboxSpec {
     /// as root (never 0). Ignored when run unprivileged: then root inside is
     /// the calling user.
     pub root_maps_to: u32,
-    /// Names (at any depth they exist at the top of /workspace) shown
-    /// read-only inside: files a shell or editor would execute later.
-    pub protected: Vec<String>,
+    /// Paths relative to /workspace shown read-only inside: what a shell,
+    /// an editor, git or CI would execute later (the runner decides the
+    /// set). Each is resolved beneath /workspace without following any
+    /// symlink; one that is not there (or is a symlink) is skipped.
+    pub protected: Vec<PathBuf>,
     /// With `Network::Proxied`: the host path of the proxy's Unix socket.
     pub proxy_socket: Option<PathBuf>,
     /// Cgroup parent (relative to each hierarchy's root) under which the

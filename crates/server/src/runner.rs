@@ -371,6 +371,9 @@ impl Runner {
             dir.join("result.json").to_string_lossy().into_owned(),
             "--timeout".into(),
             format!("{}s", job.timeout_s),
+            // a larger patch is not even written
+            "--patch-max".into(),
+            self.cfg.max_patch.to_string(),
             "--network".into(),
             network.clone(),
         ];
@@ -748,9 +751,14 @@ impl Runner {
                 o.insert("output_truncated".into(), serde_json::Value::Bool(true));
             }
         }
-        // a patch past the limit is not read at all
+        // a patch past the limit is not written by the runner, nor read here
         let patch_len = std::fs::metadata(dir.join("patch")).map(|m| m.len()).ok();
-        let too_big = patch_len.filter(|&n| n > self.cfg.max_patch);
+        let too_big = patch_len.filter(|&n| n > self.cfg.max_patch).or_else(|| {
+            result
+                .as_ref()
+                .filter(|r| r["patch_too_large"] == true)
+                .map(|_| self.cfg.max_patch + 1)
+        });
         let patch = match too_big {
             Some(_) => None,
             None => std::fs::read(dir.join("patch")).ok(),
@@ -783,7 +791,7 @@ impl Runner {
                     "the sandbox ended without a result (exit status {code:?})"
                 )),
             )
-        } else if exit_code == Some(0) {
+        } else if exit_code == Some(0) && r_status != "error" {
             (JobStatus::Succeeded, None)
         } else {
             let msg = match r_status {
@@ -813,18 +821,29 @@ impl Runner {
         let (st, error) = match too_big {
             None => (st, error),
             Some(n) => {
-                let note = format!(
-                    "the patch is {n} bytes, more than the server keeps ({} bytes, --max-patch); it was not stored",
-                    self.cfg.max_patch
-                );
+                let note = if n > self.cfg.max_patch + 1 {
+                    format!(
+                        "the patch is {n} bytes, more than the server keeps ({} bytes, --max-patch); it was not stored",
+                        self.cfg.max_patch
+                    )
+                } else {
+                    format!(
+                        "the patch is more than the server keeps ({} bytes, --max-patch); it was not stored",
+                        self.cfg.max_patch
+                    )
+                };
+                // the runner stopped writing it: that is the whole story
+                let from_runner = result
+                    .as_ref()
+                    .is_some_and(|r| r["patch_too_large"] == true);
                 let st = if st == JobStatus::Succeeded {
                     JobStatus::Failed
                 } else {
                     st
                 };
                 let error = match error {
-                    Some(e) => format!("{e}; {note}"),
-                    None => note,
+                    Some(e) if !from_runner => format!("{e}; {note}"),
+                    _ => note,
                 };
                 (st, Some(error))
             }

@@ -1,66 +1,163 @@
-//! Rendering changes as a git-style patch.
+//! Rendering changes as a git patch that `git apply` reproduces exactly.
 //!
-//! Text files become unified diffs; binary files (a NUL in the first 8000
-//! bytes, as git decides, or bytes that are not UTF-8) become a
-//! `GIT binary patch` (zlib + base85, never raw bytes) up to a size limit,
-//! beyond which they are only marked; symlinks are mode 120000 entries whose
-//! content is the target; a change of kind (file <-> symlink) is a deletion
-//! followed by an addition, as git writes it.
+//! Git's own rules, over bytes: a line ends at LF and nowhere else (a CR,
+//! alone or before the LF, is part of the line); a file whose first 8000
+//! bytes hold a NUL is binary, anything else is text, valid UTF-8 or not;
+//! a last line without LF is followed by `\ No newline at end of file`.
+//! Binary files become a `GIT binary patch` (zlib + base85, never raw
+//! bytes) up to a size limit, beyond which they are only marked (and never
+//! read past their first 8000 bytes); symlinks are mode 120000 entries
+//! whose content is the target; a change of kind (file <-> symlink) is a
+//! deletion followed by an addition, as git writes it.
+//!
+//! Memory stays bounded whatever the files' sizes: added and deleted text
+//! is streamed line by line, a modification is diffed in memory only when
+//! both sides are small enough and otherwise written as a whole
+//! replacement (still exact), and the output stops at `max_bytes`.
 
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use sha1::{Digest, Sha1};
 
-use crate::capture::{Change, Entry, Kind};
+use crate::capture::{Capture, Change, Entry, Kind};
+use crate::fsx::{read_full, Dir};
 
 #[derive(Debug, Clone)]
 pub struct PatchOptions {
-    /// Largest binary file (either side) encoded in the patch; larger ones
-    /// are marked "Binary files ... differ" and cannot be applied.
-    pub binary_max: usize,
+    /// Largest binary file encoded in the patch; larger ones are marked
+    /// "Binary files ... differ" (that file cannot be applied).
+    pub binary_max: u64,
+    /// The patch stops here: rendering fails with `TooLarge`.
+    pub max_bytes: u64,
 }
 
 impl Default for PatchOptions {
     fn default() -> Self {
         PatchOptions {
             binary_max: 8 << 20,
+            max_bytes: u64::MAX,
         }
     }
 }
 
-/// The rendered patch and the paths whose content it could not carry.
+/// What was written.
+#[derive(Debug, Default)]
 pub struct Rendered {
-    pub patch: Vec<u8>,
+    pub bytes: u64,
+    /// Binary files larger than `binary_max`, only marked in the patch.
     pub binary_omitted: Vec<String>,
 }
 
-/// Render all changes.
-pub fn render(changes: &[Change], opts: &PatchOptions) -> Rendered {
-    let mut r = Rendered {
-        patch: Vec::new(),
-        binary_omitted: Vec::new(),
-    };
-    for c in changes {
-        match c {
-            Change::Added { path, new } => one(&mut r, opts, path, None, Some(new)),
-            Change::Deleted { path, old } => one(&mut r, opts, path, Some(old), None),
-            Change::Modified { path, old, new } => {
-                if (old.kind == Kind::Symlink) != (new.kind == Kind::Symlink) {
-                    one(&mut r, opts, path, Some(old), None);
-                    one(&mut r, opts, path, None, Some(new));
-                } else {
-                    one(&mut r, opts, path, Some(old), Some(new));
-                }
-            }
-        }
-    }
-    r
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("the patch is larger than {limit} bytes; it was not written in full")]
+    TooLarge { limit: u64 },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("writing the patch: {0}")]
+    Write(std::io::Error),
 }
 
-pub(crate) fn is_binary(b: &[u8]) -> bool {
-    b[..b.len().min(8000)].contains(&0) || std::str::from_utf8(b).is_err()
+/// git's rule: a NUL in the first 8000 bytes.
+pub const BINARY_PROBE: usize = 8000;
+/// A modification is diffed in memory when both sides are at most this
+/// large and hold at most `DIFF_LINES` lines; otherwise it is written as
+/// a whole replacement.
+pub const DIFF_MAX: u64 = 16 << 20;
+pub const DIFF_LINES: usize = 500_000;
+
+/// Render every change of `cap` into `out`.
+pub fn render(
+    cap: &Capture,
+    opts: &PatchOptions,
+    out: &mut dyn Write,
+) -> Result<Rendered, RenderError> {
+    let mut o = Out {
+        w: out,
+        n: 0,
+        max: opts.max_bytes,
+    };
+    let mut omitted = Vec::new();
+    // every diff together gets a time budget; past it, similar falls back
+    // to a quick (still exact, less minimal) diff
+    let overall = Instant::now() + Duration::from_secs(30);
+    let (old_tree, new_tree) = cap.trees();
+    let r = Renderer {
+        old_tree,
+        new_tree,
+        opts,
+        overall,
+    };
+    for c in &cap.changes {
+        let Change {
+            path,
+            old,
+            new,
+            same_content,
+        } = c;
+        let path = path.as_path();
+        match (old, new) {
+            (Some(a), Some(b)) if (a.kind == Kind::Symlink) != (b.kind == Kind::Symlink) => {
+                r.one(&mut o, &mut omitted, path, Some(a), None, false)?;
+                r.one(&mut o, &mut omitted, path, None, Some(b), false)?;
+            }
+            _ => r.one(
+                &mut o,
+                &mut omitted,
+                path,
+                old.as_ref(),
+                new.as_ref(),
+                *same_content,
+            )?,
+        }
+    }
+    o.w.flush().map_err(RenderError::Write)?;
+    Ok(Rendered {
+        bytes: o.n,
+        binary_omitted: omitted,
+    })
+}
+
+/// The output, counted and bounded.
+struct Out<'a> {
+    w: &'a mut dyn Write,
+    n: u64,
+    max: u64,
+}
+
+impl Out<'_> {
+    fn put(&mut self, b: &[u8]) -> Result<(), RenderError> {
+        if self.n.saturating_add(b.len() as u64) > self.max {
+            return Err(RenderError::TooLarge { limit: self.max });
+        }
+        self.w.write_all(b).map_err(RenderError::Write)?;
+        self.n += b.len() as u64;
+        Ok(())
+    }
+
+    fn room(&self) -> u64 {
+        self.max.saturating_sub(self.n)
+    }
+}
+
+trait Source: Read + Seek {}
+impl<T: Read + Seek> Source for T {}
+
+struct Renderer<'a> {
+    old_tree: Option<&'a Dir>,
+    new_tree: &'a Dir,
+    opts: &'a PatchOptions,
+    overall: Instant,
+}
+
+fn lossy(path: &Path) -> String {
+    String::from_utf8_lossy(path.as_os_str().as_bytes()).into_owned()
 }
 
 /// git's C-style quoting of a path (core.quotePath=true).
@@ -93,93 +190,394 @@ pub(crate) fn quote(prefix: &str, path: &Path) -> String {
     s
 }
 
-fn blob_id(content: &[u8]) -> String {
+fn blob_header(len: u64) -> Sha1 {
     let mut h = Sha1::new();
-    h.update(format!("blob {}\0", content.len()).as_bytes());
-    h.update(content);
+    h.update(format!("blob {len}\0").as_bytes());
+    h
+}
+
+fn hex(h: Sha1) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `git hash-object` of some bytes.
+pub(crate) fn blob_id(content: &[u8]) -> String {
+    let mut h = blob_header(content.len() as u64);
+    h.update(content);
+    hex(h)
 }
 
 const ZERO_ID: &str = "0000000000000000000000000000000000000000";
 
-fn one(
-    r: &mut Rendered,
-    opts: &PatchOptions,
-    path: &Path,
-    old: Option<&Entry>,
-    new: Option<&Entry>,
-) {
-    let a = quote("a/", path);
-    let b = quote("b/", path);
-    let out = &mut r.patch;
-    let _ = writeln!(out, "diff --git {a} {b}");
-    match (old, new) {
-        (None, Some(n)) => {
-            let _ = writeln!(out, "new file mode {}", n.kind.mode());
+/// Lines of a text of `size` bytes ending with `last`.
+fn line_count(src: &mut dyn Source) -> std::io::Result<(u64, bool)> {
+    src.rewind()?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut n, mut last, mut any) = (0u64, b'\n', false);
+    loop {
+        let k = src.read(&mut buf)?;
+        if k == 0 {
+            break;
         }
-        (Some(o), None) => {
-            let _ = writeln!(out, "deleted file mode {}", o.kind.mode());
-        }
-        (Some(o), Some(n)) if o.kind != n.kind => {
-            let _ = writeln!(out, "old mode {}", o.kind.mode());
-            let _ = writeln!(out, "new mode {}", n.kind.mode());
-        }
-        _ => {}
+        any = true;
+        n += buf[..k].iter().filter(|&&b| b == b'\n').count() as u64;
+        last = buf[k - 1];
     }
-    let empty: &[u8] = &[];
-    let oc = old.map(|e| e.content.as_slice()).unwrap_or(empty);
-    let nc = new.map(|e| e.content.as_slice()).unwrap_or(empty);
-    if oc == nc {
-        // a mode change, or an empty file added or deleted: headers only
-        return;
+    let unterminated = any && last != b'\n';
+    Ok((n + u64::from(unterminated), unterminated))
+}
+
+/// `@@` range: git's (and diff's) rules for counts of one and zero.
+fn range(start0: usize, len: usize) -> String {
+    match len {
+        0 => format!("{start0},0"),
+        1 => format!("{}", start0 + 1),
+        n => format!("{},{n}", start0 + 1),
     }
-    let a_name = if old.is_some() {
-        a.clone()
-    } else {
-        "/dev/null".to_string()
-    };
-    let b_name = if new.is_some() {
-        b.clone()
-    } else {
-        "/dev/null".to_string()
-    };
-    if is_binary(oc) || is_binary(nc) {
-        let same_kind_mode = match (old, new) {
-            (Some(o), Some(n)) if o.kind == n.kind => format!(" {}", n.kind.mode()),
+}
+
+const NO_NEWLINE: &[u8] = b"\n\\ No newline at end of file\n";
+
+impl Renderer<'_> {
+    fn open(&self, old: bool, path: &Path, e: &Entry) -> Result<Box<dyn Source>, RenderError> {
+        if e.kind == Kind::Symlink {
+            return Ok(Box::new(std::io::Cursor::new(e.target.clone())));
+        }
+        let tree = if old {
+            self.old_tree
+        } else {
+            Some(self.new_tree)
+        };
+        let read = |source| RenderError::Read {
+            path: lossy(path),
+            source,
+        };
+        let tree = tree.ok_or_else(|| read(std::io::Error::other("no repo to read from")))?;
+        let f = tree
+            .open_file_at(path.as_os_str().as_bytes())
+            .map_err(read)?;
+        Ok(Box::new(f))
+    }
+
+    fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> RenderError + '_ {
+        move |source| RenderError::Read {
+            path: lossy(path),
+            source,
+        }
+    }
+
+    /// One file's part of the patch.
+    fn one(
+        &self,
+        o: &mut Out,
+        omitted: &mut Vec<String>,
+        path: &Path,
+        old: Option<&Entry>,
+        new: Option<&Entry>,
+        same_content: bool,
+    ) -> Result<(), RenderError> {
+        let a = quote("a/", path);
+        let b = quote("b/", path);
+        o.put(format!("diff --git {a} {b}\n").as_bytes())?;
+        match (old, new) {
+            (None, Some(n)) => o.put(format!("new file mode {}\n", n.kind.mode()).as_bytes())?,
+            (Some(p), None) => {
+                o.put(format!("deleted file mode {}\n", p.kind.mode()).as_bytes())?
+            }
+            (Some(p), Some(n)) if p.kind != n.kind => o.put(
+                format!("old mode {}\nnew mode {}\n", p.kind.mode(), n.kind.mode()).as_bytes(),
+            )?,
+            _ => {}
+        }
+        let empty = |e: Option<&Entry>| e.is_none_or(|e| e.size == 0);
+        if same_content || (empty(old) && empty(new)) {
+            // a mode change, or an empty file added or deleted: headers only
+            return Ok(());
+        }
+        let err = Self::read_err(path);
+        let mut so = old.map(|e| self.open(true, path, e)).transpose()?;
+        let mut sn = new.map(|e| self.open(false, path, e)).transpose()?;
+        let mut probe = vec![0u8; BINARY_PROBE];
+        let mut binary = false;
+        for s in [so.as_mut(), sn.as_mut()].into_iter().flatten() {
+            s.rewind().map_err(Self::read_err(path))?;
+            let n = read_full(s.as_mut(), &mut probe).map_err(Self::read_err(path))?;
+            binary |= probe[..n].contains(&0);
+        }
+        let a_name = if old.is_some() { a } else { "/dev/null".into() };
+        let b_name = if new.is_some() { b } else { "/dev/null".into() };
+        if binary {
+            return self.binary(o, omitted, path, (old, so), (new, sn), &a_name, &b_name);
+        }
+        o.put(format!("--- {a_name}\n+++ {b_name}\n").as_bytes())?;
+        match (old.zip(so), new.zip(sn)) {
+            (None, Some((_, mut s))) => self.whole(o, path, None, Some(s.as_mut())),
+            (Some((_, mut s)), None) => self.whole(o, path, Some(s.as_mut()), None),
+            (Some((p, mut x)), Some((n, mut y))) => {
+                if p.size <= DIFF_MAX && n.size <= DIFF_MAX {
+                    let mut ob = Vec::with_capacity(p.size as usize);
+                    let mut nb = Vec::with_capacity(n.size as usize);
+                    x.rewind().map_err(Self::read_err(path))?;
+                    y.rewind().map_err(Self::read_err(path))?;
+                    // never more than the limit, whatever the files do meanwhile
+                    x.take(DIFF_MAX)
+                        .read_to_end(&mut ob)
+                        .map_err(Self::read_err(path))?;
+                    y.take(DIFF_MAX)
+                        .read_to_end(&mut nb)
+                        .map_err(Self::read_err(path))?;
+                    self.diff(o, &ob, &nb)
+                } else {
+                    self.whole(o, path, Some(x.as_mut()), Some(y.as_mut()))
+                }
+            }
+            (None, None) => Err(err(std::io::Error::other("nothing to compare"))),
+        }
+    }
+
+    /// A text change as one hunk: every old line removed, every new line
+    /// added, streamed.
+    fn whole(
+        &self,
+        o: &mut Out,
+        path: &Path,
+        mut old: Option<&mut dyn Source>,
+        mut new: Option<&mut dyn Source>,
+    ) -> Result<(), RenderError> {
+        let err = Self::read_err;
+        let mut sizes = 0u64;
+        let mut counts = [0u64; 2];
+        // every byte appears in the output at least once: a file that
+        // cannot fit is not read at all
+        if let Some(s) = old.as_deref_mut() {
+            sizes = sizes.saturating_add(s_len(s).map_err(err(path))?);
+        }
+        if let Some(s) = new.as_deref_mut() {
+            sizes = sizes.saturating_add(s_len(s).map_err(err(path))?);
+        }
+        if sizes > o.room() {
+            return Err(RenderError::TooLarge { limit: o.max });
+        }
+        if let Some(s) = old.as_deref_mut() {
+            counts[0] = line_count(s).map_err(err(path))?.0;
+        }
+        if let Some(s) = new.as_deref_mut() {
+            counts[1] = line_count(s).map_err(err(path))?.0;
+        }
+        let r = |n: u64| match n {
+            0 => "0,0".to_string(),
+            1 => "1".to_string(),
+            n => format!("1,{n}"),
+        };
+        o.put(format!("@@ -{} +{} @@\n", r(counts[0]), r(counts[1])).as_bytes())?;
+        if let Some(s) = old {
+            stream_lines(o, s, b'-').map_err(|e| e.with_path(path))?;
+        }
+        if let Some(s) = new {
+            stream_lines(o, s, b'+').map_err(|e| e.with_path(path))?;
+        }
+        Ok(())
+    }
+
+    /// A text modification, diffed in memory (both sides are bounded).
+    fn diff(&self, o: &mut Out, old: &[u8], new: &[u8]) -> Result<(), RenderError> {
+        let ol: Vec<&[u8]> = old.split_inclusive(|b| *b == b'\n').collect();
+        let nl: Vec<&[u8]> = new.split_inclusive(|b| *b == b'\n').collect();
+        let put_line = |o: &mut Out, prefix: u8, line: &[u8]| -> Result<(), RenderError> {
+            o.put(&[prefix])?;
+            o.put(line)?;
+            if !line.ends_with(b"\n") {
+                o.put(NO_NEWLINE)?;
+            }
+            Ok(())
+        };
+        if ol.len() > DIFF_LINES || nl.len() > DIFF_LINES {
+            o.put(format!("@@ -{} +{} @@\n", range(0, ol.len()), range(0, nl.len())).as_bytes())?;
+            for l in &ol {
+                put_line(o, b'-', l)?;
+            }
+            for l in &nl {
+                put_line(o, b'+', l)?;
+            }
+            return Ok(());
+        }
+        let deadline = (Instant::now() + Duration::from_secs(5)).min(self.overall);
+        let ops = similar::capture_diff_slices_deadline(
+            similar::Algorithm::Myers,
+            &ol,
+            &nl,
+            Some(deadline),
+        );
+        for group in similar::group_diff_ops(ops, 3) {
+            let (Some(first), Some(last)) = (group.first(), group.last()) else {
+                continue;
+            };
+            let (os, oe) = (first.old_range().start, last.old_range().end);
+            let (ns, ne) = (first.new_range().start, last.new_range().end);
+            o.put(format!("@@ -{} +{} @@\n", range(os, oe - os), range(ns, ne - ns)).as_bytes())?;
+            for op in &group {
+                use similar::DiffTag;
+                let (tag, or, nr) = op.as_tag_tuple();
+                match tag {
+                    DiffTag::Equal => {
+                        for l in &ol[or] {
+                            put_line(o, b' ', l)?;
+                        }
+                    }
+                    DiffTag::Delete => {
+                        for l in &ol[or] {
+                            put_line(o, b'-', l)?;
+                        }
+                    }
+                    DiffTag::Insert => {
+                        for l in &nl[nr] {
+                            put_line(o, b'+', l)?;
+                        }
+                    }
+                    DiffTag::Replace => {
+                        for l in &ol[or] {
+                            put_line(o, b'-', l)?;
+                        }
+                        for l in &nl[nr] {
+                            put_line(o, b'+', l)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn binary(
+        &self,
+        o: &mut Out,
+        omitted: &mut Vec<String>,
+        path: &Path,
+        old: (Option<&Entry>, Option<Box<dyn Source>>),
+        new: (Option<&Entry>, Option<Box<dyn Source>>),
+        a_name: &str,
+        b_name: &str,
+    ) -> Result<(), RenderError> {
+        let err = Self::read_err;
+        let max = self.opts.binary_max;
+        let same_kind_mode = match (old.0, new.0) {
+            (Some(p), Some(n)) if p.kind == n.kind => format!(" {}", n.kind.mode()),
             _ => String::new(),
         };
-        let oid = if old.is_some() {
-            blob_id(oc)
-        } else {
-            ZERO_ID.to_string()
-        };
-        let nid = if new.is_some() {
-            blob_id(nc)
-        } else {
-            ZERO_ID.to_string()
-        };
-        if oc.len().max(nc.len()) > opts.binary_max {
-            let _ = writeln!(out, "index {}..{}{same_kind_mode}", &oid[..7], &nid[..7]);
-            let _ = writeln!(out, "Binary files {a_name} and {b_name} differ");
-            r.binary_omitted
-                .push(String::from_utf8_lossy(path.as_os_str().as_bytes()).into_owned());
-            return;
+        if new.0.is_some_and(|n| n.size > max) {
+            // never read beyond the probe: the limit applies to the
+            // apparent size, so a sparse terabyte costs nothing
+            o.put(format!("Binary files {a_name} and {b_name} differ\n").as_bytes())?;
+            omitted.push(lossy(path));
+            return Ok(());
         }
-        let _ = writeln!(out, "index {oid}..{nid}{same_kind_mode}");
-        let _ = writeln!(out, "GIT binary patch");
-        literal(out, nc);
-        literal(out, oc);
-        return;
+        // the new side is small: read it whole
+        let new_bytes = match new.1 {
+            Some(mut s) => {
+                s.rewind().map_err(err(path))?;
+                let mut v = Vec::new();
+                s.take(max).read_to_end(&mut v).map_err(err(path))?;
+                Some(v)
+            }
+            None => None,
+        };
+        // the old side (the repo's file): whole if small, else only hashed
+        let (old_id, old_bytes) = match (old.0, old.1) {
+            (Some(e), Some(mut s)) => {
+                s.rewind().map_err(err(path))?;
+                if e.size <= max {
+                    let mut v = Vec::new();
+                    s.take(max).read_to_end(&mut v).map_err(err(path))?;
+                    (blob_id(&v), Some(v))
+                } else {
+                    let mut h = blob_header(e.size);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = s.read(&mut buf).map_err(err(path))?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                    (hex(h), None)
+                }
+            }
+            _ => (ZERO_ID.to_string(), None),
+        };
+        let new_id = new_bytes
+            .as_deref()
+            .map(blob_id)
+            .unwrap_or_else(|| ZERO_ID.to_string());
+        o.put(format!("index {old_id}..{new_id}{same_kind_mode}\nGIT binary patch\n").as_bytes())?;
+        literal(o, new_bytes.as_deref().unwrap_or(&[]))?;
+        if let Some(b) = old_bytes.as_deref() {
+            // the reverse hunk (for `git apply -R`); git needs only the first
+            literal(o, b)?;
+        }
+        Ok(())
     }
-    // Both sides are UTF-8 here (is_binary checked it).
-    let os = std::str::from_utf8(oc).unwrap_or_default();
-    let ns = std::str::from_utf8(nc).unwrap_or_default();
-    let diff = similar::TextDiff::from_lines(os, ns);
-    let mut u = diff.unified_diff();
-    u.context_radius(3)
-        .missing_newline_hint(true)
-        .header(&a_name, &b_name);
-    let _ = write!(out, "{u}");
+}
+
+fn s_len(s: &mut dyn Source) -> std::io::Result<u64> {
+    let n = s.seek(std::io::SeekFrom::End(0))?;
+    s.rewind()?;
+    Ok(n)
+}
+
+/// A read error or the output's.
+enum StreamError {
+    Read(std::io::Error),
+    Out(RenderError),
+}
+
+impl StreamError {
+    fn with_path(self, path: &Path) -> RenderError {
+        match self {
+            StreamError::Read(source) => RenderError::Read {
+                path: lossy(path),
+                source,
+            },
+            StreamError::Out(e) => e,
+        }
+    }
+}
+
+/// Every line of `s`, each prefixed, in bounded pieces.
+fn stream_lines(o: &mut Out, s: &mut dyn Source, prefix: u8) -> Result<(), StreamError> {
+    s.rewind().map_err(StreamError::Read)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut at_start, mut last, mut any) = (true, b'\n', false);
+    loop {
+        let n = s.read(&mut buf).map_err(StreamError::Read)?;
+        if n == 0 {
+            break;
+        }
+        any = true;
+        last = buf[n - 1];
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            if at_start {
+                o.put(&[prefix]).map_err(StreamError::Out)?;
+                at_start = false;
+            }
+            match rest.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    o.put(&rest[..=i]).map_err(StreamError::Out)?;
+                    rest = &rest[i + 1..];
+                    at_start = true;
+                }
+                None => {
+                    o.put(rest).map_err(StreamError::Out)?;
+                    rest = &[];
+                }
+            }
+        }
+    }
+    if any && last != b'\n' {
+        o.put(NO_NEWLINE).map_err(StreamError::Out)?;
+    }
+    Ok(())
 }
 
 const B85: &[u8; 85] =
@@ -187,14 +585,16 @@ const B85: &[u8; 85] =
 
 /// One `literal` hunk of a git binary patch: zlib, then base85 in lines of
 /// at most 52 bytes, each prefixed by its length (A-Z: 1-26, a-z: 27-52).
-fn literal(out: &mut Vec<u8>, data: &[u8]) {
+fn literal(o: &mut Out, data: &[u8]) -> Result<(), RenderError> {
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
-    let _ = z.write_all(data);
-    let deflated = z.finish().unwrap_or_default();
-    let _ = writeln!(out, "literal {}", data.len());
+    z.write_all(data).map_err(RenderError::Write)?;
+    let deflated = z.finish().map_err(RenderError::Write)?;
+    o.put(format!("literal {}\n", data.len()).as_bytes())?;
+    let mut line = Vec::with_capacity(70);
     for chunk in deflated.chunks(52) {
+        line.clear();
         let n = chunk.len();
-        out.push(if n <= 26 {
+        line.push(if n <= 26 {
             b'A' + n as u8 - 1
         } else {
             b'a' + n as u8 - 27
@@ -208,17 +608,17 @@ fn literal(out: &mut Vec<u8>, data: &[u8]) {
                 *slot = B85[(acc % 85) as usize];
                 acc /= 85;
             }
-            out.extend_from_slice(&enc);
+            line.extend_from_slice(&enc);
         }
-        out.push(b'\n');
+        line.push(b'\n');
+        o.put(&line)?;
     }
-    out.push(b'\n');
+    o.put(b"\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     #[test]
     fn quotes_like_git() {
@@ -226,6 +626,7 @@ mod tests {
         assert_eq!(quote("a/", Path::new("tab\there")), "\"a/tab\\there\"");
         assert_eq!(quote("b/", Path::new("q\"uote")), "\"b/q\\\"uote\"");
         assert_eq!(quote("a/", Path::new("é")), "\"a/\\303\\251\"");
+        assert_eq!(quote("a/", Path::new("cr\rin")), "\"a/cr\\rin\"");
     }
 
     #[test]
@@ -239,27 +640,10 @@ mod tests {
     }
 
     #[test]
-    fn binary_detection() {
-        assert!(is_binary(b"a\0b"));
-        assert!(is_binary(&[0xff, 0xfe]));
-        assert!(!is_binary(b"text\n"));
-    }
-
-    #[test]
-    fn large_binary_is_marked_not_encoded() {
-        let c = Change::Added {
-            path: PathBuf::from("big.bin"),
-            new: Entry {
-                kind: Kind::File,
-                content: vec![0u8; 100],
-            },
-        };
-        let r = render(&[c], &PatchOptions { binary_max: 10 });
-        let s = String::from_utf8_lossy(&r.patch);
-        assert!(
-            s.contains("Binary files /dev/null and b/big.bin differ"),
-            "{s}"
-        );
-        assert_eq!(r.binary_omitted, vec!["big.bin".to_string()]);
+    fn ranges_follow_the_unified_format() {
+        assert_eq!(range(0, 0), "0,0");
+        assert_eq!(range(4, 0), "4,0");
+        assert_eq!(range(0, 1), "1");
+        assert_eq!(range(2, 3), "3,3");
     }
 }

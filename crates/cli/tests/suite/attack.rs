@@ -317,7 +317,17 @@ fn host_repo_is_never_written() {
 fn startup_files_and_git_are_read_only_inside() {
     for who in runners() {
         let repo = fixture_repo(who);
-        let o = sh(repo.path(), "printf 'export A=1\\n' > .envrc && mkdir -p .vscode && printf '{}' > .vscode/tasks.json && git add -A && git -c user.email=t@t -c user.name=t commit -qm rc");
+        // at the top, nested, behind a symlink, and named by the repo's
+        // own config (core.hooksPath), as the review found them
+        let o = sh(
+            repo.path(),
+            "printf 'export A=1\\n' > .envrc && mkdir -p .vscode sub/deep tools hooks .husky \
+             && printf '{}' > .vscode/tasks.json && printf 'x\\n' > sub/deep/.envrc \
+             && printf 'y\\n' > tools/env.sh && ln -s ../tools/env.sh sub/.envrc \
+             && printf '#!/bin/sh\\n' > hooks/pre-commit && printf '#!/bin/sh\\n' > .husky/pre-commit \
+             && git config core.hooksPath hooks \
+             && git add -A && git -c user.email=t@t -c user.name=t commit -qm rc",
+        );
         assert!(o.status.success(), "{o:?}");
         if who == Who::Nobody {
             let _ = std::process::Command::new("chown")
@@ -329,10 +339,179 @@ fn startup_files_and_git_are_read_only_inside() {
         let out = agentvm(
             who,
             &["run", "--repo", &r, "--", "sh", "-c",
-              "for f in .envrc .vscode/tasks.json .git/config .git/hooks/pre-commit; do (echo evil >> $f) 2>/dev/null && echo \"WROTE $f\"; done; echo ok >> a.txt && echo normal-write-ok"],
+              "for f in .envrc .vscode/tasks.json .git/config .git/hooks/pre-commit sub/deep/.envrc tools/env.sh hooks/pre-commit .husky/pre-commit; do (echo evil >> $f) 2>/dev/null && echo \"WROTE $f\"; done; echo ok >> a.txt && echo normal-write-ok"],
         );
         let s = String::from_utf8_lossy(&out.stdout);
-        assert!(!s.contains("WROTE"), "{who:?}: {s}");
+        assert!(
+            !s.contains("WROTE"),
+            "{who:?}: {s}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(s.contains("normal-write-ok"), "{who:?}: {s}");
+    }
+}
+
+#[test]
+fn protected_changes_are_named_in_the_result() {
+    let repo = fixture_repo(Who::Me);
+    let out_dir = out_dir(Who::Me);
+    let res = out_dir.path().join("r.json");
+    let r = repo.path().to_string_lossy().into_owned();
+    let j = res.to_string_lossy().into_owned();
+    let out = agentvm(
+        Who::Me,
+        &["run", "--repo", &r, "--result-json", &j, "--", "sh", "-c",
+          "mkdir -p a/b .github/workflows && echo x > a/b/.envrc && echo y > .github/workflows/ci.yml && echo z > ok.txt"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&res).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(
+        v["protected_changes"],
+        serde_json::json!([".github/workflows/ci.yml", "a/b/.envrc"]),
+        "{v}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("apply` refuses them"));
+}
+
+/// A sparse file's apparent size is no measure of the host's memory: a
+/// terabyte of holes in a 64 MiB sandbox is marked in the patch, never
+/// read, and the runner stays small.
+#[test]
+fn sparse_files_cost_the_host_no_memory() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let out_dir = out_dir(who);
+        let patch = out_dir.path().join("p");
+        let res = out_dir.path().join("r.json");
+        let r = repo.path().to_string_lossy().into_owned();
+        let (p, j) = (
+            patch.to_string_lossy().into_owned(),
+            res.to_string_lossy().into_owned(),
+        );
+        let args = ["run", "--repo", &r, "--patch-out", &p, "--result-json", &j, "--memory", "256M", "--disk", "64M",
+            "--", "sh", "-c", "truncate -s 2G two && truncate -s 1T tera && printf 'text first\\n' > t && truncate -s 1G t"];
+        let (status, maxrss_kib) = run_measured(who, &args);
+        assert_eq!(status, Some(0), "{who:?}");
+        assert!(
+            maxrss_kib < 64 * 1024,
+            "{who:?}: the runner took {maxrss_kib} KiB"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&res).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(v["status"], "exited", "{v}");
+        assert_eq!(
+            v["binary_omitted"],
+            serde_json::json!(["t", "tera", "two"]),
+            "{v}"
+        );
+    }
+}
+
+/// Run agentvm as `who` and return its exit code and the largest resident
+/// size of it and everything it waited for (KiB).
+fn run_measured(who: Who, args: &[&str]) -> (Option<i32>, i64) {
+    let mut cmd = match who {
+        Who::Me => std::process::Command::new(agentvm_path()),
+        Who::Nobody => {
+            let mut c = std::process::Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                .arg(agentvm_path());
+            c
+        }
+    };
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if who == Who::Nobody {
+        cmd.env("AGENTVM_CGROUP_PARENT", delegated_cgroup());
+    }
+    // reaped by wait4 below (std's wait would lose the rusage)
+    #[allow(clippy::zombie_processes)]
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for the child we just spawned.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert!(r > 0, "wait4");
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, ru.ru_maxrss)
+}
+
+/// A directory chain deeper than git can check out fails the run, saying
+/// so; one deeper than PATH_MAX from /proc but within git's limit is
+/// captured. Nothing vanishes from the patch while the run "succeeds".
+#[test]
+fn deep_paths_are_captured_or_fail_the_run_never_dropped() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let out_dir = out_dir(who);
+        let patch = out_dir.path().join("p");
+        let res = out_dir.path().join("r.json");
+        let r = repo.path().to_string_lossy().into_owned();
+        let (p, j) = (
+            patch.to_string_lossy().into_owned(),
+            res.to_string_lossy().into_owned(),
+        );
+        let n = "d".repeat(199);
+        let deep = |levels: usize| {
+            format!("for i in $(seq {levels}); do mkdir {n} && cd {n}; done; echo deep > f")
+        };
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--repo",
+                &r,
+                "--patch-out",
+                &p,
+                "--result-json",
+                &j,
+                "--",
+                "sh",
+                "-c",
+                &deep(20),
+            ],
+        );
+        assert!(out.status.success(), "{who:?} {out:?}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&res).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(
+            v["changed_files"].as_array().map(|a| a.len()),
+            Some(1),
+            "{who:?}"
+        );
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--repo",
+                &r,
+                "--patch-out",
+                &p,
+                "--result-json",
+                &j,
+                "--",
+                "sh",
+                "-c",
+                &deep(25),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(125), "{who:?} {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("longer than git can check out"),
+            "{out:?}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&res).unwrap_or_default()).unwrap_or_default();
+        assert_eq!(v["status"], "error", "{v}");
+        assert_eq!(v["error"]["layer"], "capture", "{v}");
+        assert_eq!(
+            std::fs::read(&patch).unwrap_or_default(),
+            b"",
+            "a partial patch was left"
+        );
     }
 }

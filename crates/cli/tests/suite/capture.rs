@@ -181,3 +181,92 @@ fn workspace_without_repo_captures_new_files() {
         "{text}"
     );
 }
+
+/// Contents git itself treats as text or binary by its own rule (a NUL in
+/// the first 8000 bytes): a lone CR ending the last line, CRs inside
+/// lines, CR LF, no final newline, a NUL past the first 8000 bytes,
+/// bytes that are not UTF-8, and a file after each that must keep its own
+/// header.
+const AWKWARD: &str = r#"
+set -e
+printf 'last line ends in CR\r' > cr-end
+printf 'a\rb\rc\n' > cr-inside
+printf 'one\r\ntwo\r\n' > crlf
+printf 'hello\nworld\r' > a.txt
+head -c 9000 /dev/zero | tr '\0' 't' > nul-late && printf '\000tail\n' >> nul-late
+printf '\377\376 not utf-8\n\300\n' > latin
+printf 'no newline at all' > b.txt
+printf '\r' > only-cr
+printf '\n\n\r\n' > blanks
+"#;
+
+#[test]
+fn patch_is_exact_for_any_bytes() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let out_dir = out_dir(who);
+        let patch = out_dir.path().join("out.patch");
+        let r = repo.path().to_string_lossy().into_owned();
+        let p = patch.to_string_lossy().into_owned();
+        let script = format!("{AWKWARD}\n{MANIFEST_SH}");
+        let out = agentvm(
+            who,
+            &[
+                "run",
+                "--repo",
+                &r,
+                "--patch-out",
+                &p,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        assert!(out.status.success(), "{who:?} {out:?}");
+        let inside = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = std::fs::read(&patch).unwrap_or_default();
+        // every file keeps a header of its own at the start of a line
+        for f in [
+            "cr-end",
+            "cr-inside",
+            "crlf",
+            "a.txt",
+            "nul-late",
+            "latin",
+            "b.txt",
+            "only-cr",
+            "blanks",
+        ] {
+            let h = format!("\ndiff --git a/{f} b/{f}\n");
+            let first = format!("diff --git a/{f} b/{f}\n");
+            assert!(
+                text.windows(h.len()).any(|w| w == h.as_bytes())
+                    || text.starts_with(first.as_bytes()),
+                "{who:?}: no header of its own for {f}:\n{}",
+                String::from_utf8_lossy(&text)
+            );
+        }
+        let clone = tempdir();
+        let c = sh(
+            clone.path(),
+            &format!("cp -R {}/. w", repo.path().display()),
+        );
+        assert!(c.status.success(), "{c:?}");
+        let w = clone.path().join("w");
+        let apply = sh(
+            &w,
+            &format!("git apply --whitespace=nowarn {}", patch.display()),
+        );
+        assert!(
+            apply.status.success(),
+            "{who:?}: git apply failed: {apply:?}\n{}",
+            String::from_utf8_lossy(&text)
+        );
+        assert_eq!(
+            manifest(&w),
+            inside,
+            "{who:?}: applied tree differs from the sandbox's"
+        );
+    }
+}

