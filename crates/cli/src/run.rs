@@ -320,6 +320,9 @@ struct RunResult {
     patch_too_large: bool,
     oom_kills: u64,
     memory_peak_bytes: Option<u64>,
+    /// The memory limit in force (none unless --memory or a profile set
+    /// one: `agentvm run` has no default).
+    memory_limit_bytes: Option<u64>,
     timeout_ms: Option<u64>,
     network: Network,
     landlock_abi: u32,
@@ -502,6 +505,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         patch_too_large: false,
         oom_kills: 0,
         memory_peak_bytes: None,
+        memory_limit_bytes: limits.memory,
         timeout_ms: limits.timeout.map(|t| t.as_millis() as u64),
         network: args.network.mode,
         landlock_abi: 0,
@@ -586,6 +590,11 @@ pub fn main(args: RunArgs) -> ExitCode {
             result.oom_kills = o.oom_kills;
             result.memory_peak_bytes = o.memory_peak;
             result.landlock_abi = o.landlock_abi;
+            if !o.cgroup && !result.layers_disabled.contains(&"cgroup") {
+                // no limit asked for one: say so, the sandbox is unbounded
+                // in memory, processes and CPU
+                result.layers_disabled.push("cgroup");
+            }
             if outs.patch.is_some() || outs.result.is_some() {
                 if let Err(e) = capture(
                     &args,

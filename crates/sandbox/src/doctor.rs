@@ -28,7 +28,12 @@ pub struct Report {
     pub landlock_abi: u32,
     pub cgroup_version: Option<cgroup::Version>,
     pub seccomp_denied: Vec<String>,
+    /// What `agentvm run` limits when no flag asks: nothing.
+    pub default_limits: &'static str,
 }
+
+/// `agentvm run`'s defaults, as doctor reports them.
+pub const DEFAULT_LIMITS: &str = "none: agentvm run sets no memory, pids or CPU limit unless asked (--memory, --pids, --cpus, --cpu-quota; the disk limit is 1G); the server's profiles set them";
 
 fn read(p: &str) -> Option<String> {
     std::fs::read_to_string(p)
@@ -183,6 +188,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         landlock_abi: abi,
         cgroup_version: cg_version,
         seccomp_denied: seccomp::denied_syscalls(),
+        default_limits: DEFAULT_LIMITS,
     }
 }
 
@@ -200,6 +206,7 @@ impl Report {
                 c.detail
             ));
         }
+        s.push_str(&format!("  note limits          {}\n", self.default_limits));
         s.push_str(if self.sandbox_ok {
             "agentvm run will work here.\n"
         } else {

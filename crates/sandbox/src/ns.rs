@@ -67,6 +67,8 @@ pub struct Outcome {
     /// inside); without it, files the sandbox's user does not own are
     /// read-only inside.
     pub repo_idmapped: bool,
+    /// A cgroup held the sandbox (only when a limit asked for one).
+    pub cgroup: bool,
 }
 
 /// Messages from init to the supervisor.
@@ -235,11 +237,57 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
     } else {
         None
     };
+    // the command shares the caller's terminal: whatever it leaves the
+    // settings in (raw mode, no echo), the caller gets its own back
+    let tty = Terminal::save();
     let result = supervise(&prepared, cgroup.as_ref());
+    if let Some(t) = tty {
+        t.restore();
+    }
     if let Some(cg) = &cgroup {
         cg.destroy();
     }
     result
+}
+
+/// The caller's terminal settings, to put back when the sandbox is done.
+struct Terminal {
+    fd: RawFd,
+    termios: nix::sys::termios::Termios,
+}
+
+impl Terminal {
+    fn save() -> Option<Terminal> {
+        [0, 1, 2].into_iter().find_map(|fd| {
+            // SAFETY: fds 0-2 are borrowed for the call only.
+            let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            nix::sys::termios::tcgetattr(b)
+                .ok()
+                .map(|termios| Terminal { fd, termios })
+        })
+    }
+
+    fn restore(&self) {
+        // from a background process group, tcsetattr would stop us with
+        // SIGTTOU unless it is blocked
+        let mut ttou = SigSet::empty();
+        ttou.add(Signal::SIGTTOU);
+        let mut old = SigSet::empty();
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&ttou),
+            Some(&mut old),
+        );
+        // SAFETY: the fd was a terminal of ours when saved; borrowed for
+        // the call only.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd) };
+        let _ = nix::sys::termios::tcsetattr(b, nix::sys::termios::SetArg::TCSANOW, &self.termios);
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&old),
+            None,
+        );
+    }
 }
 
 fn unique() -> u64 {
@@ -568,6 +616,7 @@ fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome, RunError>
         memory_peak: cgroup.and_then(|c| c.memory_peak()),
         landlock_abi,
         repo_idmapped: p.repo_tree.is_some(),
+        cgroup: cgroup.is_some(),
     })
 }
 
@@ -586,7 +635,48 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 
 // ---------------------------------------------------------------- init side
 
+/// Overwrite this process's command line and environment (the copy init
+/// inherited from the supervisor: host paths, the repo, flags) so that
+/// `/proc/1/cmdline` inside shows only `agentvm-init`. Rust's own copies
+/// of argv are not used after this in init.
+fn blank_cmdline() {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // fields after "(comm)": 48-51 of stat are arg_start, arg_end,
+    // env_start, env_end
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return;
+    };
+    let f: Vec<usize> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // rest starts at field 3
+    let field = |n: usize| f.get(n - 3).copied().unwrap_or(0);
+    let title = b"agentvm-init\0";
+    for (start, end, text) in [
+        (field(48), field(49), &title[..]),
+        (field(50), field(51), &b""[..]),
+    ] {
+        if start == 0 || end <= start {
+            continue;
+        }
+        let len = end - start;
+        // SAFETY: [start, end) is this process's own argument (or
+        // environment) area as the kernel reports it: mapped, writable
+        // stack memory nothing else in init reads any more.
+        unsafe {
+            let p = start as *mut u8;
+            std::ptr::write_bytes(p, 0, len);
+            let n = text.len().min(len);
+            std::ptr::copy_nonoverlapping(text.as_ptr(), p, n);
+        }
+    }
+}
+
 fn init_main(p: &Prepared, sock: OwnedFd, host_root: bool) -> ! {
+    blank_cmdline();
     // Die with the supervisor.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
@@ -1476,6 +1566,10 @@ fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         "sched_debug",
         "latency_stats",
         "kallsyms",
+        // the host's kernel command line, build config and boot id
+        "cmdline",
+        "config.gz",
+        "sys/kernel/random/boot_id",
     ] {
         let path = proc_.join(n);
         if path.exists() {

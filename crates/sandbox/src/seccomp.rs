@@ -1,8 +1,11 @@
 //! The seccomp layer. The policy is data: `policy/seccomp-<arch>.json`,
 //! reviewed like code and compiled by seccompiler. Filters are stacked:
 //! `deny` (EPERM for the listed calls), `clone3` (ENOSYS so libc falls back
-//! to clone, whose flags `deny` can inspect) and, on x86_64, a guard that
-//! refuses the x32 syscall numbers, which would otherwise alias every entry.
+//! to clone, whose flags `deny` can inspect), `families` (EAFNOSUPPORT for
+//! sockets of any address family but unix, inet, inet6 and routing or
+//! diagnostic netlink: vsock above all, which no namespace isolates) and,
+//! on x86_64, a guard that refuses the x32 syscall numbers, which would
+//! otherwise alias every entry.
 
 use std::collections::HashMap;
 
@@ -30,7 +33,7 @@ pub fn compile() -> Result<Filters, SetupError> {
         seccompiler::compile_from_json(POLICY.as_bytes(), ARCH)
             .map_err(|e| SetupError::os(Layer::Seccomp, "compiling the policy", e))?;
     let mut out = Vec::new();
-    for name in ["deny", "clone3"] {
+    for name in ["deny", "clone3", "families"] {
         let prog = map.remove(name).ok_or_else(|| {
             SetupError::new(Layer::Seccomp, format!("policy has no filter named {name}"))
         })?;
@@ -136,6 +139,7 @@ mod tests {
             "clone3",
             "clone",
             "ioctl",
+            "modify_ldt",
         ] {
             assert!(names.iter().any(|n| n == required), "{required} not denied");
         }

@@ -276,6 +276,118 @@ fn check(name: &str, arg: Option<&str>) -> Outcome {
             let r = unsafe { libc::syscall(0x4000_0000 | libc::SYS_getpid) };
             expect_fail("x32 getpid", sys(r), &[libc::ENOSYS])
         }
+        "socket-families" => {
+            // what must fail: families no namespace isolates, and netlink
+            // families beyond routing and diagnostics
+            let mut got = Vec::new();
+            for (name, fam, proto) in [
+                ("AF_VSOCK", libc::AF_VSOCK, 0),
+                ("AF_PACKET", libc::AF_PACKET, 0),
+                ("AF_BLUETOOTH", libc::AF_BLUETOOTH, 0),
+                ("AF_ALG", libc::AF_ALG, 0),
+                ("AF_KEY", libc::AF_KEY, 0),
+                ("AF_TIPC", libc::AF_TIPC, 0),
+                ("AF_RDS", libc::AF_RDS, 0),
+                ("AF_CAN", libc::AF_CAN, 0),
+                ("AF_XDP", libc::AF_XDP, 0),
+                (
+                    "NETLINK_KOBJECT_UEVENT",
+                    libc::AF_NETLINK,
+                    libc::NETLINK_KOBJECT_UEVENT,
+                ),
+                ("NETLINK_AUDIT", libc::AF_NETLINK, libc::NETLINK_AUDIT),
+                (
+                    "NETLINK_NETFILTER",
+                    libc::AF_NETLINK,
+                    libc::NETLINK_NETFILTER,
+                ),
+            ] {
+                let ty = if fam == libc::AF_NETLINK {
+                    libc::SOCK_RAW
+                } else {
+                    libc::SOCK_STREAM
+                };
+                // SAFETY: socket with integer arguments.
+                let fd = unsafe { libc::socket(fam, ty, proto) };
+                if fd >= 0 {
+                    got.push(format!("{name} opened"));
+                    // SAFETY: closing what we opened.
+                    unsafe { libc::close(fd) };
+                } else if errno() != libc::EAFNOSUPPORT {
+                    // refused by something else than the filter
+                    got.push(format!("{name}: errno {}", errno()));
+                }
+            }
+            // SAFETY: socketpair writes two descriptors into the array.
+            let mut sv = [0i32; 2];
+            if unsafe { libc::socketpair(libc::AF_INET, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) }
+                == 0
+                || errno() != libc::EAFNOSUPPORT
+            {
+                got.push(format!("socketpair(AF_INET): errno {}", errno()));
+            }
+            // what must keep working
+            for (name, fam, ty, proto) in [
+                ("AF_UNIX", libc::AF_UNIX, libc::SOCK_STREAM, 0),
+                ("AF_INET", libc::AF_INET, libc::SOCK_STREAM, 0),
+                ("AF_INET6", libc::AF_INET6, libc::SOCK_DGRAM, 0),
+                (
+                    "NETLINK_ROUTE",
+                    libc::AF_NETLINK,
+                    libc::SOCK_RAW,
+                    libc::NETLINK_ROUTE,
+                ),
+            ] {
+                // SAFETY: socket with integer arguments.
+                let fd = unsafe { libc::socket(fam, ty, proto) };
+                if fd < 0 {
+                    got.push(format!("{name} refused (errno {}): too strict", errno()));
+                } else {
+                    // SAFETY: closing what we opened.
+                    unsafe { libc::close(fd) };
+                }
+            }
+            if got.is_empty() {
+                blocked("every listed family refused with EAFNOSUPPORT; unix, inet, inet6, netlink route work")
+            } else {
+                escaped(got.join("; "))
+            }
+        }
+        "host-info" => {
+            // what the host's command line and kernel say about it
+            let marker = arg.unwrap_or("\u{0}");
+            let mut got = Vec::new();
+            let init = std::fs::read("/proc/1/cmdline").unwrap_or_default();
+            if init.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                got.push(format!("/proc/1/cmdline names {marker}"));
+            }
+            if init != b"agentvm-init" && !init.starts_with(b"agentvm-init\0") {
+                got.push(format!(
+                    "/proc/1/cmdline is {:?}",
+                    String::from_utf8_lossy(&init)
+                ));
+            }
+            for f in [
+                "/proc/cmdline",
+                "/proc/config.gz",
+                "/proc/sys/kernel/random/boot_id",
+            ] {
+                if std::fs::read(f).is_ok_and(|b| !b.is_empty()) {
+                    got.push(format!("{f} is readable"));
+                }
+            }
+            if got.is_empty() {
+                blocked("init shows as agentvm-init; the kernel's cmdline, config and boot id read empty")
+            } else {
+                escaped(got.join("; "))
+            }
+        }
+        "modify_ldt" => {
+            let mut buf = [0u8; 16];
+            // SAFETY: modify_ldt(0 = read) into a buffer we own.
+            let r = unsafe { libc::syscall(libc::SYS_modify_ldt, 0, buf.as_mut_ptr(), buf.len()) };
+            expect_fail("modify_ldt", sys(r), &[libc::EPERM])
+        }
         "tiocsti" => {
             let c = b'x';
             // SAFETY: TIOCSTI reads one byte.

@@ -125,6 +125,44 @@ fn keyctl_bpf_perf_io_uring_userfaultfd_x32_are_refused() {
 }
 
 #[test]
+fn vsock_and_other_socket_families_are_refused() {
+    // vsock is not isolated by any namespace: on a VM host (this one) it
+    // reaches the hypervisor's and the host's ports
+    for net in [&["--network", "none"][..], &["--network", "host"][..]] {
+        assert_blocked(net, "socket-families", None);
+    }
+}
+
+#[test]
+fn host_paths_and_kernel_details_stay_outside() {
+    for who in runners() {
+        let repo = fixture_repo(who);
+        let r = repo.path().to_string_lossy().into_owned();
+        let marker = "--marker-on-the-host-command-line";
+        let (code, v, all) = probe(
+            who,
+            &["--repo", &r, "--env", &format!("X={marker}")],
+            "host-info",
+            Some(&r),
+        );
+        assert_eq!(v["blocked"], true, "{who:?}: {all}");
+        assert_eq!(code, 0, "{all}");
+        let (_, v, all) = probe(
+            who,
+            &["--env", &format!("X={marker}")],
+            "host-info",
+            Some(marker),
+        );
+        assert_eq!(v["blocked"], true, "{who:?}: {all}");
+    }
+}
+
+#[test]
+fn modify_ldt_is_refused() {
+    assert_blocked(&[], "modify_ldt", None);
+}
+
+#[test]
 fn tiocsti_is_refused() {
     assert_blocked(&[], "tiocsti", None);
 }

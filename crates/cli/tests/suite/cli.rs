@@ -324,6 +324,9 @@ fn result_json_describes_the_run() {
     assert!(v["duration_ms"].is_u64());
     assert!(v["changed_files"].is_array());
     assert!(v["landlock_abi"].as_u64().unwrap_or(0) > 0);
+    // no limit was asked for: no cgroup, and the result says so
+    assert_eq!(v["layers_disabled"], serde_json::json!(["cgroup"]), "{v}");
+    assert_eq!(v["memory_limit_bytes"], serde_json::Value::Null);
     // a run that never started still gets a result
     let o = agentvm(Who::Me, &["run", "--result-json", &js, "--", "no-such-cmd"]);
     assert_eq!(o.status.code(), Some(127));
@@ -338,6 +341,13 @@ fn doctor_reports_every_layer() {
     let o = agentvm(Who::Me, &["doctor", "--json"]);
     assert!(o.status.success(), "{o:?}");
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert!(
+        v["default_limits"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("none"),
+        "{v}"
+    );
     let layers: Vec<&str> = v["checks"]
         .as_array()
         .map(|a| a.iter().filter_map(|c| c["layer"].as_str()).collect())
@@ -378,6 +388,25 @@ fn a_terminal_on_stdin_stays_usable() {
     let s = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(s.contains("TTY-OK"), "{s}");
     assert!(s.contains("got:typed-line"), "{s}");
+}
+
+/// Whatever the command does to the terminal (raw mode, no echo), the
+/// caller's settings are back when agentvm returns.
+#[test]
+fn the_callers_terminal_settings_are_restored() {
+    let inner = format!(
+        "stty -g; {} run -- sh -c 'stty raw -echo -icanon'; stty -g",
+        agentvm_path().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("script(1) from util-linux: {e}"));
+    let s = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = s.lines().filter(|l| l.contains(':')).collect();
+    assert_eq!(lines.len(), 2, "{s}");
+    assert_eq!(lines[0], lines[1], "the terminal was left changed:\n{s}");
 }
 
 #[test]
