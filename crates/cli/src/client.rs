@@ -41,8 +41,9 @@ pub enum JobsCmd {
         /// Seconds, 1 to 3600.
         #[arg(long, default_value_t = 600)]
         timeout: i64,
-        /// This job's network instead of the profile's: none,
-        /// allow:HOST[:PORT],... (host needs an admin key).
+        /// This job's network instead of the profile's: none, host or
+        /// allow:HOST[:PORT],..., no wider than the profile's unless the
+        /// key was granted more.
         #[arg(long, value_name = "MODE")]
         network: Option<String>,
         /// Wait until the job ends (a spinner shows progress); exit 0 only if it succeeded.
@@ -111,6 +112,11 @@ pub enum KeysCmd {
         /// read, run or admin (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
+        /// What this key's jobs may use beyond their profile's network
+        /// policy: none, host or allow:HOST[:PORT],... (without it a
+        /// key's jobs may only narrow their profile's).
+        #[arg(long, value_name = "MODE")]
+        network: Option<String>,
     },
     /// List keys (never their secrets).
     List,
@@ -739,12 +745,17 @@ pub fn keys(conn: Conn, cmd: KeysCmd) -> ExitCode {
 async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
     use reqwest::Method;
     match cmd {
-        KeysCmd::Create { name, scopes } => {
+        KeysCmd::Create {
+            name,
+            scopes,
+            network,
+        } => {
+            let mut body = json!({"name": name, "scopes": scopes});
+            if let Some(n) = network {
+                body["network"] = json!(n);
+            }
             let k: Value = c
-                .send(
-                    c.req(Method::POST, "/v1/keys")
-                        .json(&json!({"name": name, "scopes": scopes})),
-                )
+                .send(c.req(Method::POST, "/v1/keys").json(&body))
                 .await?
                 .json()
                 .await

@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use policy::Policy;
+pub use policy::{NetworkMode, Policy};
 
 /// Where a connection's record stands.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]

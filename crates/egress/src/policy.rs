@@ -121,6 +121,92 @@ impl Policy {
     }
 }
 
+impl Rule {
+    /// Does this rule allow everything `other` allows?
+    pub fn covers(&self, other: &Rule) -> bool {
+        let port = match (self.port, other.port) {
+            (None, _) => true,
+            (Some(a), Some(b)) => a == b,
+            (Some(_), None) => false,
+        };
+        let below = |name: &str, suffix: &str| {
+            name.len() > suffix.len() + 1
+                && name.ends_with(suffix)
+                && name.as_bytes()[name.len() - suffix.len() - 1] == b'.'
+        };
+        port && match (&self.host, &other.host) {
+            (Host::Exact(a), Host::Exact(b)) => a == b,
+            (Host::Suffix(s), Host::Exact(b)) => below(b, s),
+            (Host::Suffix(s), Host::Suffix(t)) => s == t || below(t, s),
+            (Host::Ip(a), Host::Ip(b)) => canonical(*a) == canonical(*b),
+            _ => false,
+        }
+    }
+}
+
+impl Policy {
+    /// Does this policy allow every connection `other` allows?
+    pub fn covers(&self, other: &Policy) -> bool {
+        other
+            .rules
+            .iter()
+            .all(|r| self.rules.iter().any(|mine| mine.covers(r)))
+    }
+}
+
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Host::Exact(n) => write!(f, "{n}")?,
+            Host::Suffix(s) => write!(f, "*.{s}")?,
+            Host::Ip(IpAddr::V6(a)) => write!(f, "[{a}]")?,
+            Host::Ip(a) => write!(f, "{a}")?,
+        }
+        match self.port {
+            Some(p) => write!(f, ":{p}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A whole network setting, as profiles, keys, jobs and `--network` spell
+/// it: `none`, `host` or `allow:HOST[:PORT],...`. Parsed here, once, for
+/// every caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// A private loopback only.
+    None,
+    /// The host's network: no isolation.
+    Host,
+    /// Only these hosts, through the egress proxy.
+    Allow(Policy),
+}
+
+impl NetworkMode {
+    pub fn parse(s: &str) -> Result<NetworkMode, String> {
+        match s {
+            "none" => Ok(NetworkMode::None),
+            "host" => Ok(NetworkMode::Host),
+            _ => match s.strip_prefix("allow:") {
+                Some(list) => Ok(NetworkMode::Allow(Policy::parse(list)?)),
+                None => Err(format!(
+                    "invalid network mode {s:?}: expected none, host or allow:HOST[:PORT],..."
+                )),
+            },
+        }
+    }
+
+    /// Does this setting allow every connection `other` allows? `none`
+    /// is covered by everything, `host` covers everything.
+    pub fn covers(&self, other: &NetworkMode) -> bool {
+        match (self, other) {
+            (_, NetworkMode::None) | (NetworkMode::Host, _) => true,
+            (NetworkMode::Allow(a), NetworkMode::Allow(b)) => a.covers(b),
+            _ => false,
+        }
+    }
+}
+
 /// IPv4-mapped IPv6 addresses are their IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -191,6 +277,25 @@ fn forbidden_v6(a: Ipv6Addr) -> Option<&'static str> {
     }
 }
 
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NetworkMode::None => write!(f, "none"),
+            NetworkMode::Host => write!(f, "host"),
+            NetworkMode::Allow(p) => {
+                write!(f, "allow:")?;
+                for (i, r) in p.rules.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, ",")?;
+                    }
+                    write!(f, "{r}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +348,41 @@ mod tests {
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
             1
         ));
+    }
+
+    #[test]
+    fn coverage_is_narrowing_only() {
+        let m = |s: &str| NetworkMode::parse(s).unwrap_or_else(|e| panic!("{e}"));
+        let profile = m("allow:api.openai.com:443,*.example.com,[::1]:9");
+        for narrower in [
+            "none",
+            "allow:api.openai.com:443",
+            "allow:a.example.com:8080",
+            "allow:*.x.example.com",
+            "allow:*.example.com,api.openai.com:443",
+            "allow:[::1]:9",
+        ] {
+            assert!(profile.covers(&m(narrower)), "{narrower}");
+        }
+        for wider in [
+            "host",
+            "allow:api.openai.com",
+            "allow:api.openai.com:80",
+            "allow:example.com",
+            "allow:*.com",
+            "allow:127.0.0.1:9",
+            "allow:[::1]:10",
+            "allow:evil-api.openai.com:443",
+        ] {
+            assert!(!profile.covers(&m(wider)), "{wider}");
+        }
+        assert!(!m("none").covers(&m("allow:x.com")));
+        assert!(m("host").covers(&m("allow:127.0.0.1")));
+        assert!(!m("allow:x.com").covers(&m("host")));
+        assert_eq!(
+            m("allow:a.com:1,*.b.org,[::1],10.0.0.1:2").to_string(),
+            "allow:a.com:1,*.b.org,[::1],10.0.0.1:2"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use agentvm_store::{ApiKey, Job, JobStatus, NewJob, Store};
+use agentvm_egress::NetworkMode;
+use agentvm_store::{ApiKey, Job, JobStatus, NewJob, Store, Streams};
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -31,6 +32,11 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub limiter: RateLimiter,
+    /// Requests without a valid key, per client address.
+    pub anon: RateLimiter,
+    /// Refused anonymous mutations audited, all addresses together.
+    pub anon_audit: RateLimiter,
+    pub streams: StreamSlots,
     /// Canonical allowed roots.
     pub roots: Vec<PathBuf>,
 }
@@ -138,78 +144,76 @@ fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 
 // --------------------------------------------------------------- auth
 
+/// Who is calling: set by [`gate`] for every authenticated request.
+#[derive(Clone)]
 pub struct Caller {
     pub key: ApiKey,
     pub client: String,
 }
 
-/// Authenticate, rate-limit and check the scope of a request.
-pub async fn authorize(
-    st: &AppState,
-    headers: &HeaderMap,
-    addr: SocketAddr,
-    need: Scope,
-) -> ApiResult<Caller> {
-    let client = addr.ip().to_string();
-    let Some(secret) = auth::presented(headers) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Missing API key: send it in the X-API-Key header or as Authorization: Bearer",
-        ));
-    };
-    let h = auth::hash(&secret);
-    let key = match st.store.key_by_hash(&h).await? {
-        Some(k) if k.revoked_at.is_none() && auth::same(&k.hash, &h) => k,
-        _ => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key")),
-    };
-    if let Err(wait) = st.limiter.check(&key.id) {
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("Rate limit exceeded for this key; retry in {wait} s"),
-        )
-        .retry(wait));
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, MISSING_KEY))
     }
-    let have = auth::max_scope(&key.scopes);
-    if have < Some(need) {
-        let name = match need {
-            Scope::Read => "read",
-            Scope::Run => "run",
-            Scope::Admin => "admin",
-        };
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            format!("This API key lacks the {name} scope"),
-        ));
-    }
-    Ok(Caller { key, client })
 }
 
-async fn audit(
-    st: &AppState,
-    who: Option<&Caller>,
-    action: &str,
-    target: Option<&str>,
-    client: &str,
-    outcome: &str,
-    detail: Option<&str>,
-) {
-    if let Err(e) = st
-        .store
-        .audit(
-            who.map(|c| c.key.id.as_str()),
-            action,
-            target,
-            Some(client),
-            outcome,
-            detail,
-        )
-        .await
-    {
-        tracing::error!(error = %e, "writing the audit trail failed");
+const MISSING_KEY: &str =
+    "Missing API key: send it in the X-API-Key header or as Authorization: Bearer";
+
+fn scope_name(s: Scope) -> &'static str {
+    match s {
+        Scope::Read => "read",
+        Scope::Run => "run",
+        Scope::Admin => "admin",
     }
 }
 
 impl Caller {
+    pub fn is_admin(&self) -> bool {
+        auth::max_scope(&self.key.scopes) == Some(Scope::Admin)
+    }
+
+    /// 403 unless the key has `need`.
+    fn need(&self, need: Scope) -> ApiResult<()> {
+        if auth::max_scope(&self.key.scopes) < Some(need) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("This API key lacks the {} scope", scope_name(need)),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Like `need`, for a mutating call: a refusal is audited.
+    async fn need_mut(
+        &self,
+        st: &AppState,
+        need: Scope,
+        action: &str,
+        target: Option<&str>,
+    ) -> ApiResult<()> {
+        if let Err(e) = self.need(need) {
+            let outcome = format!("denied {}", e.status.as_u16());
+            self.record(st, action, target, &outcome, None).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// A job is its creator's; admin keys see every job.
+    fn owns(&self, j: &Job) -> bool {
+        self.is_admin() || j.key_id.as_deref() == Some(self.key.id.as_str())
+    }
+
     /// Audit a call made with this key from this client.
     async fn record(
         &self,
@@ -221,7 +225,7 @@ impl Caller {
     ) {
         audit(
             st,
-            Some(self),
+            Some(&self.key.id),
             action,
             target,
             &self.client,
@@ -232,39 +236,198 @@ impl Caller {
     }
 }
 
-/// Authorize a mutating call; failures are audited too.
-async fn authorize_mut(
+async fn audit(
     st: &AppState,
-    headers: &HeaderMap,
-    addr: SocketAddr,
-    need: Scope,
+    key_id: Option<&str>,
     action: &str,
     target: Option<&str>,
-) -> ApiResult<Caller> {
-    match authorize(st, headers, addr, need).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            let outcome = format!("denied {}", e.status.as_u16());
-            audit(
-                st,
-                None,
-                action,
-                target,
-                &addr.ip().to_string(),
-                &outcome,
-                None,
+    client: &str,
+    outcome: &str,
+    detail: Option<&str>,
+) {
+    if let Err(e) = st
+        .store
+        .audit(key_id, action, target, Some(client), outcome, detail)
+        .await
+    {
+        tracing::error!(error = %e, "writing the audit trail failed");
+    }
+}
+
+/// The audit name of a mutating route.
+fn action_of(method: &axum::http::Method, route: &str) -> Option<&'static str> {
+    use axum::http::Method as M;
+    Some(match (method, route) {
+        (&M::POST, "/agent/run") => "agent.run",
+        (&M::POST, "/v1/jobs") => "job.create",
+        (&M::DELETE, "/v1/jobs/{id}") => "job.delete",
+        (&M::POST, "/v1/jobs/{id}/cancel") => "job.cancel",
+        (&M::POST, "/v1/jobs/{id}/apply") => "job.apply",
+        (&M::POST, "/v1/keys") => "key.create",
+        (&M::DELETE, "/v1/keys/{id}") => "key.revoke",
+        _ => return None,
+    })
+}
+
+/// The longest request target served; longer ones get 414 before any
+/// work (nothing about them is stored).
+pub const MAX_URI: usize = 4096;
+
+/// Every route but /health and the docs passes here first, before its
+/// body is read: the key is checked (and rate-limited) or the request is
+/// refused. Requests without a valid key are limited per client address
+/// before they cost anything; a refused mutation is audited, within a
+/// budget shared by all of them.
+pub async fn gate(
+    State(st): S,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.uri().to_string().len() > MAX_URI {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("The request target is longer than {MAX_URI} bytes"),
+        )
+        .into_response();
+    }
+    let client = addr.ip().to_string();
+    let presented = auth::presented(req.headers());
+    let key = match &presented {
+        Some(secret) => {
+            let h = auth::hash(secret);
+            match st.store.key_by_hash(&h).await {
+                Ok(Some(k)) if k.revoked_at.is_none() && auth::same(&k.hash, &h) => Some(k),
+                Ok(_) => None,
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
+        None => None,
+    };
+    let Some(key) = key else {
+        if let Err(wait) = st.anon.check(&client) {
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("Too many requests without a valid API key from this address; retry in {wait} s"),
             )
-            .await;
-            Err(e)
+            .retry(wait)
+            .into_response();
+        }
+        let route = req
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .map(|m| m.as_str().to_string())
+            .unwrap_or_default();
+        if let Some(action) = action_of(req.method(), &route) {
+            // the id in the path, if any (the store bounds its length)
+            let target = route
+                .contains("{id}")
+                .then(|| req.uri().path().split('/').nth(3).unwrap_or("").to_string());
+            if st.anon_audit.check("anonymous").is_ok() {
+                audit(
+                    &st,
+                    None,
+                    action,
+                    target.as_deref(),
+                    &client,
+                    "denied 401",
+                    None,
+                )
+                .await;
+            } else {
+                st.metrics.unaudited_refusals.inc();
+            }
+        }
+        let msg = if presented.is_some() {
+            "Invalid API key"
+        } else {
+            MISSING_KEY
+        };
+        return ApiError::new(StatusCode::UNAUTHORIZED, msg).into_response();
+    };
+    if let Err(wait) = st.limiter.check(&key.id) {
+        return ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("Rate limit exceeded for this key; retry in {wait} s"),
+        )
+        .retry(wait)
+        .into_response();
+    }
+    req.extensions_mut().insert(Caller { key, client });
+    next.run(req).await
+}
+
+/// Streaming responses (followed logs, log, recording and patch
+/// downloads) open at once, per key: each holds a task and a page of
+/// output, so a client that opens many and reads none is stopped here.
+#[derive(Clone)]
+pub struct StreamSlots {
+    per_key: usize,
+    used: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// One open stream; the slot frees itself when the stream ends.
+pub struct Slot {
+    slots: StreamSlots,
+    key: String,
+}
+
+impl StreamSlots {
+    pub fn new(per_key: usize) -> StreamSlots {
+        StreamSlots {
+            per_key,
+            used: Arc::default(),
+        }
+    }
+
+    fn take(&self, key: &str) -> ApiResult<Slot> {
+        let mut u = match self.used.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let n = u.entry(key.to_string()).or_insert(0);
+        if *n >= self.per_key {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "This API key already has {} streams open (followed logs, downloads); close one or retry later",
+                    self.per_key
+                ),
+            )
+            .retry(5));
+        }
+        *n += 1;
+        Ok(Slot {
+            slots: self.clone(),
+            key: key.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut u = match self.slots.used.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = u.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                u.remove(&self.key);
+            }
         }
     }
 }
+
+/// Streams at most this many per key at once.
+pub const STREAMS_PER_KEY: usize = 16;
 
 // ---------------------------------------------------------- validation
 
 const MAX_EXTRA_ARGS: usize = 64;
 const MAX_ARG_LEN: usize = 4096;
 const MAX_PROMPT: usize = 256 * 1024;
+const MAX_NETWORK: usize = 4096;
 
 /// What every job request carries, once validated.
 struct Valid {
@@ -273,41 +436,46 @@ struct Valid {
     repo: PathBuf,
     timeout: i64,
     extra_args: Vec<String>,
+    /// The job's own network policy, canonical; `None`: its profile's.
+    network: Option<String>,
 }
 
-fn validate(
-    st: &AppState,
-    agent: &str,
-    prompt: &str,
-    repo_path: &str,
+/// One job request as it arrived.
+struct Ask<'a> {
+    agent: &'a str,
+    prompt: &'a str,
+    repo_path: &'a str,
     timeout: i64,
-    extra: &[String],
-) -> ApiResult<Valid> {
-    if !(1..=3600).contains(&timeout) {
+    extra: &'a [String],
+    network: Option<&'a str>,
+}
+
+fn validate(st: &AppState, caller: &Caller, a: &Ask) -> ApiResult<Valid> {
+    if !(1..=3600).contains(&a.timeout) {
         return Err(ApiError::field(
             "body",
             "timeout",
             "timeout must be between 1 and 3600 seconds",
         ));
     }
-    if prompt.is_empty() {
+    if a.prompt.is_empty() {
         return Err(ApiError::field(
             "body",
             "prompt",
             "prompt must not be empty",
         ));
     }
-    if prompt.len() > MAX_PROMPT || prompt.contains('\0') {
+    if a.prompt.len() > MAX_PROMPT || a.prompt.contains('\0') {
         return Err(ApiError::field(
             "body",
             "prompt",
             "prompt must be at most 256 KiB and contain no NUL",
         ));
     }
-    if extra.len() > MAX_EXTRA_ARGS
-        || extra
+    if a.extra.len() > MAX_EXTRA_ARGS
+        || a.extra
             .iter()
-            .any(|a| a.len() > MAX_ARG_LEN || a.contains('\0'))
+            .any(|x| x.len() > MAX_ARG_LEN || x.contains('\0'))
     {
         return Err(ApiError::field(
             "body",
@@ -315,42 +483,95 @@ fn validate(
             "at most 64 arguments of at most 4096 bytes, no NUL",
         ));
     }
-    if repo_path.is_empty() || repo_path.contains('\0') {
+    if a.repo_path.is_empty() || a.repo_path.contains('\0') {
         return Err(ApiError::field(
             "body",
             "repo_path",
             "repo_path must be a non-empty path",
         ));
     }
-    if !st.cfg.agents.contains_key(agent) {
+    let Some(profile) = st.cfg.agents.get(a.agent) else {
         let valid: Vec<&str> = st.cfg.agents.keys().map(String::as_str).collect();
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!(
-                "Unknown agent '{agent}'. Valid agents: {}",
+                "Unknown agent '{}'. Valid agents: {}",
+                agentvm_store::bounded(a.agent, 64),
                 valid.join(", ")
             ),
         ));
+    };
+    if let Some((arg, flag)) = profile.refused_arg(a.extra) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "extra_args: {} ({flag}) changes where the {} agent's traffic or credentials go; its profile refuses it (refused_args in the server's config)",
+                agentvm_store::bounded(arg, 64),
+                a.agent
+            ),
+        ));
     }
-    let repo = check_repo(&st.roots, repo_path)?;
+    let network = match a.network {
+        None => None,
+        Some(n) => Some(check_network(profile, a.agent, n, caller)?),
+    };
+    let repo = check_repo(&st.roots, a.repo_path)?;
     Ok(Valid {
-        agent: agent.into(),
-        prompt: prompt.into(),
+        agent: a.agent.into(),
+        prompt: a.prompt.into(),
         repo,
-        timeout,
-        extra_args: extra.to_vec(),
+        timeout: a.timeout,
+        extra_args: a.extra.to_vec(),
+        network,
     })
+}
+
+/// A job's own network policy may narrow its profile's, never widen it:
+/// a key may go beyond the profile only as far as an admin granted it
+/// (its `network`), and admin keys may use any policy. Loopback, private
+/// and metadata addresses are reachable only when named, so only an
+/// admin-set profile or grant can open them. Returns the canonical form.
+fn check_network(
+    profile: &crate::config::Profile,
+    agent: &str,
+    n: &str,
+    caller: &Caller,
+) -> ApiResult<String> {
+    if n.len() > MAX_NETWORK {
+        return Err(ApiError::field(
+            "body",
+            "network",
+            format!("network must be at most {MAX_NETWORK} bytes"),
+        ));
+    }
+    let want = NetworkMode::parse(n).map_err(|e| ApiError::field("body", "network", e))?;
+    let base = profile.network_mode();
+    let grant = caller
+        .key
+        .network
+        .as_deref()
+        .and_then(|g| NetworkMode::parse(g).ok());
+    if caller.is_admin() || base.covers(&want) || grant.is_some_and(|g| g.covers(&want)) {
+        return Ok(want.to_string());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!(
+            "network {want} is wider than the {agent} profile's ({base}): a request may only narrow it; an admin can grant a key more (agentvm keys create --network)"
+        ),
+    ))
 }
 
 /// `repo_path` must be an absolute path to a directory inside an allowed
 /// root after every symlink is resolved.
 pub fn check_repo(roots: &[PathBuf], repo_path: &str) -> ApiResult<PathBuf> {
     let p = Path::new(repo_path);
+    let shown = agentvm_store::bounded(repo_path, 512);
     if !p.is_absolute() {
         return Err(ApiError::field(
             "body",
             "repo_path",
-            "repo_path must be an absolute path",
+            format!("{shown} is not an absolute path"),
         ));
     }
     if roots.is_empty() {
@@ -363,20 +584,25 @@ pub fn check_repo(roots: &[PathBuf], repo_path: &str) -> ApiResult<PathBuf> {
         ApiError::field(
             "body",
             "repo_path",
-            "repo_path does not exist or is not accessible",
+            format!("{shown} does not exist or the server cannot read it"),
         )
     })?;
     if !canon.is_dir() {
         return Err(ApiError::field(
             "body",
             "repo_path",
-            "repo_path is not a directory",
+            format!("{shown} is not a directory"),
         ));
     }
     if !roots.iter().any(|r| canon.starts_with(r)) {
+        let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
-            "repo_path is outside the allowed roots",
+            format!(
+                "{} is outside the allowed roots ({}); the server's --allowed-root (allowed_roots in its config) decides which trees jobs may use",
+                canon.display(),
+                list.join(", ")
+            ),
         ));
     }
     Ok(canon)
@@ -406,19 +632,8 @@ fn submit_error(e: SubmitError) -> ApiError {
 }
 
 /// Validate a job request, queue it, and audit the outcome under `action`.
-#[allow(clippy::too_many_arguments)]
-async fn accept(
-    st: &AppState,
-    caller: &Caller,
-    action: &str,
-    agent: &str,
-    prompt: &str,
-    repo_path: &str,
-    timeout: i64,
-    extra: &[String],
-    network: Option<String>,
-) -> ApiResult<Job> {
-    let v = match validate(st, agent, prompt, repo_path, timeout, extra) {
+async fn accept(st: &AppState, caller: &Caller, action: &str, ask: &Ask<'_>) -> ApiResult<Job> {
+    let v = match validate(st, caller, ask) {
         Ok(v) => v,
         Err(e) => {
             let outcome = format!("rejected {}", e.status.as_u16());
@@ -436,7 +651,7 @@ async fn accept(
             timeout_s: v.timeout,
             extra_args: v.extra_args,
             key_id: Some(caller.key.id.clone()),
-            network,
+            network: v.network,
         })
         .await
         .map_err(submit_error)?;
@@ -502,41 +717,127 @@ pub struct AgentRunResponse {
     error: Option<String>,
 }
 
-/// Run an agent synchronously (the API old clients use).
+/// How often a waiting `/agent/run` answer sends a space: well inside any
+/// client's read timeout (the old client uses the job's, at least 1 s) and
+/// any proxy's idle timeout (nginx: 60 s).
+pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Run an agent synchronously (the API old clients use). Once the request
+/// is accepted the status and headers are sent at once, and the body
+/// starts with JSON-insignificant spaces, one every half second, until
+/// the job has ended: a client whose read timeout is the job's timeout,
+/// and a proxy that cuts silent connections, both see a live connection.
 #[utoipa::path(post, path = "/agent/run", request_body = AgentRunRequest,
     responses((status = 200, body = AgentRunResponse), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail),
         (status = 403, body = ErrorDetail), (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn agent_run(
-    State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Json<AgentRunResponse>> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "agent.run", None).await?;
+pub async fn agent_run(State(st): S, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    caller.need_mut(&st, Scope::Run, "agent.run", None).await?;
     let req: AgentRunRequest = parse_body(&body)?;
     let extra = req.extra_args.unwrap_or_default();
-    let job = accept(
-        &st,
-        &caller,
-        "agent.run",
-        &req.agent,
-        &req.prompt,
-        &req.repo_path,
-        req.timeout,
-        &extra,
-        None,
+    let ask = Ask {
+        agent: &req.agent,
+        prompt: &req.prompt,
+        repo_path: &req.repo_path,
+        timeout: req.timeout,
+        extra: &extra,
+        network: None,
+    };
+    let job = accept(&st, &caller, "agent.run", &ask).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+    let st2 = st.clone();
+    tokio::spawn(async move { compat_answer(st2, job, tx).await });
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            // nginx: pass the spaces on as they come
+            (
+                header::HeaderName::from_static("x-accel-buffering"),
+                HeaderValue::from_static("no"),
+            ),
+        ],
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
-    .await?;
-    let done = st.runner.wait(&job.id).await?.unwrap_or(job);
-    let logs = st.store.logs(done.seq, 0).await?;
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    for c in logs {
-        match c.stream.as_str() {
-            "stdout" => out.extend_from_slice(&c.data),
-            "stderr" => err.extend_from_slice(&c.data),
-            _ => {} // egress decisions are not output
+        .into_response())
+}
+
+/// The body of an accepted `/agent/run`: spaces while the job runs, then
+/// the five keys, the output read from the store page by page.
+async fn compat_answer(
+    st: Arc<AppState>,
+    job: Job,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>,
+) {
+    let send = |b: Bytes| {
+        let tx = tx.clone();
+        async move { tx.send(Ok(b)).await.is_ok() }
+    };
+    let id = job.id.clone();
+    let wait = st.runner.wait(&id);
+    tokio::pin!(wait);
+    let mut tick = tokio::time::interval(KEEPALIVE);
+    let done = loop {
+        tokio::select! {
+            r = &mut wait => break r,
+            _ = tick.tick() => if !send(Bytes::from_static(b" ")).await { return },
+        }
+    };
+    let done = match done {
+        Ok(Some(j)) => j,
+        Ok(None) => job,
+        Err(e) => {
+            tracing::error!(job = %job.id, error = %e, "waiting for a job failed");
+            let v = serde_json::json!({"success": false, "stdout": "", "stderr": "", "returncode": -1,
+                "error": "internal error: the database could not be reached"});
+            let _ = send(Bytes::from(v.to_string())).await;
+            return;
+        }
+    };
+    let success = done.status == JobStatus::Succeeded;
+    if !send(Bytes::from(format!(
+        "{{\"success\":{success},\"stdout\":\""
+    )))
+    .await
+    {
+        return;
+    }
+    for (i, stream) in ["stdout", "stderr"].into_iter().enumerate() {
+        if i == 1 && !send(Bytes::from_static(b"\",\"stderr\":\"")).await {
+            return;
+        }
+        let mut utf8 = crate::recording::Utf8::default();
+        let mut after = 0;
+        loop {
+            let page = match st
+                .store
+                .logs_page(done.seq, after, Streams::Only(stream), PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(job = %done.id, error = %e, "reading output failed");
+                    Vec::new()
+                }
+            };
+            let last = page.is_empty();
+            let mut text = String::new();
+            for c in &page {
+                after = c.seq;
+                text.push_str(&utf8.take(&c.data, false));
+            }
+            if last {
+                text.push_str(&utf8.take(&[], true));
+            }
+            if !text.is_empty() && !send(Bytes::from(json_inner(&text))).await {
+                return;
+            }
+            if last {
+                break;
+            }
         }
     }
     let error = match done.status {
@@ -548,14 +849,24 @@ pub async fn agent_run(
                 .unwrap_or_else(|| format!("job {}", done.status.as_str())),
         ),
     };
-    Ok(Json(AgentRunResponse {
-        success: done.status == JobStatus::Succeeded,
-        stdout: String::from_utf8_lossy(&out).into_owned(),
-        stderr: String::from_utf8_lossy(&err).into_owned(),
-        returncode: done.exit_code.unwrap_or(-1),
-        error,
-    }))
+    let tail = format!(
+        "\",\"returncode\":{},\"error\":{}}}",
+        done.exit_code.unwrap_or(-1),
+        serde_json::to_string(&error).unwrap_or_else(|_| "null".into())
+    );
+    let _ = send(Bytes::from(tail)).await;
 }
+
+/// `s` as the inside of a JSON string (escaped, without the quotes).
+fn json_inner(s: &str) -> String {
+    let q = serde_json::to_string(s).unwrap_or_default();
+    q.get(1..q.len().saturating_sub(1))
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Chunks read from the store at a time (each at most 32 KiB).
+const PAGE: i64 = 32;
 
 // ---------------------------------------------------------------- /v1/jobs
 
@@ -572,32 +883,11 @@ pub struct JobRequest {
     #[serde(default)]
     extra_args: Vec<String>,
     /// This job's network policy instead of its profile's: "none",
-    /// "allow:HOST[:PORT],..." or (admin scope only) "host".
+    /// "host" or "allow:HOST[:PORT],...". It may only narrow the
+    /// profile's, unless the key was granted more (admin keys may use
+    /// any).
     #[serde(default)]
     network: Option<String>,
-}
-
-/// A job's own network policy: "none" or "allow:..." for any run key,
-/// "host" for admin keys only.
-fn check_network(n: &str, caller: &Caller) -> ApiResult<()> {
-    match n {
-        "none" => Ok(()),
-        "host" if auth::max_scope(&caller.key.scopes) == Some(Scope::Admin) => Ok(()),
-        "host" => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "network \"host\" needs an admin key",
-        )),
-        _ => match n.strip_prefix("allow:") {
-            Some(list) => agentvm_egress::Policy::parse(list)
-                .map(|_| ())
-                .map_err(|e| ApiError::field("body", "network", e)),
-            None => Err(ApiError::field(
-                "body",
-                "network",
-                "network must be none, host or allow:HOST[:PORT],...",
-            )),
-        },
-    }
 }
 
 /// A job as the API shows it.
@@ -613,6 +903,7 @@ pub struct JobView {
     network: Option<String>,
     /// queued, running, succeeded, failed, timed_out, cancelled, interrupted
     status: String,
+    /// The key that made the job (its owner).
     key_id: Option<String>,
     /// Unix time in milliseconds.
     created_at: i64,
@@ -653,30 +944,18 @@ impl From<Job> for JobView {
         (status = 403, body = ErrorDetail), (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn create_job(
-    State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> ApiResult<Response> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.create", None).await?;
+pub async fn create_job(State(st): S, caller: Caller, body: Bytes) -> ApiResult<Response> {
+    caller.need_mut(&st, Scope::Run, "job.create", None).await?;
     let req: JobRequest = parse_body(&body)?;
-    if let Some(n) = &req.network {
-        check_network(n, &caller)?;
-    }
-    let network = req.network.clone();
-    let job = accept(
-        &st,
-        &caller,
-        "job.create",
-        &req.agent,
-        &req.prompt,
-        &req.repo_path,
-        req.timeout,
-        &req.extra_args,
-        network,
-    )
-    .await?;
+    let ask = Ask {
+        agent: &req.agent,
+        prompt: &req.prompt,
+        repo_path: &req.repo_path,
+        timeout: req.timeout,
+        extra: &req.extra_args,
+        network: req.network.as_deref(),
+    };
+    let job = accept(&st, &caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);
     let mut r = (StatusCode::ACCEPTED, Json(JobView::from(job))).into_response();
     if let Ok(v) = HeaderValue::from_str(&loc) {
@@ -725,18 +1004,17 @@ fn page_params(limit: Option<i64>, cursor: Option<&str>) -> ApiResult<(i64, Opti
     Ok((limit, cursor))
 }
 
-/// List jobs, newest first.
+/// List jobs, newest first: the key's own (every job for admin keys).
 #[utoipa::path(get, path = "/v1/jobs", params(ListQuery),
     responses((status = 200, body = JobPage), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
         (status = 422, body = ValidationError), (status = 429, body = ErrorDetail)),
     security(("api_key" = [])))]
 pub async fn list_jobs(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<JobPage>> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
+    caller.need(Scope::Read)?;
     let Query(q) = q.map_err(|e| ApiError::field("query", "query", e.body_text()))?;
     let status = match &q.status {
         None => None,
@@ -746,9 +1024,10 @@ pub async fn list_jobs(
         ),
     };
     let (limit, cursor) = page_params(q.limit, q.cursor.as_deref())?;
+    let owner = (!caller.is_admin()).then_some(caller.key.id.as_str());
     let jobs = st
         .store
-        .list_jobs(status, q.agent.as_deref(), cursor, limit + 1)
+        .list_jobs(owner, status, q.agent.as_deref(), cursor, limit + 1)
         .await?;
     let more = jobs.len() as i64 > limit;
     let jobs: Vec<Job> = jobs.into_iter().take(limit as usize).collect();
@@ -763,11 +1042,23 @@ pub async fn list_jobs(
     }))
 }
 
-async fn find(st: &AppState, id: &str) -> ApiResult<Job> {
-    st.store
-        .get_job(id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("No job {id}")))
+/// The job `id`, if it is the caller's (or the caller is admin): anyone
+/// else's is as unknown as a job that never was.
+async fn find(st: &AppState, caller: &Caller, id: &str) -> ApiResult<Job> {
+    let missing = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("No job {}", agentvm_store::bounded(id, 64)),
+        )
+    };
+    // ids are job_ and 16 hex digits: anything else is not looked up
+    if id.len() > 64 {
+        return Err(missing());
+    }
+    match st.store.get_job(id).await? {
+        Some(j) if caller.owns(&j) => Ok(j),
+        _ => Err(missing()),
+    }
 }
 
 /// One job.
@@ -777,12 +1068,11 @@ async fn find(st: &AppState, id: &str) -> ApiResult<Job> {
     security(("api_key" = [])))]
 pub async fn get_job(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<JobView>> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
-    Ok(Json(find(&st, &id).await?.into()))
+    caller.need(Scope::Read)?;
+    Ok(Json(find(&st, &caller, &id).await?.into()))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -793,6 +1083,8 @@ pub struct LogQuery {
 
 /// The job's output: all of it as text, or followed as server-sent events
 /// (`event: stdout|stderr`, `id:` the chunk number, then `event: end`).
+/// Both are read from the store a page at a time, as fast as the client
+/// reads; a key has at most 16 such streams open at once.
 #[utoipa::path(get, path = "/v1/jobs/{id}/logs", params(("id" = String, Path), LogQuery),
     responses((status = 200, description = "text/plain, or text/event-stream with follow=true", content_type = "text/plain", body = String),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),
@@ -800,51 +1092,56 @@ pub struct LogQuery {
     security(("api_key" = [])))]
 pub async fn job_logs(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    caller: Caller,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
+    caller.need(Scope::Read)?;
     let Query(q) = q.map_err(|e| ApiError::field("query", "follow", e.body_text()))?;
-    let job = find(&st, &id).await?;
+    let job = find(&st, &caller, &id).await?;
+    let slot = st.streams.take(&caller.key.id)?;
     if q.follow.unwrap_or(false) {
         let after = headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(0);
-        return Ok(Sse::new(follow(st.clone(), job, after))
+        return Ok(Sse::new(follow(st.clone(), job, after, slot))
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let logs = st.store.logs(job.seq, 0).await?;
-    let mut all = Vec::new();
-    for c in logs.iter().filter(|c| is_output(c)) {
-        all.extend_from_slice(&c.data);
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], all).into_response())
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut after = 0;
+        loop {
+            let page = st
+                .store
+                .logs_page(job.seq, after, Streams::Output, PAGE)
+                .await
+                .unwrap_or_default();
+            if page.is_empty() {
+                return;
+            }
+            for c in page {
+                after = c.seq;
+                if tx.send(Ok(Bytes::from(c.data))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response())
 }
 
 /// Output chunks are "stdout" and "stderr"; "egress" ones are decisions.
 pub fn is_output(c: &agentvm_store::LogChunk) -> bool {
     c.stream == "stdout" || c.stream == "stderr"
-}
-
-enum FollowState {
-    Start {
-        st: Arc<AppState>,
-        job: Job,
-        after: i64,
-    },
-    Live {
-        st: Arc<AppState>,
-        job: Job,
-        rx: Option<tokio::sync::broadcast::Receiver<Live>>,
-        last: i64,
-        pending: std::collections::VecDeque<Event>,
-    },
-    Done,
 }
 
 fn chunk_event(c: &agentvm_store::LogChunk) -> Event {
@@ -860,128 +1157,109 @@ fn end_event(status: &str) -> Event {
         .data(serde_json::json!({ "status": status }).to_string())
 }
 
-/// Stored chunks after `after`, then live ones, then `end`.
+/// Stored chunks after `after`, then live ones, then `end`. A task of its
+/// own produces the events into a small channel: when the client stops
+/// reading, the channel fills and the task waits, holding one page at
+/// most; when the client goes away, the task ends.
 fn follow(
     st: Arc<AppState>,
     job: Job,
     after: i64,
+    slot: Slot,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
-    futures_util::stream::unfold(FollowState::Start { st, job, after }, |state| async move {
-        let mut state = state;
-        loop {
-            match state {
-                FollowState::Done => return None,
-                FollowState::Start { st, job, after } => {
-                    // subscribe before reading the store, so nothing falls between
-                    let rx = st.runner.follow(&job.id);
-                    let stored = st.store.logs(job.seq, after).await.unwrap_or_default();
-                    let last = stored.last().map(|c| c.seq).unwrap_or(after);
-                    let pending = stored.iter().map(chunk_event).collect();
-                    state = FollowState::Live {
-                        st,
-                        job,
-                        rx,
-                        last,
-                        pending,
-                    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(8);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _ = follow_into(&st, &job, after, &tx).await;
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Everything stored after `last`, page by page; the new `last`.
+async fn catch_up(
+    st: &AppState,
+    job: &Job,
+    mut last: i64,
+    tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<i64, ()> {
+    loop {
+        let page = st
+            .store
+            .logs_page(job.seq, last, Streams::All, PAGE)
+            .await
+            .map_err(|_| ())?;
+        if page.is_empty() {
+            return Ok(last);
+        }
+        for c in &page {
+            last = c.seq;
+            tx.send(Ok(chunk_event(c))).await.map_err(|_| ())?;
+        }
+    }
+}
+
+async fn follow_into(
+    st: &AppState,
+    job: &Job,
+    after: i64,
+    tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
+) -> Result<(), ()> {
+    // subscribe before reading the store, so nothing falls between
+    let mut live = st.runner.follow(&job.id);
+    let mut last = catch_up(st, job, after, tx).await?;
+    loop {
+        match live.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Ok(Live::Chunk(c)) if c.seq == last + 1 => {
+                    last = c.seq;
+                    tx.send(Ok(chunk_event(&c))).await.map_err(|_| ())?;
                 }
-                FollowState::Live {
-                    st,
-                    job,
-                    mut rx,
-                    mut last,
-                    mut pending,
-                } => {
-                    if let Some(ev) = pending.pop_front() {
-                        return Some((
-                            Ok(ev),
-                            FollowState::Live {
-                                st,
-                                job,
-                                rx,
-                                last,
-                                pending,
-                            },
-                        ));
+                // a gap (every chunk is stored before it is sent)
+                Ok(Live::Chunk(c)) if c.seq > last => last = catch_up(st, job, last, tx).await?,
+                Ok(Live::Chunk(_)) => {}
+                Ok(Live::End(s)) => {
+                    catch_up(st, job, last, tx).await?;
+                    tx.send(Ok(end_event(s.as_str()))).await.map_err(|_| ())?;
+                    return Ok(());
+                }
+                // lagged behind the live channel: the store has it all
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    last = catch_up(st, job, last, tx).await?
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => live = None,
+            },
+            None => {
+                // not running (yet, or any more): look at the store
+                let now = st.store.get_job(&job.id).await.map_err(|_| ())?;
+                last = catch_up(st, job, last, tx).await?;
+                match now {
+                    Some(j) if j.status.is_final() => {
+                        last = catch_up(st, job, last, tx).await?;
+                        let _ = last;
+                        tx.send(Ok(end_event(j.status.as_str())))
+                            .await
+                            .map_err(|_| ())?;
+                        return Ok(());
                     }
-                    match rx.as_mut() {
-                        Some(r) => match r.recv().await {
-                            // queued, then sent from `pending` on the next turn
-                            Ok(Live::Chunk(c)) if c.seq > last => {
-                                last = c.seq;
-                                pending.push_back(chunk_event(&c));
-                            }
-                            Ok(Live::Chunk(_)) => {}
-                            Ok(Live::End(s)) => {
-                                // anything stored but not yet sent, then the end
-                                for c in st.store.logs(job.seq, last).await.unwrap_or_default() {
-                                    pending.push_back(chunk_event(&c));
-                                }
-                                pending.push_back(end_event(s.as_str()));
-                                let mut q = pending;
-                                let first = q.pop_front();
-                                let next = if q.is_empty() {
-                                    FollowState::Done
-                                } else {
-                                    FollowState::Live {
-                                        st,
-                                        job,
-                                        rx: None,
-                                        last: i64::MAX,
-                                        pending: q,
-                                    }
-                                };
-                                return first.map(|e| (Ok(e), next));
-                            }
-                            Err(_) => {
-                                // lagged or closed: catch up from the store
-                                rx = None;
-                            }
-                        },
-                        None => {
-                            if last == i64::MAX {
-                                return None;
-                            }
-                            // not running (yet, or any more): poll the store
-                            let now = st.store.get_job(&job.id).await.ok().flatten();
-                            for c in st.store.logs(job.seq, last).await.unwrap_or_default() {
-                                last = c.seq;
-                                pending.push_back(chunk_event(&c));
-                            }
-                            match now {
-                                Some(j) if j.status.is_final() => {
-                                    pending.push_back(end_event(j.status.as_str()));
-                                    last = i64::MAX;
-                                }
-                                None => {
-                                    pending.push_back(end_event("deleted"));
-                                    last = i64::MAX;
-                                }
-                                Some(_) => {
-                                    rx = st.runner.follow(&job.id);
-                                    if rx.is_none() && pending.is_empty() {
-                                        tokio::time::sleep(std::time::Duration::from_millis(100))
-                                            .await;
-                                    }
-                                }
-                            }
+                    None => {
+                        tx.send(Ok(end_event("deleted"))).await.map_err(|_| ())?;
+                        return Ok(());
+                    }
+                    Some(_) => {
+                        live = st.runner.follow(&job.id);
+                        if live.is_none() {
+                            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         }
                     }
-                    state = FollowState::Live {
-                        st,
-                        job,
-                        rx,
-                        last,
-                        pending,
-                    };
                 }
             }
         }
-    })
+    }
 }
 
 /// The job's output as an asciicast v2 recording (`asciinema play` reads
-/// it); for a running job, what it has printed so far.
+/// it); for a running job, what it has printed so far. Built page by page
+/// as the client reads.
 #[utoipa::path(get, path = "/v1/jobs/{id}/recording", params(("id" = String, Path)),
     responses((status = 200, description = "asciicast v2: a JSON header line, then one [seconds, \"o\", text] line per output chunk", content_type = "application/x-asciicast", body = String),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),
@@ -989,22 +1267,49 @@ fn follow(
     security(("api_key" = [])))]
 pub async fn job_recording(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
-    let job = find(&st, &id).await?;
-    let chunks = st.store.logs(job.seq, 0).await?;
-    let cast = crate::recording::asciicast(&job, &chunks, st.runner.redactor());
+    caller.need(Scope::Read)?;
+    let job = find(&st, &caller, &id).await?;
+    let slot = st.streams.take(&caller.key.id)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let (mut cast, head) = crate::recording::Cast::new(&job, st.runner.redactor());
+        if tx.send(Ok(Bytes::from(head))).await.is_err() {
+            return;
+        }
+        let mut after = 0;
+        loop {
+            let page = st
+                .store
+                .logs_page(job.seq, after, Streams::Output, PAGE)
+                .await
+                .unwrap_or_default();
+            if page.is_empty() {
+                break;
+            }
+            let mut text = String::new();
+            for c in &page {
+                after = c.seq;
+                text.push_str(&cast.push(c));
+            }
+            if !text.is_empty() && tx.send(Ok(Bytes::from(text))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(Bytes::from(cast.finish()))).await;
+    });
     Ok((
         [(header::CONTENT_TYPE, crate::recording::CONTENT_TYPE)],
-        cast,
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
         .into_response())
 }
 
-/// The job's changes as a git patch (empty when nothing changed).
+/// The job's changes as a git patch (empty when nothing changed), sent a
+/// stored part at a time.
 #[utoipa::path(get, path = "/v1/jobs/{id}/patch", params(("id" = String, Path)),
     responses((status = 200, description = "A git patch", content_type = "text/x-diff", body = String),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),
@@ -1012,12 +1317,11 @@ pub async fn job_recording(
     security(("api_key" = [])))]
 pub async fn job_patch(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
-    let job = find(&st, &id).await?;
+    caller.need(Scope::Read)?;
+    let job = find(&st, &caller, &id).await?;
     if !job.status.is_final() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -1027,10 +1331,21 @@ pub async fn job_patch(
             ),
         ));
     }
-    let patch = st.store.patch(&id).await?.flatten().unwrap_or_default();
+    let slot = st.streams.take(&caller.key.id)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(2);
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut part = 0;
+        while let Ok(Some(p)) = st.store.patch_part(job.seq, part).await {
+            if tx.send(Ok(Bytes::from(p))).await.is_err() {
+                return;
+            }
+            part += 1;
+        }
+    });
     Ok((
         [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
-        patch,
+        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
     )
         .into_response())
 }
@@ -1042,12 +1357,13 @@ pub async fn job_patch(
     security(("api_key" = [])))]
 pub async fn cancel_job(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.cancel", Some(&id)).await?;
-    let job = find(&st, &id).await?;
+    caller
+        .need_mut(&st, Scope::Run, "job.cancel", Some(&id))
+        .await?;
+    let job = find(&st, &caller, &id).await?;
     if job.status.is_final() || !st.runner.cancel(&id).await? {
         caller
             .record(&st, "job.cancel", Some(&id), "rejected 409", None)
@@ -1060,7 +1376,10 @@ pub async fn cancel_job(
     caller
         .record(&st, "job.cancel", Some(&id), "accepted", None)
         .await;
-    Ok((StatusCode::ACCEPTED, Json(find(&st, &id).await?.into())))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(find(&st, &caller, &id).await?.into()),
+    ))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -1072,20 +1391,23 @@ pub struct Applied {
 
 /// Put the job's patch on a new branch `agentvm/<job-id>` of its repository,
 /// committed with the prompt as the message. Git plumbing only: the work
-/// tree, index and HEAD are untouched, no hook runs, protected paths
-/// (.git, shell and editor startup files) are refused.
+/// tree, index and HEAD are untouched, no hook runs, and a change to a
+/// protected path (startup files, hooks, editor tasks, CI workflows, what
+/// the repo's config names) is refused, judged on the tree git would
+/// commit.
 #[utoipa::path(post, path = "/v1/jobs/{id}/apply", params(("id" = String, Path)),
     responses((status = 201, body = Applied), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
         (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail), (status = 429, body = ErrorDetail)),
     security(("api_key" = [])))]
 pub async fn apply_job(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<(StatusCode, Json<Applied>)> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.apply", Some(&id)).await?;
-    let job = find(&st, &id).await?;
+    caller
+        .need_mut(&st, Scope::Run, "job.apply", Some(&id))
+        .await?;
+    let job = find(&st, &caller, &id).await?;
     if !job.status.is_final() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -1153,12 +1475,13 @@ pub async fn apply_job(
     security(("api_key" = [])))]
 pub async fn delete_job(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<StatusCode> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Run, "job.delete", Some(&id)).await?;
-    let job = find(&st, &id).await?;
+    caller
+        .need_mut(&st, Scope::Run, "job.delete", Some(&id))
+        .await?;
+    let job = find(&st, &caller, &id).await?;
     if !st.store.delete_job(&id).await? {
         caller
             .record(&st, "job.delete", Some(&id), "rejected 409", None)
@@ -1183,6 +1506,10 @@ pub struct KeyRequest {
     name: String,
     /// Any of read, run, admin.
     scopes: Vec<String>,
+    /// What this key's jobs may use beyond their profile's network policy
+    /// ("none", "host" or "allow:HOST[:PORT],..."); absent: only narrower.
+    #[serde(default)]
+    network: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -1194,6 +1521,8 @@ pub struct KeyView {
     source: String,
     created_at: i64,
     revoked_at: Option<i64>,
+    /// The key's network grant, if any.
+    network: Option<String>,
 }
 
 impl From<ApiKey> for KeyView {
@@ -1205,6 +1534,7 @@ impl From<ApiKey> for KeyView {
             source: k.source,
             created_at: k.created_at,
             revoked_at: k.revoked_at,
+            network: k.network,
         }
     }
 }
@@ -1225,11 +1555,12 @@ pub struct NewKey {
     security(("api_key" = [])))]
 pub async fn create_key(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<NewKey>)> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Admin, "key.create", None).await?;
+    caller
+        .need_mut(&st, Scope::Admin, "key.create", None)
+        .await?;
     let req: KeyRequest = parse_body(&body)?;
     let name = req.name.trim().to_string();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
@@ -1255,6 +1586,21 @@ pub async fn create_key(
     if scopes.is_empty() {
         return Err(ApiError::field("body", "scopes", "give at least one scope"));
     }
+    let network = match &req.network {
+        None => None,
+        Some(n) if n.len() > MAX_NETWORK => {
+            return Err(ApiError::field(
+                "body",
+                "network",
+                format!("network must be at most {MAX_NETWORK} bytes"),
+            ))
+        }
+        Some(n) => Some(
+            NetworkMode::parse(n)
+                .map_err(|e| ApiError::field("body", "network", e))?
+                .to_string(),
+        ),
+    };
     let secret = auth::new_secret();
     let key = ApiKey {
         id: auth::new_key_id(),
@@ -1264,6 +1610,7 @@ pub async fn create_key(
         source: "api".into(),
         created_at: agentvm_store::now_ms(),
         revoked_at: None,
+        network: network.clone(),
     };
     st.store.insert_key(&key).await?;
     caller
@@ -1272,7 +1619,10 @@ pub async fn create_key(
             "key.create",
             Some(&key.id),
             "ok",
-            Some(&scopes.join(",")),
+            Some(&match &network {
+                Some(n) => format!("{}; network {n}", scopes.join(",")),
+                None => scopes.join(","),
+            }),
         )
         .await;
     Ok((
@@ -1290,12 +1640,8 @@ pub async fn create_key(
 #[utoipa::path(get, path = "/v1/keys",
     responses((status = 200, body = Vec<KeyView>), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 429, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn list_keys(
-    State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> ApiResult<Json<Vec<KeyView>>> {
-    authorize(&st, &headers, addr, Scope::Admin).await?;
+pub async fn list_keys(State(st): S, caller: Caller) -> ApiResult<Json<Vec<KeyView>>> {
+    caller.need(Scope::Admin)?;
     Ok(Json(
         st.store
             .list_keys()
@@ -1313,11 +1659,12 @@ pub async fn list_keys(
     security(("api_key" = [])))]
 pub async fn revoke_key(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<StatusCode> {
-    let caller = authorize_mut(&st, &headers, addr, Scope::Admin, "key.revoke", Some(&id)).await?;
+    caller
+        .need_mut(&st, Scope::Admin, "key.revoke", Some(&id))
+        .await?;
     let keys = st.store.list_keys().await?;
     let Some(target) = keys.iter().find(|k| k.id == id && k.revoked_at.is_none()) else {
         return Err(ApiError::new(
@@ -1378,11 +1725,10 @@ pub struct AuditPage {
     security(("api_key" = [])))]
 pub async fn list_audit(
     State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<AuditPage>> {
-    authorize(&st, &headers, addr, Scope::Admin).await?;
+    caller.need(Scope::Admin)?;
     let Query(q) = q.map_err(|e| ApiError::field("query", "query", e.body_text()))?;
     let (limit, cursor) = page_params(q.limit, q.cursor.as_deref())?;
     let ev = st.store.list_audit(cursor, limit + 1).await?;
@@ -1418,12 +1764,8 @@ pub async fn list_audit(
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 429, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn metrics(
-    State(st): S,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> ApiResult<Response> {
-    authorize(&st, &headers, addr, Scope::Read).await?;
+pub async fn metrics(State(st): S, caller: Caller) -> ApiResult<Response> {
+    caller.need(Scope::Read)?;
     let counts: std::collections::HashMap<JobStatus, i64> =
         st.store.count_by_status().await?.into_iter().collect();
     for s in JobStatus::ALL {

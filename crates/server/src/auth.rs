@@ -79,6 +79,10 @@ pub fn presented(headers: &axum::http::HeaderMap) -> Option<String> {
     }
 }
 
+/// At most this many clients are tracked at once (the limiter's memory is
+/// bounded whoever connects).
+pub const MAX_BUCKETS: usize = 100_000;
+
 /// A token bucket per key: `per_minute` requests, bursts up to a sixth of
 /// that (at least 10).
 pub struct RateLimiter {
@@ -106,6 +110,15 @@ impl RateLimiter {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
+        if b.len() >= MAX_BUCKETS && !b.contains_key(key) {
+            // a bucket refilled to its burst says nothing: forget those
+            let full = burst / rate;
+            b.retain(|_, (_, last)| now.duration_since(*last).as_secs_f64() < full);
+            if b.len() >= MAX_BUCKETS {
+                // still full of active clients: newcomers wait
+                return Err(60);
+            }
+        }
         let (tokens, last) = b.entry(key.to_string()).or_insert((burst, now));
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(burst);
         *last = now;

@@ -32,6 +32,17 @@ pub struct Profile {
     pub pids: Option<u64>,
     #[serde(default)]
     pub disk: Option<String>,
+    /// Flags a request's extra_args may not carry: those that change where
+    /// the agent's traffic or credentials go (`--flag`, `--flag=value`,
+    /// an abbreviation of a long flag, a short flag alone or bundled).
+    /// Empty it in the config to allow them.
+    #[serde(default)]
+    pub refused_args: Vec<String>,
+    /// Flags of the agent's own that are prefixes of a refused one and
+    /// are allowed when written out exactly (aider's `--model` beside the
+    /// refused `--model-settings-file`).
+    #[serde(default)]
+    pub allowed_args: Vec<String>,
 }
 
 fn default_network() -> String {
@@ -67,6 +78,8 @@ pub struct ProfileConfig {
     pub memory: Option<String>,
     pub pids: Option<u64>,
     pub disk: Option<String>,
+    pub refused_args: Option<Vec<String>>,
+    pub allowed_args: Option<Vec<String>>,
 }
 
 /// The built-in profiles with the config file's `[agents.*]` tables
@@ -92,6 +105,8 @@ pub fn profiles(
                     memory: t.memory,
                     pids: t.pids,
                     disk: t.disk,
+                    refused_args: t.refused_args.unwrap_or_default(),
+                    allowed_args: t.allowed_args.unwrap_or_default(),
                 }
             }
             None => {
@@ -114,6 +129,8 @@ pub fn profiles(
                 p.memory = t.memory.or(p.memory);
                 p.pids = t.pids.or(p.pids);
                 p.disk = t.disk.or(p.disk);
+                p.refused_args = t.refused_args.unwrap_or(p.refused_args);
+                p.allowed_args = t.allowed_args.unwrap_or(p.allowed_args);
                 p
             }
         };
@@ -124,6 +141,26 @@ pub fn profiles(
 }
 
 impl Profile {
+    /// The profile's network policy (checked by `validate` when loaded).
+    pub fn network_mode(&self) -> agentvm_egress::NetworkMode {
+        agentvm_egress::NetworkMode::parse(&self.network)
+            .unwrap_or(agentvm_egress::NetworkMode::None)
+    }
+
+    /// The first of `args` this profile refuses, with the flag it matched.
+    pub fn refused_arg<'a>(&'a self, args: &'a [String]) -> Option<(&'a str, &'a str)> {
+        args.iter().find_map(|a| {
+            let name = a.split('=').next().unwrap_or("");
+            if self.allowed_args.iter().any(|x| x == name) {
+                return None;
+            }
+            self.refused_args
+                .iter()
+                .find(|f| flag_matches(f, a))
+                .map(|f| (a.as_str(), f.as_str()))
+        })
+    }
+
     pub fn validate(&self, name: &str) -> Result<(), String> {
         if self.argv.is_empty() {
             return Err(format!("agent {name}: argv is empty"));
@@ -133,21 +170,49 @@ impl Profile {
                 "agent {name}: argv must contain \"{{prompt}}\" exactly once, as a whole element"
             ));
         }
-        match self.network.as_str() {
-            "none" | "host" => {}
-            n => match n.strip_prefix("allow:") {
-                Some(list) => {
-                    agentvm_egress::Policy::parse(list)
-                        .map_err(|e| format!("agent {name}: network allow list: {e}"))?;
-                }
-                None => {
-                    return Err(format!(
-                        "agent {name}: network must be none, host or allow:HOST,..."
-                    ))
-                }
-            },
+        agentvm_egress::NetworkMode::parse(&self.network).map_err(|e| {
+            if self.network.starts_with("allow:") {
+                format!("agent {name}: network allow list: {e}")
+            } else {
+                format!("agent {name}: network must be none, host or allow:HOST[:PORT],...")
+            }
+        })?;
+        for (what, v) in [("memory", &self.memory), ("disk", &self.disk)] {
+            if let Some(v) = v {
+                crate::units::parse_size(v).map_err(|e| format!("agent {name}: {what}: {e}"))?;
+            }
+        }
+        for f in &self.refused_args {
+            if !f.starts_with('-') || f == "-" || f == "--" {
+                return Err(format!(
+                    "agent {name}: refused_args holds {f:?}, which is not a flag"
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+/// Does argument `arg` set the flag `flag`? Long flags match whole
+/// (`--x`, `--x=v`) or abbreviated (argparse accepts any unambiguous
+/// prefix, so `--openai-api-b` is `--openai-api-base`); a short flag
+/// matches alone, with its value attached, or bundled (`-xc`).
+fn flag_matches(flag: &str, arg: &str) -> bool {
+    if let Some(long) = flag.strip_prefix("--") {
+        let Some(given) = arg.strip_prefix("--") else {
+            return false;
+        };
+        let name = given.split('=').next().unwrap_or("");
+        !name.is_empty() && long.starts_with(name)
+    } else if let Some(short) = flag.strip_prefix('-') {
+        match arg.strip_prefix('-') {
+            Some(rest) if !rest.starts_with('-') => {
+                short.chars().next().is_some_and(|c| rest.contains(c))
+            }
+            _ => false,
+        }
+    } else {
+        false
     }
 }
 
@@ -353,6 +418,40 @@ argv = ["tool", "{prompt}"]
             assert!(e.starts_with(want), "{text}: {e}");
         }
         assert!(toml::from_str::<BTreeMap<String, ProfileConfig>>("[a]\nargs2 = []\n").is_err());
+    }
+
+    #[test]
+    fn refused_args_catch_every_spelling() {
+        let p = builtin_profiles()
+            .remove("aider")
+            .unwrap_or_else(|| panic!("aider"));
+        for bad in [
+            "--openai-api-base",
+            "--openai-api-base=http://evil",
+            "--openai-api-b",
+            "--set-env",
+            "-c",
+            "-cconf.yml",
+        ] {
+            let args = vec!["--model".to_string(), "x".into(), bad.to_string()];
+            assert!(p.refused_arg(&args).is_some(), "{bad}");
+        }
+        let ok = vec![
+            "--model".to_string(),
+            "gpt".into(),
+            "--model=x".into(),
+            "file.py".into(),
+            "--".into(),
+        ];
+        assert_eq!(p.refused_arg(&ok), None);
+        let shell = builtin_profiles()
+            .remove("shell")
+            .unwrap_or_else(|| panic!("shell"));
+        assert_eq!(shell.refused_arg(&["--openai-api-base".to_string()]), None);
+        // a bad value fails at start, not when a job runs
+        let mut q = shell.clone();
+        q.memory = Some("lots".into());
+        assert!(q.validate("q").unwrap_err().contains("memory"));
     }
 
     #[test]

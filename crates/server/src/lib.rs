@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod recording;
 pub mod redact;
 pub mod runner;
+pub mod units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -111,6 +112,7 @@ async fn register_key_file(store: &Store, file: &Path) -> Result<(), ServeError>
                 source: "file".into(),
                 created_at: agentvm_store::now_ms(),
                 revoked_at: None,
+                network: None,
             })
             .await?;
     }
@@ -145,6 +147,7 @@ async fn bootstrap_key(store: &Store, data_dir: &Path) -> Result<Option<PathBuf>
             source: "bootstrap".into(),
             created_at: agentvm_store::now_ms(),
             revoked_at: None,
+            network: None,
         })
         .await?;
     Ok(Some(path))
@@ -188,7 +191,14 @@ async fn observe(State(st): State<Arc<api::AppState>>, req: Request, next: Next)
             status,
         })
         .inc();
-    tracing::info!(request_id = %rid, method = %method, route = %route, status, ms = start.elapsed().as_secs_f64() * 1000.0, "request");
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    // a read that worked is routine (a client polling a job makes many):
+    // debug; everything else (mutations, errors) at info
+    if method == "GET" && status < 400 {
+        tracing::debug!(request_id = %rid, method = %method, route = %route, status, ms, "request");
+    } else {
+        tracing::info!(request_id = %rid, method = %method, route = %route, status, ms, "request");
+    }
     resp
 }
 
@@ -199,8 +209,9 @@ pub fn router(st: Arc<api::AppState>) -> Router {
             HeaderValue::from_static(v),
         )
     };
-    let api = Router::new()
-        .route("/health", get(api::health))
+    // every route here needs a key: the gate checks it before any body
+    // is read
+    let keyed = Router::new()
         .route("/agent/run", post(api::agent_run))
         .route("/v1/jobs", post(api::create_job).get(api::list_jobs))
         .route("/v1/jobs/{id}", get(api::get_job).delete(api::delete_job))
@@ -213,6 +224,10 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/v1/audit", get(api::list_audit))
         .route("/metrics", get(api::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(st.clone(), api::gate));
+    let api = Router::new()
+        .route("/health", get(api::health))
+        .merge(keyed)
         .layer(hdr(
             "content-security-policy",
             "default-src 'none'; frame-ancestors 'none'",
@@ -238,6 +253,13 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .layer(SetRequestIdLayer::x_request_id(Ids::default()))
         .with_state(st)
 }
+
+/// Requests without a valid key allowed per client address per minute
+/// (bursts of 10); beyond, 429 and nothing stored.
+pub const ANON_PER_MINUTE: u32 = 60;
+/// Refused anonymous mutations audited one by one per minute, all
+/// addresses together; beyond, only counted.
+pub const ANON_AUDIT_PER_MINUTE: u32 = 120;
 
 /// Wait for SIGTERM or SIGINT.
 async fn shutdown_signal() {
@@ -300,6 +322,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         cfg: cfg.clone(),
         metrics,
         limiter: auth::RateLimiter::new(cfg.rate_limit),
+        anon: auth::RateLimiter::new(ANON_PER_MINUTE),
+        anon_audit: auth::RateLimiter::new(ANON_AUDIT_PER_MINUTE),
+        streams: api::StreamSlots::new(api::STREAMS_PER_KEY),
         roots,
     });
     let app = router(st).into_make_service_with_connect_info::<SocketAddr>();

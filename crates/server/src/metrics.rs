@@ -27,6 +27,8 @@ pub struct Metrics {
     pub sandbox_start: Histogram,
     pub job_duration: Histogram,
     pub http: Family<HttpLabels, Counter>,
+    /// Refused requests without a valid key past the audit budget.
+    pub unaudited_refusals: Counter,
 }
 
 impl Metrics {
@@ -60,7 +62,14 @@ impl Metrics {
             "HTTP requests by route, method and status",
             http.clone(),
         );
+        let unaudited_refusals = Counter::default();
+        registry.register(
+            "unaudited_refusals",
+            "Refused requests without a valid API key that were not audited one by one (past the audit budget)",
+            unaudited_refusals.clone(),
+        );
         Metrics {
+            unaudited_refusals,
             registry,
             jobs,
             queue_depth,

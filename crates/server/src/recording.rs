@@ -22,12 +22,12 @@ pub const CONTENT_TYPE: &str = "application/x-asciicast";
 /// Bytes in, valid UTF-8 out: a sequence cut at the end of one chunk is
 /// kept for the next; invalid bytes become U+FFFD.
 #[derive(Default)]
-struct Utf8 {
+pub(crate) struct Utf8 {
     pending: Vec<u8>,
 }
 
 impl Utf8 {
-    fn take(&mut self, bytes: &[u8], last: bool) -> String {
+    pub(crate) fn take(&mut self, bytes: &[u8], last: bool) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         let mut rest: &[u8] = &self.pending;
@@ -78,35 +78,73 @@ fn onlcr(bytes: &[u8], prev_cr: &mut bool) -> Vec<u8> {
     out
 }
 
+/// An asciicast v2 file, built chunk by chunk (a download holds one page
+/// of output at a time, never the whole recording).
+pub struct Cast {
+    start: i64,
+    red: crate::redact::Stream,
+    utf8: Utf8,
+    prev_cr: bool,
+    t: f64,
+}
+
+impl Cast {
+    /// The encoder for `job`, and the header line.
+    pub fn new(job: &Job, redactor: &Redactor) -> (Cast, String) {
+        let start = job.started_at.unwrap_or(job.created_at);
+        let header = json!({
+            "version": 2,
+            "width": WIDTH,
+            "height": HEIGHT,
+            "timestamp": start / 1000,
+            "title": format!("agentvm {} ({})", job.id, job.agent),
+            "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
+        });
+        let cast = Cast {
+            start,
+            red: redactor.stream(),
+            utf8: Utf8::default(),
+            prev_cr: false,
+            t: 0.0,
+        };
+        (cast, format!("{header}\n"))
+    }
+
+    fn event(&self, text: String) -> String {
+        if text.is_empty() {
+            String::new()
+        } else {
+            format!("{}\n", json!([self.t, "o", text]))
+        }
+    }
+
+    /// The event lines for one stored chunk (none for egress decisions).
+    pub fn push(&mut self, c: &LogChunk) -> String {
+        if !crate::api::is_output(c) {
+            return String::new();
+        }
+        // never backwards: clocks may step, the format needs order
+        self.t = self.t.max((c.ts - self.start) as f64 / 1000.0);
+        let bytes = onlcr(&self.red.push(&c.data), &mut self.prev_cr);
+        let text = self.utf8.take(&bytes, false);
+        self.event(text)
+    }
+
+    /// Whatever the redactor and the UTF-8 decoder still hold.
+    pub fn finish(mut self) -> String {
+        let bytes = onlcr(&self.red.finish(), &mut self.prev_cr);
+        let text = self.utf8.take(&bytes, true);
+        self.event(text)
+    }
+}
+
 /// The asciicast v2 text of `job` with its output `chunks` (in order).
 pub fn asciicast(job: &Job, chunks: &[LogChunk], redactor: &Redactor) -> String {
-    let start = job.started_at.unwrap_or(job.created_at);
-    let header = json!({
-        "version": 2,
-        "width": WIDTH,
-        "height": HEIGHT,
-        "timestamp": start / 1000,
-        "title": format!("agentvm {} ({})", job.id, job.agent),
-        "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
-    });
-    let mut out = header.to_string();
-    out.push('\n');
-    let mut red = redactor.stream();
-    let (mut utf8, mut prev_cr, mut t) = (Utf8::default(), false, 0.0f64);
-    let event = |out: &mut String, t: f64, text: String| {
-        if !text.is_empty() {
-            out.push_str(&json!([t, "o", text]).to_string());
-            out.push('\n');
-        }
-    };
-    for c in chunks.iter().filter(|c| crate::api::is_output(c)) {
-        // never backwards: clocks may step, the format needs order
-        t = t.max((c.ts - start) as f64 / 1000.0);
-        let bytes = onlcr(&red.push(&c.data), &mut prev_cr);
-        event(&mut out, t, utf8.take(&bytes, false));
+    let (mut cast, mut out) = Cast::new(job, redactor);
+    for c in chunks {
+        out.push_str(&cast.push(c));
     }
-    let bytes = onlcr(&red.finish(), &mut prev_cr);
-    event(&mut out, t, utf8.take(&bytes, true));
+    out.push_str(&cast.finish());
     out
 }
 

@@ -325,6 +325,18 @@ impl Runner {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Does this job receive its profile's secrets? Only when its network
+    /// policy is the profile's or narrower: the secrets are bound to the
+    /// profile's hosts, and a job a key's grant let go further (or a
+    /// profile that changed since) gets none.
+    fn gets_secrets(&self, job: &Job, p: &crate::config::Profile) -> bool {
+        match &job.network {
+            None => true,
+            Some(n) => agentvm_egress::NetworkMode::parse(n)
+                .is_ok_and(|want| p.network_mode().covers(&want)),
+        }
+    }
+
     /// The supervisor's environment: nearly empty, plus exactly the
     /// variables this job's profile may receive.
     fn child_env(&self, job: &Job) -> Vec<(String, String)> {
@@ -337,7 +349,12 @@ impl Runner {
                 env.push((k.into(), v));
             }
         }
-        if let Some(p) = self.cfg.agents.get(&job.agent) {
+        if let Some(p) = self
+            .cfg
+            .agents
+            .get(&job.agent)
+            .filter(|p| self.gets_secrets(job, p))
+        {
             for k in &p.env {
                 if let Some(v) = self
                     .secret(k)
@@ -396,7 +413,7 @@ impl Runner {
         for (k, v) in &p.set_env {
             a.extend(["--env".into(), format!("{k}={v}")]);
         }
-        for k in &p.env {
+        for k in p.env.iter().filter(|_| self.gets_secrets(job, p)) {
             if self.secret(k).is_some() || std::env::var_os(k).is_some() {
                 a.extend(["--env-pass".into(), k.clone()]);
             }

@@ -139,6 +139,9 @@ pub struct ApiKey {
     pub source: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// What this key's jobs may use beyond their profile's network policy
+    /// (`none`, `host`, `allow:...`), granted by an admin.
+    pub network: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -161,6 +164,36 @@ pub struct Finish {
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
     pub patch: Option<Vec<u8>>,
+}
+
+/// Which chunks of a job's log a page holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Streams<'a> {
+    All,
+    /// stdout and stderr (no egress decisions).
+    Output,
+    Only(&'a str),
+}
+
+/// A stored patch's parts are at most this large.
+pub const PATCH_PART: usize = 1 << 20;
+
+/// The longest audit target and detail stored (longer ones are cut, and
+/// say so).
+pub const AUDIT_TARGET_MAX: usize = 256;
+pub const AUDIT_DETAIL_MAX: usize = 2048;
+
+/// `s` cut to at most `max` bytes at a character boundary, marked with an
+/// ellipsis when cut.
+pub fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}...", &s[..end]))
 }
 
 pub fn now_ms() -> i64 {
@@ -217,6 +250,7 @@ fn key_from(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey> {
         source: row.try_get("source")?,
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
+        network: row.try_get("network")?,
     })
 }
 
@@ -278,9 +312,11 @@ impl Store {
         row.as_ref().map(job_from).transpose()
     }
 
-    /// Jobs newest first, after `cursor` (a seq from a previous page).
+    /// Jobs newest first, after `cursor` (a seq from a previous page);
+    /// only those of the key `owner` when given.
     pub async fn list_jobs(
         &self,
+        owner: Option<&str>,
         status: Option<JobStatus>,
         agent: Option<&str>,
         cursor: Option<i64>,
@@ -288,12 +324,13 @@ impl Store {
     ) -> Result<Vec<Job>> {
         let rows = sqlx::query(&format!(
             "SELECT {JOB_COLS} FROM jobs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR agent = ?2) \
-             AND (?3 IS NULL OR seq < ?3) ORDER BY seq DESC LIMIT ?4"
+             AND (?3 IS NULL OR seq < ?3) AND (?5 IS NULL OR key_id = ?5) ORDER BY seq DESC LIMIT ?4"
         ))
         .bind(status.map(|s| s.as_str()))
         .bind(agent)
         .bind(cursor)
         .bind(limit)
+        .bind(owner)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(job_from).collect()
@@ -351,13 +388,36 @@ impl Store {
         Ok(())
     }
 
-    /// Output chunks with seq > `after`, in order.
+    /// Every chunk with seq > `after`, in order (tests and small jobs;
+    /// the server reads pages: [`Store::logs_page`]).
     pub async fn logs(&self, job_seq: i64, after: i64) -> Result<Vec<LogChunk>> {
+        self.logs_page(job_seq, after, Streams::All, i64::MAX).await
+    }
+
+    /// At most `limit` chunks with seq > `after` of the given streams, in
+    /// order: one bounded page (a chunk is at most one 32 KiB read).
+    pub async fn logs_page(
+        &self,
+        job_seq: i64,
+        after: i64,
+        streams: Streams<'_>,
+        limit: i64,
+    ) -> Result<Vec<LogChunk>> {
+        let (output, only) = match streams {
+            Streams::All => (false, None),
+            Streams::Output => (true, None),
+            Streams::Only(s) => (false, Some(s)),
+        };
         let rows = sqlx::query(
-            "SELECT seq, stream, ts, data FROM job_logs WHERE job_seq = ? AND seq > ? ORDER BY seq",
+            "SELECT seq, stream, ts, data FROM job_logs WHERE job_seq = ?1 AND seq > ?2 \
+             AND (?3 = 0 OR stream IN ('stdout', 'stderr')) AND (?4 IS NULL OR stream = ?4) \
+             ORDER BY seq LIMIT ?5",
         )
         .bind(job_seq)
         .bind(after)
+        .bind(output)
+        .bind(only)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -373,34 +433,78 @@ impl Store {
     }
 
     /// Record how a running (or queued) job ended; false if it had already
-    /// ended.
+    /// ended. The patch is stored in parts of at most [`PATCH_PART`] bytes,
+    /// in the same transaction.
     pub async fn finish_job(&self, id: &str, f: &Finish) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
-            "UPDATE jobs SET status = ?, exit_code = ?, error = ?, result = ?, patch = ?, finished_at = ?, \
-             supervisor_pid = NULL WHERE id = ? AND status IN ('queued', 'running')",
+            "UPDATE jobs SET status = ?, exit_code = ?, error = ?, result = ?, patch_bytes = ?, finished_at = ?, \
+             supervisor_pid = NULL WHERE id = ? AND status IN ('queued', 'running') RETURNING seq",
         )
         .bind(f.status.as_str())
         .bind(f.exit_code)
         .bind(&f.error)
         .bind(f.result.as_ref().map(|r| r.to_string()))
-        .bind(&f.patch)
+        .bind(f.patch.as_ref().map(|p| p.len() as i64))
         .bind(now_ms())
         .bind(id)
-        .execute(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(r.rows_affected() == 1)
+        let Some(row) = r else {
+            return Ok(false);
+        };
+        let seq: i64 = row.try_get("seq")?;
+        if let Some(p) = &f.patch {
+            for (i, part) in p.chunks(PATCH_PART).enumerate() {
+                sqlx::query("INSERT INTO job_patch_parts (job_seq, part, data) VALUES (?, ?, ?)")
+                    .bind(seq)
+                    .bind(i as i64)
+                    .bind(part)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
+    /// The whole patch: `None` for an unknown job, `Some(None)` when none
+    /// was stored.
     pub async fn patch(&self, id: &str) -> Result<Option<Option<Vec<u8>>>> {
-        let row = sqlx::query("SELECT patch FROM jobs WHERE id = ?")
+        let Some((seq, bytes)) = self.patch_size(id).await? else {
+            return Ok(None);
+        };
+        let Some(bytes) = bytes else {
+            return Ok(Some(None));
+        };
+        let mut out = Vec::with_capacity(bytes.max(0) as usize);
+        let mut part = 0;
+        while let Some(p) = self.patch_part(seq, part).await? {
+            out.extend_from_slice(&p);
+            part += 1;
+        }
+        Ok(Some(Some(out)))
+    }
+
+    /// A job's seq and its patch's size (`None`: no patch stored).
+    pub async fn patch_size(&self, id: &str) -> Result<Option<(i64, Option<i64>)>> {
+        let row = sqlx::query("SELECT seq, patch_bytes FROM jobs WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            r.try_get::<Option<Vec<u8>>, _>("patch")
-                .map_err(StoreError::from)
-        })
-        .transpose()
+        row.map(|r| Ok((r.try_get("seq")?, r.try_get("patch_bytes")?)))
+            .transpose()
+    }
+
+    /// Part `part` (from 0) of a job's patch, or `None` past the last.
+    pub async fn patch_part(&self, job_seq: i64, part: i64) -> Result<Option<Vec<u8>>> {
+        let row = sqlx::query("SELECT data FROM job_patch_parts WHERE job_seq = ? AND part = ?")
+            .bind(job_seq)
+            .bind(part)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("data").map_err(StoreError::from))
+            .transpose()
     }
 
     /// Delete a job that has ended, with its output; false if it is unknown
@@ -452,13 +556,14 @@ impl Store {
     // ------------------------------------------------------------- keys
 
     pub async fn insert_key(&self, k: &ApiKey) -> Result<()> {
-        sqlx::query("INSERT INTO api_keys (id, name, hash, scopes, source, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO api_keys (id, name, hash, scopes, source, created_at, network) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(&k.id)
             .bind(&k.name)
             .bind(&k.hash)
             .bind(k.scopes.join(","))
             .bind(&k.source)
             .bind(k.created_at)
+            .bind(&k.network)
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -508,14 +613,16 @@ impl Store {
         outcome: &str,
         detail: Option<&str>,
     ) -> Result<()> {
+        // every field is bounded, whatever a caller passes: an audit row
+        // costs the same for a 60 KB path as for a short one
         sqlx::query("INSERT INTO audit (ts, key_id, action, target, client, outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(now_ms())
-            .bind(key_id)
-            .bind(action)
-            .bind(target)
-            .bind(client)
-            .bind(outcome)
-            .bind(detail)
+            .bind(key_id.map(|k| bounded(k, 64)))
+            .bind(bounded(action, 64))
+            .bind(target.map(|t| bounded(t, AUDIT_TARGET_MAX)))
+            .bind(client.map(|c| bounded(c, 64)))
+            .bind(bounded(outcome, 512))
+            .bind(detail.map(|d| bounded(d, AUDIT_DETAIL_MAX)))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -651,6 +758,146 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn patches_are_stored_in_parts_and_read_back_whole() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&d.path().join("db.sqlite"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let j = s
+            .create_job(&new_job("p"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let patch: Vec<u8> = (0..(PATCH_PART * 2 + 17)).map(|i| i as u8).collect();
+        let f = Finish {
+            status: JobStatus::Succeeded,
+            exit_code: Some(0),
+            error: None,
+            result: None,
+            patch: Some(patch.clone()),
+        };
+        assert!(s.finish_job("p", &f).await.unwrap_or(false));
+        assert_eq!(
+            s.patch_size("p").await.ok().flatten(),
+            Some((j.seq, Some(patch.len() as i64)))
+        );
+        assert_eq!(
+            s.patch_part(j.seq, 2).await.ok().flatten().map(|p| p.len()),
+            Some(17)
+        );
+        assert_eq!(s.patch_part(j.seq, 3).await.ok().flatten(), None);
+        assert_eq!(s.patch("p").await.ok().flatten().flatten(), Some(patch));
+        // a job that ended without a patch
+        s.create_job(&new_job("q"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let f = Finish { patch: None, ..f };
+        assert!(s.finish_job("q", &f).await.unwrap_or(false));
+        assert_eq!(s.patch("q").await.ok().flatten(), Some(None));
+        assert_eq!(s.patch("nope").await.ok().flatten(), None);
+    }
+
+    /// Patches stored whole by an older version are split into parts by
+    /// the migration (its data statements, replayed on such a row).
+    #[tokio::test]
+    async fn legacy_whole_patches_are_split_by_the_migration() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&d.path().join("db.sqlite"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.create_job(&new_job("old"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let patch: Vec<u8> = (0..(PATCH_PART + 5)).map(|i| (i % 251) as u8).collect();
+        sqlx::query("UPDATE jobs SET status = 'succeeded', patch = ? WHERE id = 'old'")
+            .bind(&patch)
+            .execute(&s.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let sql = include_str!("../migrations/0003_keys_network_and_patch_parts.sql");
+        let data = &sql[sql.find("WITH RECURSIVE").unwrap_or(0)..];
+        sqlx::raw_sql(data)
+            .execute(&s.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.patch("old").await.ok().flatten().flatten(), Some(patch));
+    }
+
+    #[tokio::test]
+    async fn audit_fields_are_bounded() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&d.path().join("db.sqlite"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let long = "é".repeat(40_000);
+        s.audit(
+            Some(&long),
+            &long,
+            Some(&long),
+            Some(&long),
+            &long,
+            Some(&long),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let ev = s.list_audit(None, 1).await.unwrap_or_default();
+        let e = &ev[0];
+        assert!(e.target.as_deref().unwrap_or("").len() <= AUDIT_TARGET_MAX);
+        assert!(e.detail.as_deref().unwrap_or("").len() <= AUDIT_DETAIL_MAX);
+        assert!(e.action.len() <= 64 && e.outcome.len() <= 512);
+        assert!(e.target.as_deref().unwrap_or("").ends_with("..."));
+    }
+
+    #[tokio::test]
+    async fn jobs_list_by_owner_and_logs_by_page() {
+        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let s = Store::open(&d.path().join("db.sqlite"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let a = s
+            .create_job(&new_job("a"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut b = new_job("b");
+        b.key_id = Some("k2".into());
+        s.create_job(&b).await.unwrap_or_else(|e| panic!("{e}"));
+        let mine = s
+            .list_jobs(Some("k2"), None, None, None, 10)
+            .await
+            .unwrap_or_default();
+        assert_eq!(
+            mine.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        assert_eq!(
+            s.list_jobs(None, None, None, None, 10)
+                .await
+                .unwrap_or_default()
+                .len(),
+            2
+        );
+        for (i, st) in ["stdout", "egress", "stderr", "stdout"].iter().enumerate() {
+            s.append_log(a.seq, i as i64 + 1, st, st.as_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let page = s
+            .logs_page(a.seq, 0, Streams::Output, 2)
+            .await
+            .unwrap_or_default();
+        assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 3]);
+        let page = s
+            .logs_page(a.seq, 3, Streams::Output, 2)
+            .await
+            .unwrap_or_default();
+        assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [4]);
+        let only = s
+            .logs_page(a.seq, 0, Streams::Only("stderr"), 10)
+            .await
+            .unwrap_or_default();
+        assert_eq!(only.len(), 1);
+    }
+
+    #[tokio::test]
     async fn hostile_strings_are_data() {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let s = Store::open(&d.path().join("db.sqlite"))
@@ -661,7 +908,7 @@ mod tests {
         j.agent = evil.into();
         s.create_job(&j).await.unwrap_or_else(|e| panic!("{e}"));
         let got = s
-            .list_jobs(None, Some(evil), None, 10)
+            .list_jobs(None, None, Some(evil), None, 10)
             .await
             .unwrap_or_default();
         assert_eq!(got.len(), 1);

@@ -1,6 +1,8 @@
 mod agents;
 mod attack;
+mod bounds;
 mod capture;
 mod cli;
 mod egress;
+mod policy;
 pub mod server;

@@ -15,7 +15,7 @@ pub struct Server {
     pub url: String,
     pub data: PathBuf,
     pub key: String,
-    http: Client,
+    pub http: Client,
 }
 
 impl Server {
@@ -163,7 +163,7 @@ impl Drop for Server {
 }
 
 /// A data dir, an allowed root with a repo in it, and a running server.
-fn setup(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Server) {
+pub fn setup(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Server) {
     let t = tempdir();
     let root = t.path().join("root");
     std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("{e}"));
@@ -181,7 +181,7 @@ fn setup(extra: &[&str]) -> (tempfile::TempDir, PathBuf, Server) {
     (t, r, s)
 }
 
-fn shell(repo: &Path, prompt: &str) -> Value {
+pub fn shell(repo: &Path, prompt: &str) -> Value {
     json!({"agent": "shell", "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": 30})
 }
 
@@ -1502,8 +1502,7 @@ fn a_store_that_refuses_a_jobs_end_still_gets_a_failed_end() {
         .arg(
             "import sqlite3, sys\n\
              c = sqlite3.connect(sys.argv[1])\n\
-             c.execute(\"CREATE TRIGGER refuse_patch BEFORE UPDATE OF patch ON jobs \
-             WHEN NEW.patch IS NOT NULL AND length(NEW.patch) > 0 \
+             c.execute(\"CREATE TRIGGER refuse_patch BEFORE INSERT ON job_patch_parts \
              BEGIN SELECT RAISE(ABORT, 'refused by the test'); END\")\n\
              c.commit()\n",
         )
