@@ -72,13 +72,14 @@ pub fn main(a: AgentsArgs) -> ExitCode {
         },
         None => Default::default(),
     };
-    let agents = match agentvm_server::config::profiles(tables) {
+    let mut agents = match agentvm_server::config::profiles(tables) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("agentvm agents: {e}");
             return ExitCode::from(2);
         }
     };
+    agentvm_server::config::find_installed(&mut agents);
     let mut rows = Vec::new();
     for (name, p) in &agents {
         let argv0 = p.argv.first().cloned().unwrap_or_default();
@@ -88,7 +89,19 @@ pub fn main(a: AgentsArgs) -> ExitCode {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let version = probe(&argv0, &p.ro_binds, &env);
-        rows.push(json!({"name": name, "command": argv0, "present": version.is_some(), "version": version, "network": p.network}));
+        let hint = match &version {
+            Some(_) => None,
+            None if argv0.contains('/') => Some(format!("{argv0} is not there, or the sandbox cannot run it")),
+            None => Some(format!(
+                "{argv0} is not on the sandbox's PATH{}; install it there, or point the profile at it in the server's config ([agents.{name}] command = \"/path/to/{argv0}\", see docs/AGENTS.md)",
+                if p.search.is_empty() {
+                    String::new()
+                } else {
+                    format!(" nor at {}", p.search.join(", "))
+                }
+            )),
+        };
+        rows.push(json!({"name": name, "command": argv0, "present": version.is_some(), "version": version, "network": p.network, "hint": hint}));
     }
     if a.json {
         println!(
@@ -121,6 +134,11 @@ pub fn main(a: AgentsArgs) -> ExitCode {
                 net,
                 r["command"].as_str().unwrap_or("")
             );
+        }
+        for r in &rows {
+            if let Some(h) = r["hint"].as_str() {
+                println!("  {}: {h}", r["name"].as_str().unwrap_or(""));
+            }
         }
     }
     ExitCode::SUCCESS

@@ -168,9 +168,26 @@ impl Client {
             ) {
                 (Ok(k), _) => Some(k),
                 (_, Some(f)) => Some(read_key_file(&PathBuf::from(f))?),
-                _ => file.api_key_file.as_ref().map(read_key_file).transpose()?,
+                _ => match &file.api_key_file {
+                    Some(f) => Some(read_key_file(f)?),
+                    // a server of this user's on the embedded defaults wrote
+                    // its first admin key here
+                    None => {
+                        let local = crate::serve::default_data_dir().join("admin.key");
+                        std::fs::read_to_string(&local)
+                            .ok()
+                            .map(|s| s.trim().to_string())
+                    }
+                },
             },
         };
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return Err(format!(
+                "no API key: pass --api-key-file FILE or set AGENTVM_API_KEY_FILE (a new server writes its first admin key to {}/admin.key, or /var/lib/agentvm/admin.key when it runs as root; an admin makes more with `agentvm keys create`)",
+                crate::serve::default_data_dir().display()
+            ));
+        };
+        let key = Some(key);
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -253,6 +270,12 @@ impl Client {
                 _ => body.clone(),
             })
             .unwrap_or(body);
+        if status.as_u16() == 401 {
+            return Err(format!(
+                "the server at {} refused the API key ({detail}): it was revoked, or it belongs to another server; pass the right one with --api-key-file or AGENTVM_API_KEY_FILE",
+                self.url
+            ));
+        }
         Err(format!(
             "{} {}: {detail}",
             status.as_u16(),

@@ -87,10 +87,25 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
+            // --help and --version into a closed pipe: quiet too
+            // SAFETY: as below, before any thread is started.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             let _ = e.print();
             return ExitCode::from(agentvm::parse_error_exit(&e));
         }
     };
+    // Commands whose output goes to a person or a pipe end quietly when the
+    // reader goes away (`agentvm jobs list | head -1`), as Unix tools do.
+    // The server, the sandbox runner and the proxy keep SIGPIPE ignored:
+    // a vanished peer is an error they report, not a reason to die.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Run(_) | Command::EgressProxy { .. }
+    ) {
+        // SAFETY: restoring the default disposition of SIGPIPE, before any
+        // thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Serve(args) => serve::serve(*args),

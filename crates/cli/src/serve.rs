@@ -33,8 +33,9 @@ pub struct ServeArgs {
     )]
     allowed_roots: Vec<PathBuf>,
     /// Register the key in FILE as an admin key (from a secrets manager);
-    /// only its hash is stored.
-    #[arg(long, value_name = "FILE", env = "AGENTVM_API_KEY_FILE")]
+    /// only its hash is stored. (The client's AGENTVM_API_KEY_FILE is the
+    /// key it sends, not this.)
+    #[arg(long, value_name = "FILE", env = "AGENTVM_ADMIN_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// TLS certificate chain (PEM); with --tls-key, serve HTTPS.
     #[arg(long, value_name = "FILE", env = "AGENTVM_TLS_CERT")]
@@ -115,7 +116,10 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         Some(s) => units::parse_duration(&s)?,
         None => Duration::from_secs(30),
     };
-    let agents = agentvm_server::config::profiles(file.agents)?;
+    let mut agents = agentvm_server::config::profiles(file.agents)?;
+    for (name, path) in agentvm_server::config::find_installed(&mut agents) {
+        eprintln!("agentvm: the {name} agent runs {path}");
+    }
     let mut sandbox_args = Vec::new();
     if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
         sandbox_args.extend(["--cgroup-parent".to_string(), cg]);

@@ -43,6 +43,11 @@ pub struct Profile {
     /// refused `--model-settings-file`).
     #[serde(default)]
     pub allowed_args: Vec<String>,
+    /// Where the CLI is installed when it is not on the sandbox's PATH
+    /// (absolute paths the sandbox shows, e.g. under /opt): the first that
+    /// exists is used for a bare argv[0] (see [`find_installed`]).
+    #[serde(default)]
+    pub search: Vec<String>,
 }
 
 fn default_network() -> String {
@@ -80,6 +85,7 @@ pub struct ProfileConfig {
     pub disk: Option<String>,
     pub refused_args: Option<Vec<String>>,
     pub allowed_args: Option<Vec<String>>,
+    pub search: Option<Vec<String>>,
 }
 
 /// The built-in profiles with the config file's `[agents.*]` tables
@@ -107,6 +113,7 @@ pub fn profiles(
                     disk: t.disk,
                     refused_args: t.refused_args.unwrap_or_default(),
                     allowed_args: t.allowed_args.unwrap_or_default(),
+                    search: t.search.unwrap_or_default(),
                 }
             }
             None => {
@@ -131,6 +138,7 @@ pub fn profiles(
                 p.disk = t.disk.or(p.disk);
                 p.refused_args = t.refused_args.unwrap_or(p.refused_args);
                 p.allowed_args = t.allowed_args.unwrap_or(p.allowed_args);
+                p.search = t.search.unwrap_or(p.search);
                 p
             }
         };
@@ -191,6 +199,53 @@ impl Profile {
         }
         Ok(())
     }
+}
+
+/// The sandbox's PATH (what a bare argv[0] is looked up in).
+pub const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Directories of the host every sandbox shows read-only.
+const SHOWN: [&str; 2] = ["/usr/", "/opt/"];
+
+/// For each profile whose argv[0] is a bare name the sandbox's PATH does
+/// not hold, use the first of its `search` paths that is installed (an
+/// executable file the sandbox shows: under /usr or /opt, or inside one of
+/// the profile's ro_binds). Returns what was found, for the log.
+pub fn find_installed(agents: &mut BTreeMap<String, Profile>) -> Vec<(String, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let exec = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let mut found = Vec::new();
+    for (name, p) in agents.iter_mut() {
+        let Some(first) = p.argv.first().cloned() else {
+            continue;
+        };
+        if first.contains('/')
+            || SANDBOX_PATH
+                .split(':')
+                .any(|d| exec(&Path::new(d).join(&first)))
+        {
+            continue;
+        }
+        let shown = |c: &str| {
+            SHOWN.iter().any(|d| c.starts_with(d))
+                || p.ro_binds.iter().any(|b| {
+                    let dst = b.split_once(':').map(|x| x.1).unwrap_or(b);
+                    c.starts_with(&format!("{}/", dst.trim_end_matches('/')))
+                })
+        };
+        if let Some(c) = p
+            .search
+            .iter()
+            .find(|c| shown(c) && exec(Path::new(c)))
+            .cloned()
+        {
+            p.argv[0] = c.clone();
+            found.push((name.clone(), c));
+        }
+    }
+    found
 }
 
 /// Does argument `arg` set the flag `flag`? Long flags match whole

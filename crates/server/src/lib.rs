@@ -93,11 +93,14 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, ServeError> {
 /// Only its hash is stored.
 async fn register_key_file(store: &Store, file: &Path) -> Result<(), ServeError> {
     let secret =
-        std::fs::read_to_string(file).map_err(io(format!("--api-key-file {}", file.display())))?;
+        std::fs::read_to_string(file).map_err(io(format!(
+            "the admin key file {} (--api-key-file, AGENTVM_ADMIN_KEY_FILE or api_key_file in the config)",
+            file.display()
+        )))?;
     let secret = secret.trim();
     if secret.len() < 16 {
         return Err(ServeError::Config(format!(
-            "--api-key-file {}: the key is shorter than 16 characters",
+            "the admin key file {} (--api-key-file, AGENTVM_ADMIN_KEY_FILE or api_key_file in the config): the key is shorter than 16 characters",
             file.display()
         )));
     }
@@ -282,6 +285,17 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     for (name, p) in &cfg.agents {
         p.validate(name).map_err(ServeError::Config)?;
     }
+    // the address first: a port in use must fail before a database and a
+    // key are made
+    let listener = std::net::TcpListener::bind(cfg.listen).map_err(|e| {
+        ServeError::Config(format!(
+            "cannot listen on {}: {e} (is another server running? choose another address with --listen)",
+            cfg.listen
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io("preparing the listener"))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
     {
@@ -293,6 +307,11 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     for r in &cfg.allowed_roots {
         roots
             .push(std::fs::canonicalize(r).map_err(io(format!("--allowed-root {}", r.display())))?);
+    }
+    if roots.is_empty() {
+        eprintln!(
+            "agentvm: note: no --allowed-root is set, so no job can run yet: restart with --allowed-root DIR (or allowed_roots in the config file) to let jobs use the repositories under DIR"
+        );
     }
     let store = Store::open(&db_path(&cfg.data_dir)).await?;
     if let Some(f) = &cfg.api_key_file {
@@ -363,13 +382,13 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(c, k)
                 .await
                 .map_err(io("loading the TLS certificate and key"))?;
-            axum_server::bind_rustls(cfg.listen, tls)
+            axum_server::from_tcp_rustls(listener, tls)
                 .handle(handle)
                 .serve(app)
                 .await
         }
         (None, None) => {
-            axum_server::bind(cfg.listen)
+            axum_server::from_tcp(listener)
                 .handle(handle)
                 .serve(app)
                 .await

@@ -29,8 +29,51 @@ pub fn runners() -> Vec<Who> {
     if is_root() {
         vec![Who::Me, Who::Nobody]
     } else {
+        skip_part(
+            "the rootless half (uid 65534) of every sandbox test",
+            "switching to uid 65534 needs root: run ./test.sh as root",
+        );
         vec![Who::Me]
     }
+}
+
+/// The file ./test.sh collects skips in (AGENTVM_SKIPPED).
+fn skip_file() -> Option<std::ffi::OsString> {
+    std::env::var_os("AGENTVM_SKIPPED").filter(|f| !f.is_empty())
+}
+
+fn note_skip(what: &str, how: &str) {
+    if let Some(f) = skip_file() {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+        {
+            let _ = writeln!(file, "{what} -- {how}");
+        }
+    }
+    eprintln!("not run here: {what} ({how})");
+}
+
+/// This test cannot run on this machine: `what` is what it would prove,
+/// `how` how to get it run. Under ./test.sh the skip is recorded and
+/// listed at the end (and the run does not pass as complete); anywhere
+/// else the test fails saying so, so that no test that did not run is
+/// reported as passed. The caller returns right after.
+pub fn skip(what: &str, how: &str) {
+    if skip_file().is_none() {
+        panic!(
+            "not run here: {what} ({how}). Run the suite with ./test.sh, which installs what it can and lists what it could not run (or set AGENTVM_SKIPPED=FILE to have skips listed there instead of failing)"
+        );
+    }
+    note_skip(what, how);
+}
+
+/// Part of a test cannot run here (the rest does): recorded like `skip`,
+/// never a failure.
+pub fn skip_part(what: &str, how: &str) {
+    note_skip(what, how);
 }
 
 /// A world-readable directory with copies of the binaries, so an

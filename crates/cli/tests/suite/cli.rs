@@ -158,6 +158,10 @@ fn cpus_outside_the_machine_name_the_cgroup_layer() {
 #[test]
 fn rootless_without_delegation_names_the_cgroup_layer() {
     if !is_root() {
+        skip(
+            "a rootless run without a delegated cgroup naming the cgroup layer",
+            "switching to uid 65534 needs root",
+        );
         return;
     }
     // no AGENTVM_CGROUP_PARENT: nobody cannot create cgroups on this host
@@ -170,7 +174,12 @@ fn rootless_without_delegation_names_the_cgroup_layer() {
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     if o.status.code() == Some(0) {
-        return; // this host delegates cgroups to everyone (cgroup v2 user session)
+        // this host delegates cgroups to everyone (a cgroup v2 user session)
+        skip(
+            "a rootless run without a delegated cgroup naming the cgroup layer",
+            "this host lets every user create cgroups, so the refusal cannot be shown",
+        );
+        return;
     }
     assert_eq!(o.status.code(), Some(125), "{o:?}");
     let e = stderr(&o);
@@ -223,12 +232,18 @@ fn limits_are_applied() {
 #[test]
 fn cgroups_left_by_killed_supervisors_are_swept() {
     if !is_root() {
-        eprintln!("skipping: needs root to make a cgroup parent");
+        skip(
+            "the sweep of cgroups left by killed supervisors",
+            "making a cgroup parent needs root",
+        );
         return;
     }
     let base = std::path::Path::new("/sys/fs/cgroup/memory");
     if !base.join("cgroup.procs").exists() {
-        eprintln!("skipping: no cgroup v1 memory hierarchy");
+        skip(
+            "the sweep of cgroups left by killed supervisors",
+            "needs a cgroup v1 memory hierarchy (this host has none)",
+        );
         return;
     }
     let parent = format!("agentvm-test-sweep-{}", std::process::id());
@@ -513,7 +528,10 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
             text +=
                 &format!("[agents.{name}]\ncommand = \"{dir}/{bin}\"\nro_binds = [\"{dir}\"]\n");
         } else {
-            assert!(std::env::var_os("CI").is_none(), "{dir} is not installed");
+            skip_part(
+                &format!("agentvm agents reporting {name} from {dir}"),
+                "scripts/install-test-tools.sh installs it",
+            );
         }
     }
     std::fs::write(&cfg, &text).unwrap_or_else(|e| panic!("{e}"));

@@ -4,5 +4,6 @@ mod bounds;
 mod capture;
 mod cli;
 mod egress;
+mod newcomer;
 mod policy;
 pub mod server;

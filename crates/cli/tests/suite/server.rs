@@ -937,8 +937,8 @@ fn openapi_docs_and_metrics() {
 }
 
 /// schemathesis (from PyPI) against our own /openapi.json: no 5xx, every
-/// status code, content type, header and body as the spec says. Required in
-/// CI (`.ci/run` installs it); skipped with a note elsewhere if absent.
+/// status code, content type, header and body as the spec says (a listed
+/// skip where it is not installed).
 #[test]
 fn schemathesis_finds_no_server_error_or_spec_mismatch() {
     let st = ["st", "schemathesis"].into_iter().find(|b| {
@@ -948,11 +948,10 @@ fn schemathesis_finds_no_server_error_or_spec_mismatch() {
             .is_ok_and(|o| o.status.success())
     });
     let Some(st) = st else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "schemathesis is not installed (pip install schemathesis)"
+        skip(
+            "schemathesis against /openapi.json",
+            "pip install schemathesis==4.32.5 (scripts/install-test-tools.sh does)",
         );
-        eprintln!("skipping: schemathesis is not installed (pip install schemathesis)");
         return;
     };
     let (_t, _repo, s) = setup(&["--rate-limit", "0", "--max-queue", "100000"]);
@@ -1082,7 +1081,14 @@ fn cli_client_submits_follows_and_reports_errors() {
     let k: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     assert!(k["key"].as_str().unwrap_or("").starts_with("avm_"));
     let o = Command::new(agentvm_path())
-        .args(["jobs", "list", "--server", "http://127.0.0.1:1"])
+        .args([
+            "jobs",
+            "list",
+            "--server",
+            "http://127.0.0.1:1",
+            "--api-key",
+            "avm_unused",
+        ])
         .env("HOME", t.path())
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1574,10 +1580,10 @@ fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
             assert!(o.status.success(), "{o:?}");
             assert_eq!(String::from_utf8_lossy(&o.stdout), text);
         }
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "asciinema: {e}");
-            eprintln!("skipping the asciinema check: {e}");
-        }
+        Err(e) => skip_part(
+            &format!("asciinema's own parser on a job's recording ({e})"),
+            "pip install asciinema==2.4.0 (scripts/install-test-tools.sh does)",
+        ),
     }
     // and the CLI saves the same file
     let saved = t.path().join("cli.cast");
