@@ -9,6 +9,9 @@
 //! input; silently drop a layer (a layer that cannot be applied is a
 //! [`SetupError`] naming it); map root inside to the host's root.
 
+// shared with build.rs, which uses the other half of it
+#[allow(dead_code)]
+pub(crate) mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod doctor;

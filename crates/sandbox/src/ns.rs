@@ -581,9 +581,28 @@ fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome, RunError>
         // every other process inside is already dead and reaped
         cg.evict(pid);
     }
-    if ended != Some(Ended::Timeout) {
-        let _ = kill(child, Signal::SIGKILL);
-        let _ = waitpid(child, None);
+    match (ended, &failure) {
+        (Some(Ended::Exited(_) | Ended::Signaled(_)), None) => {
+            // Init reported the end after it had killed and reaped every
+            // other process of the sandbox: nothing of it runs any more.
+            // What is left is the kernel tearing its namespaces down when
+            // init exits; the caller need not wait for that. Reap init
+            // when it is gone, without blocking.
+            let _ = kill(child, Signal::SIGKILL);
+            if !matches!(
+                waitpid(child, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+            ) {
+                std::thread::spawn(move || {
+                    let _ = waitpid(child, None);
+                });
+            }
+        }
+        (Some(Ended::Timeout), _) => {}
+        _ => {
+            let _ = kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+        }
     }
     let duration = started.elapsed();
     drop(restore);

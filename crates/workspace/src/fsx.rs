@@ -144,31 +144,6 @@ impl Dir {
         Ok(names)
     }
 
-    /// Entry names with the type the directory listing gives (no stat),
-    /// sorted bytewise, without `.` and `..`.
-    pub fn entries(&self) -> std::io::Result<Vec<(OsString, Listed)>> {
-        use nix::dir::Type as T;
-        let own = Dir::from_fd(self.fd())?;
-        let mut d = nix::dir::Dir::from(own.fd)?;
-        let mut out = Vec::new();
-        for e in d.iter() {
-            let e = e?;
-            let n = e.file_name().to_bytes();
-            if n == b"." || n == b".." {
-                continue;
-            }
-            let t = match e.file_type() {
-                Some(T::Directory) => Listed::Dir,
-                Some(T::Symlink) => Listed::Symlink,
-                Some(_) => Listed::Other,
-                None => Listed::Unknown,
-            };
-            out.push((OsStr::from_bytes(n).to_os_string(), t));
-        }
-        out.sort();
-        Ok(out)
-    }
-
     /// Does this directory carry overlayfs's opaque mark (the lower
     /// directory of the same name is hidden)?
     pub fn is_opaque(&self) -> bool {
@@ -254,16 +229,6 @@ pub(crate) fn read_full<R: Read + ?Sized>(f: &mut R, buf: &mut [u8]) -> std::io:
         }
     }
     Ok(n)
-}
-
-/// An entry's type as a directory listing tells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Listed {
-    Dir,
-    Symlink,
-    Other,
-    /// The filesystem does not say: stat it.
-    Unknown,
 }
 
 /// Walking a deep tree holds a descriptor per level: let this process

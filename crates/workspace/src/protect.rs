@@ -20,12 +20,12 @@
 //! refuses a change to any of them, judged on the tree git would commit.
 
 use std::ffi::OsStr;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::fsx::{type_of, Dir, Listed, Type};
+use crate::fsx::{type_of, Dir, Type};
 
 /// Names protected wherever they appear.
 pub const NAMES: &[&str] = &[
@@ -331,7 +331,15 @@ pub fn existing(dir: BorrowedFd<'_>, root: &Path, extra: &[Vec<u8>]) -> std::io:
     let d = Dir::from_fd(dir)?;
     let prot = Protected::new(extra.to_vec());
     let mut scan = Scan::default();
-    walk(&d, &d, root, b"", &prot, &mut scan)?;
+    let own = nix::fcntl::openat(
+        Some(std::os::fd::AsRawFd::as_raw_fd(&d.fd())),
+        ".",
+        nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: openat just returned this descriptor; we own it.
+    let own = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(own) };
+    walk(&d, own, root, &mut Vec::new(), &prot, &mut scan)?;
     // config-named paths that exist, whatever their names
     for e in extra {
         add_existing(&d, root, e, &mut scan, 0);
@@ -396,40 +404,90 @@ fn open_dir_at(root: &Dir, rel: &[u8]) -> Option<Dir> {
     Some(cur)
 }
 
+/// The walk: one open and one listing per directory (types from the
+/// listing, no stat), names checked in place; directories are entered
+/// after their listing is closed, so a deep tree holds one descriptor per
+/// level and no listing buffers.
 fn walk(
     root_dir: &Dir,
-    d: &Dir,
+    dir: OwnedFd,
     root: &Path,
-    rel: &[u8],
+    rel: &mut Vec<u8>,
     prot: &Protected,
     scan: &mut Scan,
 ) -> std::io::Result<()> {
-    for (name, listed) in d.entries()? {
-        let mut r = rel.to_vec();
-        if !r.is_empty() {
-            r.push(b'/');
-        }
-        r.extend_from_slice(name.as_bytes());
-        if r == b".git" || r.len() > crate::capture::MAX_PATH {
+    use std::os::fd::AsRawFd;
+    let top = rel.is_empty();
+    let mut subdirs: Vec<Vec<u8>> = Vec::new();
+    let mut listing = nix::dir::Dir::from(dir)?;
+    let raw = listing.as_raw_fd();
+    for e in listing.iter() {
+        let e = e?;
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." || (top && name == b".git") {
             continue;
         }
-        let listed = match listed {
-            Listed::Unknown => match d.stat(&name).map(|s| type_of(&s)) {
-                Ok(Type::Dir) => Listed::Dir,
-                Ok(Type::Symlink) => Listed::Symlink,
-                _ => Listed::Other,
-            },
-            l => l,
-        };
-        if prot.covers(&r) {
-            add_existing(root_dir, root, &r, scan, 0);
+        if rel.len() + 1 + name.len() > crate::capture::MAX_PATH {
             continue;
         }
-        if listed == Listed::Dir {
-            if let Ok(sub) = d.open_dir(&name) {
-                walk(root_dir, &sub, root, &r, prot, scan)?;
+        let is_dir = match e.file_type() {
+            Some(nix::dir::Type::Directory) => true,
+            Some(_) => false,
+            None => {
+                nix::sys::stat::fstatat(Some(raw), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| type_of(&st) == Type::Dir)
             }
+        };
+        let named = NAMES.iter().any(|n| n.as_bytes() == name);
+        let full = || {
+            let mut r = rel.clone();
+            if !r.is_empty() {
+                r.push(b'/');
+            }
+            r.extend_from_slice(name);
+            r
+        };
+        // top-level paths (two levels at most) and config-named ones need
+        // the whole path
+        let by_path = rel.iter().filter(|b| **b == b'/').count() < 1 || !prot.extra.is_empty();
+        if named || (by_path && prot.covers(&full())) {
+            add_existing(root_dir, root, &full(), scan, 0);
+            continue;
         }
+        if is_dir {
+            subdirs.push(name.to_vec());
+        }
+    }
+    if subdirs.is_empty() {
+        return Ok(());
+    }
+    // keep a descriptor to open the subdirectories from, not the listing
+    let here = nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))?;
+    // SAFETY: fcntl just returned this descriptor; we own it.
+    let here = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(here) };
+    drop(listing);
+    for name in subdirs {
+        let sub = match nix::fcntl::openat(
+            Some(here.as_raw_fd()),
+            name.as_slice(),
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            // SAFETY: openat just returned this descriptor; we own it.
+            Ok(fd) => unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            Err(_) => continue,
+        };
+        let len = rel.len();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(&name);
+        let r = walk(root_dir, sub, root, rel, prot, scan);
+        rel.truncate(len);
+        r?;
     }
     Ok(())
 }
@@ -486,6 +544,54 @@ mod tests {
         assert_eq!(inside(root, b"", b"/r/repository/h"), None);
         assert_eq!(inside(root, b"", b"/etc/passwd"), None);
         assert_eq!(inside(root, b"", b"~/.hooks"), None);
+    }
+
+    #[test]
+    fn the_walk_finds_what_exists_at_any_depth() {
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let r = t.path();
+        for d in [
+            "a/b/.vscode",
+            "tools",
+            ".github/workflows",
+            "hooks",
+            ".git/hooks",
+            "big/x/y",
+        ] {
+            std::fs::create_dir_all(r.join(d)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        for f in [
+            "a/b/.vscode/tasks.json",
+            "a/.envrc",
+            "tools/env.sh",
+            ".github/workflows/ci.yml",
+            "hooks/pre-commit",
+            "big/x/y/z",
+        ] {
+            std::fs::write(r.join(f), "x").unwrap_or_else(|e| panic!("{e}"));
+        }
+        std::os::unix::fs::symlink("tools/env.sh", r.join(".envrc"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("/etc/passwd", r.join("big/.envrc"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let root = std::fs::canonicalize(r).unwrap_or_else(|e| panic!("{e}"));
+        let dir = std::fs::File::open(&root).unwrap_or_else(|e| panic!("{e}"));
+        use std::os::fd::AsFd;
+        let scan =
+            existing(dir.as_fd(), &root, &[b"hooks".to_vec()]).unwrap_or_else(|e| panic!("{e}"));
+        let paths: Vec<String> = scan.paths.iter().map(|p| p.display().to_string()).collect();
+        assert_eq!(
+            paths,
+            [
+                ".github/workflows",
+                "a/.envrc",
+                "a/b/.vscode",
+                "hooks",
+                "tools/env.sh"
+            ]
+        );
+        // the symlink's target inside the repo; the one outside is nothing of ours
+        assert_eq!(scan.targets, vec![b"tools/env.sh".to_vec()]);
     }
 
     #[test]
