@@ -675,8 +675,12 @@ fn capture(
             let r = agentvm_workspace::render(&cap, &opts, &mut w);
             drop(w);
             r.and_then(|r| {
-                f.sync_all()
-                    .map_err(agentvm_workspace::RenderError::Write)?;
+                // a regular file is made durable; a pipe or /dev/null has
+                // nothing to sync
+                if f.metadata().is_ok_and(|m| m.is_file()) {
+                    f.sync_all()
+                        .map_err(agentvm_workspace::RenderError::Write)?;
+                }
                 Ok(r)
             })
         }

@@ -157,6 +157,44 @@ fn nothing_changed_gives_an_empty_patch() {
     }
 }
 
+/// A patch written to a pipe or /dev/null (nothing to sync) is no error.
+#[test]
+fn the_patch_may_go_to_a_pipe_or_dev_null() {
+    let repo = fixture_repo(Who::Me);
+    let r = repo.path().to_string_lossy().into_owned();
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--repo",
+            &r,
+            "--patch-out",
+            "/dev/null",
+            "--",
+            "sh",
+            "-c",
+            "echo x >> a.txt",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--repo",
+            &r,
+            "--patch-out",
+            "/dev/stdout",
+            "--",
+            "sh",
+            "-c",
+            "echo x >> a.txt",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("+x\n"), "{o:?}");
+}
+
 #[test]
 fn workspace_without_repo_captures_new_files() {
     let out_dir = tempdir();
