@@ -459,27 +459,45 @@ pub fn jobs(conn: Conn, cmd: JobsCmd) -> ExitCode {
 }
 
 /// GET /v1/jobs/{id}/{what} to `output`, or to stdout (as {"id", what}
-/// with --json).
+/// with --json). Written as it arrives: memory does not follow its size.
 async fn download(
     c: &Client,
     id: &str,
     what: &str,
     output: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
-    let b = c
+    let resp = c
         .send(c.req(reqwest::Method::GET, &format!("/v1/jobs/{id}/{what}")))
-        .await?
-        .bytes()
-        .await
-        .map_err(|e| e.to_string())?;
-    match output {
-        Some(f) => std::fs::write(&f, &b).map_err(|e| format!("{}: {e}", f.display()))?,
-        None if c.json => print_json(&json!({"id": id, what: String::from_utf8_lossy(&b)})),
-        None => {
-            let _ = std::io::stdout().write_all(&b);
-        }
+        .await?;
+    if c.json && output.is_none() {
+        let b = resp.bytes().await.map_err(|e| e.to_string())?;
+        print_json(&json!({"id": id, what: String::from_utf8_lossy(&b)}));
+        return Ok(ExitCode::SUCCESS);
     }
+    let mut sink: Box<dyn Write> = match &output {
+        Some(f) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(f).map_err(|e| format!("{}: {e}", f.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    copy_body(resp, &mut *sink)
+        .await
+        .map_err(|e| match &output {
+            Some(f) => format!("{}: {e}", f.display()),
+            None => e,
+        })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copy a response body to `out` piece by piece.
+async fn copy_body(resp: reqwest::Response, out: &mut dyn Write) -> Result<(), String> {
+    use futures_util::StreamExt;
+    let mut body = resp.bytes_stream();
+    while let Some(piece) = body.next().await {
+        let piece = piece.map_err(|e| format!("reading the answer: {e}"))?;
+        out.write_all(&piece).map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
 }
 
 async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
@@ -647,18 +665,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 let st = follow(c, &id, egress).await?;
                 return Ok(status_exit(&st));
             }
-            let text = c
-                .send(c.req(Method::GET, &format!("/v1/jobs/{id}/logs")))
-                .await?
-                .bytes()
-                .await
-                .map_err(|e| e.to_string())?;
-            if c.json {
-                print_json(&json!({"id": id, "logs": String::from_utf8_lossy(&text)}));
-            } else {
-                let _ = std::io::stdout().write_all(&text);
-            }
-            Ok(ExitCode::SUCCESS)
+            download(c, &id, "logs", None).await
         }
         JobsCmd::Patch { id, output } => download(c, &id, "patch", output).await,
         JobsCmd::Recording { id, output } => download(c, &id, "recording", output).await,

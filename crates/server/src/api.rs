@@ -745,9 +745,7 @@ pub async fn agent_run(State(st): S, caller: Caller, body: Bytes) -> ApiResult<R
         network: None,
     };
     let job = accept(&st, &caller, "agent.run", &ask).await?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
-    let st2 = st.clone();
-    tokio::spawn(async move { compat_answer(st2, job, tx).await });
+    let body = streamed(|tx| compat_answer(st.clone(), job, tx));
     Ok((
         [
             (
@@ -760,18 +758,14 @@ pub async fn agent_run(State(st): S, caller: Caller, body: Bytes) -> ApiResult<R
                 HeaderValue::from_static("no"),
             ),
         ],
-        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        body,
     )
         .into_response())
 }
 
 /// The body of an accepted `/agent/run`: spaces while the job runs, then
 /// the five keys, the output read from the store page by page.
-async fn compat_answer(
-    st: Arc<AppState>,
-    job: Job,
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>,
-) {
+async fn compat_answer(st: Arc<AppState>, job: Job, tx: Tx) {
     let send = |b: Bytes| {
         let tx = tx.clone();
         async move { tx.send(Ok(b)).await.is_ok() }
@@ -810,32 +804,20 @@ async fn compat_answer(
             return;
         }
         let mut utf8 = crate::recording::Utf8::default();
-        let mut after = 0;
+        let mut pages = Pages::new(&st.store, done.seq, 0, Streams::Only(stream));
         loop {
-            let page = match st
-                .store
-                .logs_page(done.seq, after, Streams::Only(stream), PAGE)
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(job = %done.id, error = %e, "reading output failed");
-                    Vec::new()
-                }
-            };
-            let last = page.is_empty();
+            let page = pages.next().await;
             let mut text = String::new();
-            for c in &page {
-                after = c.seq;
+            for c in page.iter().flatten() {
                 text.push_str(&utf8.take(&c.data, false));
             }
-            if last {
+            if page.is_none() {
                 text.push_str(&utf8.take(&[], true));
             }
             if !text.is_empty() && !send(Bytes::from(json_inner(&text))).await {
                 return;
             }
-            if last {
+            if page.is_none() {
                 break;
             }
         }
@@ -867,6 +849,61 @@ fn json_inner(s: &str) -> String {
 
 /// Chunks read from the store at a time (each at most 32 KiB).
 const PAGE: i64 = 32;
+
+/// A job's stored chunks, a page at a time.
+struct Pages<'a> {
+    store: &'a Store,
+    job_seq: i64,
+    after: i64,
+    streams: Streams<'a>,
+}
+
+impl<'a> Pages<'a> {
+    fn new(store: &'a Store, job_seq: i64, after: i64, streams: Streams<'a>) -> Self {
+        Pages {
+            store,
+            job_seq,
+            after,
+            streams,
+        }
+    }
+
+    /// The next page, `None` past the last chunk stored so far (a store
+    /// error ends the pages too: it is logged, and the client sees the
+    /// stream end).
+    async fn next(&mut self) -> Option<Vec<agentvm_store::LogChunk>> {
+        match self
+            .store
+            .logs_page(self.job_seq, self.after, self.streams, PAGE)
+            .await
+        {
+            Ok(p) if !p.is_empty() => {
+                self.after = p.last().map(|c| c.seq).unwrap_or(self.after);
+                Some(p)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!(error = %e, "reading a job's output failed");
+                None
+            }
+        }
+    }
+}
+
+type Tx = tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>;
+
+/// A response body that `produce` writes into from a task of its own,
+/// through a channel of a few pieces: when the client stops reading, the
+/// task waits; when it goes away, the task's next send fails.
+fn streamed<F, Fut>(produce: F) -> axum::body::Body
+where
+    F: FnOnce(Tx) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(produce(tx));
+    axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 // ---------------------------------------------------------------- /v1/jobs
 
@@ -1111,32 +1148,18 @@ pub async fn job_logs(
             .keep_alive(KeepAlive::default())
             .into_response());
     }
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
+    let body = streamed(|tx| async move {
         let _slot = slot;
-        let mut after = 0;
-        loop {
-            let page = st
-                .store
-                .logs_page(job.seq, after, Streams::Output, PAGE)
-                .await
-                .unwrap_or_default();
-            if page.is_empty() {
-                return;
-            }
+        let mut pages = Pages::new(&st.store, job.seq, 0, Streams::Output);
+        while let Some(page) = pages.next().await {
             for c in page {
-                after = c.seq;
                 if tx.send(Ok(Bytes::from(c.data))).await.is_err() {
                     return;
                 }
             }
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response())
 }
 
 /// Output chunks are "stdout" and "stderr"; "egress" ones are decisions.
@@ -1182,20 +1205,14 @@ async fn catch_up(
     mut last: i64,
     tx: &tokio::sync::mpsc::Sender<Result<Event, Infallible>>,
 ) -> Result<i64, ()> {
-    loop {
-        let page = st
-            .store
-            .logs_page(job.seq, last, Streams::All, PAGE)
-            .await
-            .map_err(|_| ())?;
-        if page.is_empty() {
-            return Ok(last);
-        }
+    let mut pages = Pages::new(&st.store, job.seq, last, Streams::All);
+    while let Some(page) = pages.next().await {
         for c in &page {
             last = c.seq;
             tx.send(Ok(chunk_event(c))).await.map_err(|_| ())?;
         }
     }
+    Ok(last)
 }
 
 async fn follow_into(
@@ -1273,28 +1290,15 @@ pub async fn job_recording(
     caller.need(Scope::Read)?;
     let job = find(&st, &caller, &id).await?;
     let slot = st.streams.take(&caller.key.id)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(4);
-    tokio::spawn(async move {
+    let body = streamed(|tx| async move {
         let _slot = slot;
         let (mut cast, head) = crate::recording::Cast::new(&job, st.runner.redactor());
         if tx.send(Ok(Bytes::from(head))).await.is_err() {
             return;
         }
-        let mut after = 0;
-        loop {
-            let page = st
-                .store
-                .logs_page(job.seq, after, Streams::Output, PAGE)
-                .await
-                .unwrap_or_default();
-            if page.is_empty() {
-                break;
-            }
-            let mut text = String::new();
-            for c in &page {
-                after = c.seq;
-                text.push_str(&cast.push(c));
-            }
+        let mut pages = Pages::new(&st.store, job.seq, 0, Streams::Output);
+        while let Some(page) = pages.next().await {
+            let text: String = page.iter().map(|c| cast.push(c)).collect();
             if !text.is_empty() && tx.send(Ok(Bytes::from(text))).await.is_err() {
                 return;
             }
@@ -1303,7 +1307,7 @@ pub async fn job_recording(
     });
     Ok((
         [(header::CONTENT_TYPE, crate::recording::CONTENT_TYPE)],
-        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        body,
     )
         .into_response())
 }
@@ -1332,8 +1336,7 @@ pub async fn job_patch(
         ));
     }
     let slot = st.streams.take(&caller.key.id)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(2);
-    tokio::spawn(async move {
+    let body = streamed(|tx| async move {
         let _slot = slot;
         let mut part = 0;
         while let Ok(Some(p)) = st.store.patch_part(job.seq, part).await {
@@ -1343,11 +1346,7 @@ pub async fn job_patch(
             part += 1;
         }
     });
-    Ok((
-        [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
-        axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], body).into_response())
 }
 
 /// Cancel a queued or running job.

@@ -476,6 +476,34 @@ argv = ["tool", "{prompt}"]
     }
 
     #[test]
+    fn a_cli_off_the_path_is_found_where_it_was_installed() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let bin = t.path().join("bin/mycli");
+        std::fs::create_dir_all(t.path().join("bin")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dir = t.path().display().to_string();
+        let mut p = builtin_profiles()
+            .remove("shell")
+            .unwrap_or_else(|| panic!("shell"));
+        p.argv = vec!["agentvm-no-such-cli".into(), "{prompt}".into()];
+        p.search = vec!["/nonexistent/x".into(), bin.display().to_string()];
+        let mut agents = BTreeMap::from([("mine".to_string(), p.clone())]);
+        // not inside anything the sandbox shows: not used
+        assert!(find_installed(&mut agents).is_empty());
+        p.ro_binds = vec![dir];
+        let mut agents = BTreeMap::from([("mine".to_string(), p)]);
+        assert_eq!(find_installed(&mut agents).len(), 1);
+        assert_eq!(agents["mine"].argv[0], bin.display().to_string());
+        // a command on the sandbox's PATH stays as it is
+        let mut agents = builtin_profiles();
+        find_installed(&mut agents);
+        assert_eq!(agents["shell"].argv[0], "sh");
+    }
+
+    #[test]
     fn refused_args_catch_every_spelling() {
         let p = builtin_profiles()
             .remove("aider")

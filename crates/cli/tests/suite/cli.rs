@@ -499,7 +499,7 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
     }
     assert_eq!(find("shell")["present"], true, "sh is in every sandbox");
     assert_eq!(find("missing")["present"], false);
-    // the real CLIs, where .ci/run installed them, told where they are: the
+    // the real CLIs, where the installer put them, told where they are: the
     // sandbox sees each and reports its version
     let installed = [
         ("aider", "/opt/agentvm-agents/aider", "bin/aider", "0.86.2"),
@@ -550,6 +550,28 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
             .and_then(|r| r.iter().find(|r| r["name"] == name))
             .cloned()
             .unwrap_or_default();
+        assert_eq!(row["present"], true, "{row}");
+        assert!(
+            row["version"].as_str().unwrap_or("").contains(version),
+            "{row}"
+        );
+    }
+    // with no config at all: found where the docs and the installer put
+    // them (the built-in profiles' search paths)
+    let o = agentvm(Who::Me, &["agents", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    for (name, dir, bin, version) in installed {
+        let path = format!("{dir}/{bin}");
+        if !std::path::Path::new(&path).exists() {
+            continue;
+        }
+        let row = v
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == name))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["command"], path, "{row}");
         assert_eq!(row["present"], true, "{row}");
         assert!(
             row["version"].as_str().unwrap_or("").contains(version),

@@ -1572,7 +1572,7 @@ fn a_job_is_recorded_as_asciicast_that_asciinema_replays() {
         })
         .collect();
     assert_eq!(text, "first\r\ncafé\r\nlast\r\n", "{cast}");
-    // the real player's parser accepts it (.ci/run installs asciinema)
+    // the real player's parser accepts it (scripts/install-test-tools.sh installs asciinema)
     let file = t.path().join("job.cast");
     std::fs::write(&file, &cast).unwrap_or_else(|e| panic!("{e}"));
     match Command::new("asciinema").arg("cat").arg(&file).output() {
