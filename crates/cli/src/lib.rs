@@ -11,7 +11,7 @@
 
 pub mod egress;
 pub mod run;
-pub use agentvm_server::units;
+pub use agentvm_proto::units;
 
 /// Exit status when the sandbox could not be set up.
 pub const EXIT_SETUP: u8 = 125;

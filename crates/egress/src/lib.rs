@@ -14,7 +14,7 @@
 //! Tunnelled bytes are moved with splice(2), never copied through this
 //! process.
 
-pub mod policy;
+pub use agentvm_proto::network as policy;
 mod sni;
 mod splice;
 
@@ -27,41 +27,10 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+pub use agentvm_proto::egress::{
+    EgressLine, EgressRecord as Record, Phase, Unrecorded, RECORD_LIMIT,
+};
 pub use policy::{NetworkMode, Policy};
-
-/// Where a connection's record stands.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Phase {
-    /// Allowed and connected; the bytes are still moving (sinks only).
-    Open,
-    /// The decision is final: refused, or the connection has ended.
-    Closed,
-}
-
-/// One decision of the proxy.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Record {
-    /// Unix time in milliseconds (of the decision).
-    pub ts: u64,
-    /// The connection's number within this proxy: an allowed connection's
-    /// `open` and `closed` records share it.
-    pub conn: u64,
-    pub phase: Phase,
-    /// CONNECT, GET, POST, ...
-    pub method: String,
-    pub host: String,
-    pub port: u16,
-    pub allowed: bool,
-    /// Why not, when refused (or why a tunnel ended early).
-    pub reason: Option<String>,
-    /// The address connected to.
-    pub address: Option<String>,
-    /// From the sandbox to the destination.
-    pub bytes_up: u64,
-    /// From the destination to the sandbox.
-    pub bytes_down: u64,
-}
 
 /// The header a refusal carries.
 pub const DENY_HEADER: &str = "X-AgentVM-Egress-Denied";
@@ -75,12 +44,6 @@ fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
-
-/// How many connections of one proxy are recorded one by one; later ones
-/// are still decided by the policy, and only counted (see
-/// [`Proxy::unrecorded`]), so a program that loops on connections cannot
-/// grow the records, the audit trail or the proxy's memory without bound.
-pub const RECORD_LIMIT: u64 = 10_000;
 
 /// At most this many connections are handled at once; more are refused
 /// (`too-many-connections`).
@@ -99,15 +62,6 @@ fn accept_goes_on(e: &std::io::Error) -> bool {
                 | libc::EINTR
         )
     )
-}
-
-/// Connections past the record limit: counted, not recorded one by one.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
-pub struct Unrecorded {
-    pub allowed: u64,
-    pub refused: u64,
-    /// The limit that was reached.
-    pub limit: u64,
 }
 
 /// A proxy for one sandbox.

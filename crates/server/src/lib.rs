@@ -15,7 +15,7 @@ pub mod metrics;
 pub mod recording;
 pub mod redact;
 pub mod runner;
-pub mod units;
+pub use agentvm_proto::units;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

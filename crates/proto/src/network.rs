@@ -172,9 +172,10 @@ impl std::fmt::Display for Rule {
 /// A whole network setting, as profiles, keys, jobs and `--network` spell
 /// it: `none`, `host` or `allow:HOST[:PORT],...`. Parsed here, once, for
 /// every caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum NetworkMode {
     /// A private loopback only.
+    #[default]
     None,
     /// The host's network: no isolation.
     Host,
@@ -204,6 +205,21 @@ impl NetworkMode {
             (NetworkMode::Allow(a), NetworkMode::Allow(b)) => a.covers(b),
             _ => false,
         }
+    }
+}
+
+/// On the wire a setting is the string a person would write.
+impl serde::Serialize for NetworkMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Parsed (and so checked) as it is read.
+impl<'de> serde::Deserialize<'de> for NetworkMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        NetworkMode::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 
