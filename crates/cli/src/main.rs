@@ -6,7 +6,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use agentvm::{egress, run, units};
+use agentvm_runner::{egress, run};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -29,6 +29,13 @@ enum Command {
     /// could not be set up; 126 when COMMAND is not executable; 127 when it
     /// is not found.
     Run(Box<run::RunArgs>),
+    /// Run the sandbox a JSON RunRequest describes (what the server starts
+    /// for a job when agentvm-run is not installed).
+    #[command(hide = true)]
+    RunRequest {
+        #[arg(value_name = "FILE")]
+        file: std::path::PathBuf,
+    },
     /// Serve the HTTP API (the old /agent/run API and /v1).
     Serve(Box<serve::ServeArgs>),
     /// Take a consistent copy of the server's database (safe while it runs).
@@ -91,7 +98,7 @@ fn main() -> ExitCode {
             // SAFETY: as below, before any thread is started.
             unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             let _ = e.print();
-            return ExitCode::from(agentvm::parse_error_exit(&e));
+            return ExitCode::from(agentvm_runner::parse_error_exit(&e));
         }
     };
     // Commands whose output goes to a person or a pipe end quietly when the
@@ -100,7 +107,10 @@ fn main() -> ExitCode {
     // a vanished peer is an error they report, not a reason to die.
     if !matches!(
         cli.command,
-        Command::Serve(_) | Command::Run(_) | Command::EgressProxy { .. }
+        Command::Serve(_)
+            | Command::Run(_)
+            | Command::RunRequest { .. }
+            | Command::EgressProxy { .. }
     ) {
         // SAFETY: restoring the default disposition of SIGPIPE, before any
         // thread is started.
@@ -108,6 +118,7 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Run(args) => run::main(*args),
+        Command::RunRequest { file } => run::main_request(&file),
         Command::Serve(args) => serve::serve(*args),
         Command::Jobs { conn, cmd } => client::jobs(conn, cmd),
         Command::Agents(a) => agents::main(a),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agentvm_server::{Config, FileConfig};
 use clap::Args;
 
-use crate::units;
+use agentvm_proto::units;
 
 /// Settings come from the config file, then AGENTVM_* variables, then
 /// flags (flags win).
@@ -120,18 +120,10 @@ fn config(a: ServeArgs) -> Result<Config, String> {
     for (name, path) in agentvm_server::config::find_installed(&mut agents) {
         eprintln!("agentvm: the {name} agent runs {path}");
     }
-    let mut sandbox_args = Vec::new();
-    if let Some(cg) = a.cgroup_parent.or(file.cgroup_parent) {
-        sandbox_args.extend(["--cgroup-parent".to_string(), cg]);
-    }
     let egress_record_limit = a
         .egress_record_limit
         .or(file.egress_record_limit)
         .unwrap_or(agentvm_egress::RECORD_LIMIT);
-    sandbox_args.extend([
-        "--egress-record-limit".to_string(),
-        egress_record_limit.to_string(),
-    ]);
     let sandbox_bin = sandbox_runner()?;
     let mut flag_secrets = Vec::new();
     for s in &a.secrets {
@@ -176,7 +168,7 @@ fn config(a: ServeArgs) -> Result<Config, String> {
         shutdown_grace_s: grace.as_secs(),
         agents,
         sandbox_bin,
-        sandbox_args,
+        cgroup_parent: a.cgroup_parent.or(file.cgroup_parent).map(PathBuf::from),
         secrets,
     })
 }

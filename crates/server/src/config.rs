@@ -190,6 +190,14 @@ impl Profile {
                 crate::units::parse_size(v).map_err(|e| format!("agent {name}: {what}: {e}"))?;
             }
         }
+        if let Some(n) = self.pids {
+            if !(1..=agentvm_proto::run::PIDS_MAX).contains(&n) {
+                return Err(format!(
+                    "agent {name}: pids must be 1 to {}",
+                    agentvm_proto::run::PIDS_MAX
+                ));
+            }
+        }
         for f in &self.refused_args {
             if !f.starts_with('-') || f == "-" || f == "--" {
                 return Err(format!(
@@ -295,8 +303,8 @@ pub struct Config {
     pub agents: BTreeMap<String, Profile>,
     /// The `agentvm` binary that runs sandboxes (the jailer).
     pub sandbox_bin: PathBuf,
-    /// Extra arguments for every `agentvm run` (e.g. --cgroup-parent).
-    pub sandbox_args: Vec<String>,
+    /// The cgroup every job's sandbox cgroup is created under.
+    pub cgroup_parent: Option<PathBuf>,
     /// Secrets by name (provider keys): given to a job only when its profile
     /// lists the name, and redacted from everything jobs produce.
     pub secrets: Vec<(String, String)>,
@@ -435,6 +443,23 @@ set_env = { EXTRA = "1" }
         }
         // untouched profiles stay as built
         assert_eq!(p["aider"], built["aider"]);
+    }
+
+    /// A profile whose values the runner would refuse stops the server at
+    /// start, naming the profile and the field, not a job at run time.
+    #[test]
+    fn a_bad_value_names_its_profile_and_field() {
+        for (body, want) in [
+            ("memory = \"lots\"", "agent codex: memory"),
+            ("disk = \"12Q\"", "agent codex: disk"),
+            ("pids = 0", "agent codex: pids"),
+            ("network = \"allow:\"", "agent codex: network"),
+        ] {
+            let e = profiles(table(&format!("[codex]\n{body}\n")))
+                .err()
+                .unwrap_or_else(|| panic!("{body} was accepted"));
+            assert!(e.starts_with(want), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -13,6 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentvm_proto::{
+    units, EgressLine, EgressRecord, Limits, NetworkMode, Phase, Repo, RunRequest, RunResult,
+    RunStatus, Unrecorded,
+};
 use agentvm_store::{Finish, Job, JobStatus, LogChunk, NewJob, Store};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, Notify};
@@ -20,6 +24,11 @@ use tokio::sync::{broadcast, Notify};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::redact::Redactor;
+
+/// Where the runner inherits the repo directory the server checked.
+const REPO_FD: i32 = 3;
+/// Where the runner inherits the write end of the egress event pipe.
+const EVENTS_FD: i32 = 4;
 
 /// An event of a running job, for followers.
 #[derive(Debug, Clone)]
@@ -368,67 +377,75 @@ impl Runner {
         env
     }
 
-    fn command(&self, job: &Job) -> Result<Vec<String>, String> {
+    /// The typed request for this job's runner: its profile, its own
+    /// settings and the server's, each already checked where it entered
+    /// (profiles when `serve` started, the job when it was accepted).
+    fn request(&self, job: &Job) -> Result<RunRequest, String> {
         let p = self
             .cfg
             .agents
             .get(&job.agent)
             .ok_or_else(|| format!("agent {} is no longer configured", job.agent))?;
         let dir = self.job_dir(&job.id);
-        let network = job.network.clone().unwrap_or_else(|| p.network.clone());
-        let mut a: Vec<String> = vec![
-            "run".into(),
-            "--die-with-parent".into(),
-            // the directory the runner opened and checked (see execute)
-            "--repo-fd".into(),
-            "3".into(),
-            "--patch-out".into(),
-            dir.join("patch").to_string_lossy().into_owned(),
-            "--result-json".into(),
-            dir.join("result.json").to_string_lossy().into_owned(),
-            "--timeout".into(),
-            format!("{}s", job.timeout_s),
-            // a larger patch is not even written
-            "--patch-max".into(),
-            self.cfg.max_patch.to_string(),
-            "--network".into(),
-            network.clone(),
-        ];
-        if network.starts_with("allow:") {
-            // decisions stream back live through a pipe (see execute)
-            a.extend(["--egress-events-fd".into(), "4".into()]);
-        }
-        if let Some(m) = &p.memory {
-            a.extend(["--memory".into(), m.clone()]);
-        }
-        if let Some(n) = p.pids {
-            a.extend(["--pids".into(), n.to_string()]);
-        }
-        if let Some(d) = &p.disk {
-            a.extend(["--disk".into(), d.clone()]);
-        }
-        for b in &p.ro_binds {
-            a.extend(["--ro-bind".into(), b.clone()]);
-        }
-        for (k, v) in &p.set_env {
-            a.extend(["--env".into(), format!("{k}={v}")]);
-        }
-        for k in p.env.iter().filter(|_| self.gets_secrets(job, p)) {
-            if self.secret(k).is_some() || std::env::var_os(k).is_some() {
-                a.extend(["--env-pass".into(), k.clone()]);
-            }
-        }
-        a.extend(self.cfg.sandbox_args.iter().cloned());
-        a.push("--".into());
+        let network = match &job.network {
+            Some(n) => NetworkMode::parse(n).map_err(|e| format!("the job's network: {e}"))?,
+            None => p.network_mode(),
+        };
+        let size = |what: &str, v: &Option<String>| -> Result<Option<u64>, String> {
+            v.as_deref()
+                .map(units::parse_size)
+                .transpose()
+                .map_err(|e| format!("agent {}: {what}: {e}", job.agent))
+        };
+        let mut command: Vec<std::ffi::OsString> = Vec::new();
         for part in &p.argv {
             if part == "{prompt}" {
-                a.push(job.prompt.clone());
+                command.push(job.prompt.clone().into());
             } else {
-                a.push(part.clone());
+                command.push(part.into());
             }
         }
-        a.extend(job.extra_args.iter().cloned());
-        Ok(a)
+        command.extend(job.extra_args.iter().map(Into::into));
+        let mut req = RunRequest::new(command);
+        req.die_with_parent = true;
+        // the directory the runner opened and checked (see execute)
+        req.repo = Some(Repo::Fd(REPO_FD));
+        req.patch_out = Some(dir.join("patch"));
+        req.result_json = Some(dir.join("result.json"));
+        req.limits = Limits {
+            memory: size("memory", &p.memory)?,
+            pids: p.pids,
+            disk: size("disk", &p.disk)?,
+            timeout_ms: u64::try_from(job.timeout_s)
+                .ok()
+                .map(|s| s.saturating_mul(1000)),
+            ..Limits::default()
+        };
+        // a larger patch is not even written
+        req.patch.max = self.cfg.max_patch;
+        if matches!(network, NetworkMode::Allow(_)) {
+            // decisions stream back live through a pipe (see execute)
+            req.egress.events_fd = Some(EVENTS_FD);
+        }
+        req.egress.record_limit = self.cfg.egress_record_limit;
+        req.network = network;
+        req.ro_binds = p.ro_binds.clone();
+        req.env = p
+            .set_env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if self.gets_secrets(job, p) {
+            req.env_pass = p
+                .env
+                .iter()
+                .filter(|k| self.secret(k).is_some() || std::env::var_os(k).is_some())
+                .cloned()
+                .collect();
+        }
+        req.cgroup_parent = self.cfg.cgroup_parent.clone();
+        req.check()?;
+        Ok(req)
     }
 
     async fn run(&self, id: &str) {
@@ -446,7 +463,12 @@ impl Runner {
         self.metrics
             .job_duration
             .observe(started.elapsed().as_secs_f64());
-        if let Some(ms) = finish.result.as_ref().and_then(|r| r["setup_ms"].as_u64()) {
+        if let Some(ms) = finish
+            .result
+            .as_ref()
+            .and_then(|r| r.get("setup_ms"))
+            .and_then(|v| v.as_u64())
+        {
             self.metrics.sandbox_start.observe(ms as f64 / 1000.0);
         }
         let finish = match self.store.finish_job(id, &finish).await {
@@ -513,36 +535,46 @@ impl Runner {
         seq: &mut i64,
     ) {
         let text = self.redactor.redact_str(&String::from_utf8_lossy(line));
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        let Some(parsed) = EgressLine::parse(text.as_bytes()) else {
             return;
         };
-        if v["phase"] == "closed" {
-            if let Some(c) = v["conn"].as_u64() {
-                if audited.insert(c) {
-                    self.audit_egress(job, &v).await;
-                }
+        if let EgressLine::Record(e) = &parsed {
+            if e.phase == Phase::Closed && audited.insert(e.conn) {
+                self.audit_egress(job, e).await;
             }
         }
-        self.emit(job, tx, seq, "egress", v.to_string().into_bytes())
-            .await;
+        let Ok(stored) = serde_json::to_vec(&parsed) else {
+            return;
+        };
+        self.emit(job, tx, seq, "egress", stored).await;
+    }
+
+    /// A record with every secret the server knows redacted.
+    fn redacted(&self, e: &EgressRecord) -> EgressRecord {
+        let mut e = e.clone();
+        for s in [&mut e.method, &mut e.host] {
+            *s = self.redactor.redact_str(s);
+        }
+        for s in [e.reason.as_mut(), e.address.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            *s = self.redactor.redact_str(s);
+        }
+        e
     }
 
     /// An egress decision as an audit row, under the job's key.
-    async fn audit_egress(&self, job: &Job, e: &serde_json::Value) {
-        let target = format!(
-            "{} {}:{}",
-            e["method"].as_str().unwrap_or(""),
-            e["host"].as_str().unwrap_or(""),
-            e["port"]
-        );
-        let outcome = match (e["allowed"] == true, e["phase"] == "open") {
-            (true, true) => "allowed (still open when the job ended)".to_string(),
-            (true, false) => "allowed".to_string(),
-            _ => format!("refused: {}", e["reason"].as_str().unwrap_or("")),
+    async fn audit_egress(&self, job: &Job, e: &EgressRecord) {
+        let target = format!("{} {}:{}", e.method, e.host, e.port);
+        let outcome = match (e.allowed, e.phase) {
+            (true, Phase::Open) => "allowed (still open when the job ended)".to_string(),
+            (true, Phase::Closed) => "allowed".to_string(),
+            _ => format!("refused: {}", e.reason.as_deref().unwrap_or("")),
         };
         let detail = format!(
             "job {}; {} B up, {} B down",
-            job.id, e["bytes_up"], e["bytes_down"]
+            job.id, e.bytes_up, e.bytes_down
         );
         let _ = self
             .store
@@ -550,6 +582,26 @@ impl Runner {
                 job.key_id.as_deref(),
                 "egress",
                 Some(&target),
+                None,
+                &outcome,
+                Some(&detail),
+            )
+            .await;
+    }
+
+    /// Connections past the proxy's record limit: one audit row.
+    async fn audit_unrecorded(&self, job: &Job, u: Unrecorded) {
+        let outcome = format!(
+            "not recorded one by one: {} allowed, {} refused (past the first {} connections)",
+            u.allowed, u.refused, u.limit
+        );
+        let detail = format!("job {}; counted, not recorded", job.id);
+        let _ = self
+            .store
+            .audit(
+                job.key_id.as_deref(),
+                "egress",
+                None,
                 None,
                 &outcome,
                 Some(&detail),
@@ -573,13 +625,19 @@ impl Runner {
             Ok(d) => d,
             Err(e) => return fail(e),
         };
-        let args = match self.command(job) {
-            Ok(a) => a,
+        let req = match self.request(job) {
+            Ok(r) => r,
             Err(e) => return fail(e),
         };
         let dir = self.job_dir(&job.id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             return fail(format!("creating the job directory: {e}"));
+        }
+        // the request holds the prompt: readable by this user only, and
+        // removed with the job directory
+        let request_file = dir.join("request.json");
+        if let Err(e) = write_private(&request_file, &req) {
+            return fail(format!("writing the runner's request: {e}"));
         }
         if self.stopping.load(Ordering::SeqCst) {
             return Finish {
@@ -594,7 +652,7 @@ impl Runner {
         }
         // The egress proxy's decisions, live: the write end goes to the
         // child as fd 4 (only when it runs a proxy).
-        let events = if args.iter().any(|a| a == "--egress-events-fd") {
+        let events = if req.egress.events_fd.is_some() {
             // both ends close-on-exec; the write end is placed at fd 4 below
             match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Ok(p) => Some(p),
@@ -624,11 +682,11 @@ impl Runner {
         // fd 4, both without close-on-exec (their sources are >= 10).
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(repo_raw, 3) < 0 {
+                if libc::dup2(repo_raw, REPO_FD) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(w) = ev_raw {
-                    if libc::dup2(w, 4) < 0 {
+                    if libc::dup2(w, EVENTS_FD) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -636,7 +694,8 @@ impl Runner {
             });
         }
         let spawned = cmd
-            .args(&args)
+            .arg("run-request")
+            .arg(&request_file)
             .env_clear()
             .envs(self.child_env(job))
             .stdin(Stdio::null())
@@ -760,34 +819,24 @@ impl Runner {
             }
         }
         let status = child.wait().await;
-        let mut result: Option<serde_json::Value> = std::fs::read(dir.join("result.json"))
+        // what the runner says, typed; anything else is no result at all
+        let result: Option<RunResult> = std::fs::read(dir.join("result.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        if truncated {
-            if let Some(o) = result.as_mut().and_then(|r| r.as_object_mut()) {
-                o.insert("output_truncated".into(), serde_json::Value::Bool(true));
-            }
-        }
         // a patch past the limit is not written by the runner, nor read here
+        let from_runner = result.as_ref().is_some_and(|r| r.patch_too_large);
         let patch_len = std::fs::metadata(dir.join("patch")).map(|m| m.len()).ok();
-        let too_big = patch_len.filter(|&n| n > self.cfg.max_patch).or_else(|| {
-            result
-                .as_ref()
-                .filter(|r| r["patch_too_large"] == true)
-                .map(|_| self.cfg.max_patch + 1)
-        });
+        let too_big = patch_len
+            .filter(|&n| n > self.cfg.max_patch)
+            .or_else(|| from_runner.then_some(self.cfg.max_patch + 1));
         let patch = match too_big {
             Some(_) => None,
             None => std::fs::read(dir.join("patch")).ok(),
         };
         let code = status.as_ref().ok().and_then(|s| s.code());
-        let r_status = result
-            .as_ref()
-            .and_then(|r| r["status"].as_str())
-            .unwrap_or("");
         let exit_code = result
             .as_ref()
-            .and_then(|r| r["exit_code"].as_i64())
+            .map(|r| i64::from(r.exit_code))
             .or(code.map(i64::from));
         let (st, error) = if interrupted.load(Ordering::SeqCst) {
             (
@@ -796,44 +845,37 @@ impl Runner {
             )
         } else if cancelled.load(Ordering::SeqCst) {
             (JobStatus::Cancelled, Some("cancelled".to_string()))
-        } else if r_status == "timeout" {
-            (
-                JobStatus::TimedOut,
-                Some(format!("timed out after {} seconds", job.timeout_s)),
-            )
-        } else if result.is_none() {
+        } else if let Some(r) = &result {
+            match r.status {
+                RunStatus::Timeout => (
+                    JobStatus::TimedOut,
+                    Some(format!("timed out after {} seconds", job.timeout_s)),
+                ),
+                RunStatus::Exited if r.exit_code == 0 => (JobStatus::Succeeded, None),
+                RunStatus::Exited => (
+                    JobStatus::Failed,
+                    Some(format!("exited with status {}", r.exit_code)),
+                ),
+                RunStatus::Oom => (JobStatus::Failed, Some("killed: out of memory".into())),
+                RunStatus::Signaled => (
+                    JobStatus::Failed,
+                    Some(format!("killed by signal {}", r.signal.unwrap_or(0))),
+                ),
+                RunStatus::Error => (
+                    JobStatus::Failed,
+                    Some(match &r.error {
+                        Some(e) => format!("{}: {}", e.layer, e.message),
+                        None => "the sandbox could not be set up".into(),
+                    }),
+                ),
+            }
+        } else {
             (
                 JobStatus::Failed,
                 Some(format!(
                     "the sandbox ended without a result (exit status {code:?})"
                 )),
             )
-        } else if exit_code == Some(0) && r_status != "error" {
-            (JobStatus::Succeeded, None)
-        } else {
-            let msg = match r_status {
-                "oom" => "killed: out of memory".to_string(),
-                "error" => result
-                    .as_ref()
-                    .and_then(|r| r["error"]["message"].as_str())
-                    .map(|m| {
-                        let layer = result
-                            .as_ref()
-                            .and_then(|r| r["error"]["layer"].as_str())
-                            .unwrap_or("sandbox");
-                        format!("{layer}: {m}")
-                    })
-                    .unwrap_or_else(|| "the sandbox could not be set up".into()),
-                "signaled" => format!(
-                    "killed by signal {}",
-                    result
-                        .as_ref()
-                        .and_then(|r| r["signal"].as_i64())
-                        .unwrap_or(0)
-                ),
-                _ => format!("exited with status {}", exit_code.unwrap_or(-1)),
-            };
-            (JobStatus::Failed, Some(msg))
         };
         let (st, error) = match too_big {
             None => (st, error),
@@ -850,9 +892,6 @@ impl Runner {
                     )
                 };
                 // the runner stopped writing it: that is the whole story
-                let from_runner = result
-                    .as_ref()
-                    .is_some_and(|r| r["patch_too_large"] == true);
                 let st = if st == JobStatus::Succeeded {
                     JobStatus::Failed
                 } else {
@@ -865,43 +904,31 @@ impl Runner {
                 (st, Some(error))
             }
         };
-        // nothing a job produced keeps a secret
-        let r = &self.redactor;
-        let result = result.map(|v| {
-            serde_json::from_str(&r.redact_str(&v.to_string())).unwrap_or(serde_json::Value::Null)
-        });
         // every egress decision joins the audit trail: those not yet
         // audited live (a line the pipe dropped, a connection still open)
-        if let Some(eg) = result.as_ref().and_then(|r| r["egress"].as_array()) {
-            for e in eg {
-                if !e["conn"].as_u64().is_some_and(|c| audited.contains(&c)) {
-                    self.audit_egress(job, e).await;
-                }
+        if let Some(eg) = result.as_ref().and_then(|r| r.egress.as_ref()) {
+            for e in eg.iter().filter(|e| !audited.contains(&e.conn)) {
+                self.audit_egress(job, &self.redacted(e)).await;
             }
         }
         // past the proxy's record limit: one row with the counts
-        if let Some(u) = result
-            .as_ref()
-            .map(|r| &r["egress_unrecorded"])
-            .filter(|u| u.is_object())
-        {
-            let outcome = format!(
-                "not recorded one by one: {} allowed, {} refused (past the first {} connections)",
-                u["allowed"], u["refused"], u["limit"]
-            );
-            let detail = format!("job {}; counted, not recorded", job.id);
-            let _ = self
-                .store
-                .audit(
-                    job.key_id.as_deref(),
-                    "egress",
-                    None,
-                    None,
-                    &outcome,
-                    Some(&detail),
-                )
-                .await;
+        if let Some(u) = result.as_ref().and_then(|r| r.egress_unrecorded) {
+            self.audit_unrecorded(job, u).await;
         }
+        // nothing a job produced keeps a secret
+        let r = &self.redactor;
+        let result = result.map(|res| {
+            let mut v = serde_json::to_string(&res)
+                .ok()
+                .and_then(|t| serde_json::from_str(&r.redact_str(&t)).ok())
+                .unwrap_or(serde_json::Value::Null);
+            if truncated {
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("output_truncated".into(), serde_json::Value::Bool(true));
+                }
+            }
+            v
+        });
         Finish {
             status: st,
             exit_code,
@@ -917,4 +944,18 @@ fn high_fd(fd: &impl std::os::fd::AsRawFd) -> nix::Result<std::os::fd::OwnedFd> 
     let n = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
     // SAFETY: n was just created and is owned by no one else.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(n) })
+}
+
+/// Write `v` as JSON to a new file only this user can read.
+fn write_private(path: &std::path::Path, v: &impl serde::Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(&serde_json::to_vec(v).map_err(std::io::Error::other)?)?;
+    Ok(())
 }

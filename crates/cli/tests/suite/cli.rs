@@ -31,6 +31,73 @@ fn exit_codes_follow_the_command() {
     }
 }
 
+/// What the server hands the runner: one typed request as JSON. A request
+/// the runner cannot trust is refused before anything runs, with a clear
+/// message and exit 125; a good one runs exactly like `agentvm run`.
+#[test]
+fn the_runner_takes_one_typed_request() {
+    let repo = fixture_repo(Who::Me);
+    let dir = tempdir();
+    let slim = bin_dir().join("agentvm-run");
+    let go = |req: &str| {
+        let f = dir.path().join("request.json");
+        std::fs::write(&f, req).unwrap();
+        std::process::Command::new(&slim)
+            .arg("run-request")
+            .arg(&f)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let patch = dir.path().join("patch");
+    let result = dir.path().join("result.json");
+    let good = serde_json::json!({
+        "command": ["sh", "-c", "echo $GREETING; echo x >> a.txt; exit 3"],
+        "repo": {"path": repo.path()},
+        "patch_out": patch,
+        "result_json": result,
+        "env": [["GREETING", "hello"]],
+        "limits": {"timeout_ms": 30000},
+    });
+    let o = go(&good.to_string());
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n");
+    assert!(std::fs::read_to_string(&patch).unwrap().contains("+x\n"));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&result).unwrap()).unwrap();
+    assert_eq!(r["status"], "exited");
+    assert_eq!(r["exit_code"], 3);
+    assert_eq!(r["timeout_ms"], 30000);
+    assert_eq!(r["changed_files"], serde_json::json!(["a.txt"]));
+    for (bad, says) in [
+        ("{not json", "the request"),
+        (r#"{"command": []}"#, "no command"),
+        (
+            r#"{"command": ["true"], "network": "allow:"}"#,
+            "allowlist is empty",
+        ),
+        (
+            r#"{"command": ["true"], "network": "bridge"}"#,
+            "invalid network mode",
+        ),
+        (r#"{"command": ["true"], "repo": {"fd": 1}}"#, "repo fd 1"),
+        (r#"{"command": ["true"], "limits": {"pids": 0}}"#, "pids 0"),
+        (
+            r#"{"command": ["true"], "env": [["1A", "x"]]}"#,
+            "invalid variable name",
+        ),
+    ] {
+        let o = go(bad);
+        assert_eq!(o.status.code(), Some(125), "{bad}: {o:?}");
+        assert!(stderr(&o).contains(says), "{bad}: {}", stderr(&o));
+    }
+    let o = std::process::Command::new(&slim)
+        .args(["run-request", "/nonexistent/request.json"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(stderr(&o).contains("reading the request"), "{}", stderr(&o));
+}
+
 #[test]
 fn the_slim_runner_is_agentvm_run() {
     let slim = bin_dir().join("agentvm-run");

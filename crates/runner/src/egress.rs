@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Seek};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use agentvm_egress::{Policy, Proxy};
+use agentvm_egress::{EgressLine, Policy, Proxy, Record, Unrecorded};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
@@ -186,7 +186,7 @@ impl Running {
     /// decisions, one per connection: the final (`closed`) record, or the
     /// `open` one of a connection that did not finish; and the count of
     /// connections past the record limit, if any.
-    pub fn finish(mut self) -> (Vec<serde_json::Value>, Option<serde_json::Value>) {
+    pub fn finish(mut self) -> (Vec<Record>, Option<Unrecorded>) {
         use nix::sys::wait::{WaitPidFlag, WaitStatus};
         let _ = kill(self.pid, Signal::SIGTERM);
         let deadline = std::time::Instant::now() + DRAIN + std::time::Duration::from_secs(1);
@@ -204,7 +204,7 @@ impl Running {
             }
         }
         let _ = self.log.rewind();
-        let mut out: Vec<serde_json::Value> = Vec::new();
+        let mut out: Vec<Record> = Vec::new();
         let mut unrecorded = None;
         let mut at: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
         // at most two lines per recorded connection and a few counts: the
@@ -212,25 +212,25 @@ impl Running {
         let most = self.record_limit.saturating_mul(2).saturating_add(64);
         // and about 1 KiB a line (a record is a few hundred bytes)
         let bytes = most.saturating_mul(1024).saturating_add(1 << 20);
-        for v in BufReader::new(std::io::Read::take(&self.log, bytes))
-            .lines()
+        for line in BufReader::new(std::io::Read::take(&self.log, bytes))
+            .split(b'\n')
             .map_while(Result::ok)
             .take(usize::try_from(most).unwrap_or(usize::MAX))
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .filter_map(|l| EgressLine::parse(&l))
         {
-            if v.get("unrecorded").is_some() {
+            let r = match line {
                 // the last count is the final one
-                unrecorded = Some(v["unrecorded"].clone());
-                continue;
-            }
-            let conn = v["conn"].as_u64();
-            match conn.and_then(|c| at.get(&c).copied()) {
-                Some(i) => out[i] = v,
+                EgressLine::Unrecorded { unrecorded: u } => {
+                    unrecorded = Some(u);
+                    continue;
+                }
+                EgressLine::Record(r) => r,
+            };
+            match at.get(&r.conn).copied() {
+                Some(i) => out[i] = r,
                 None => {
-                    if let Some(c) = conn {
-                        at.insert(c, out.len());
-                    }
-                    out.push(v);
+                    at.insert(r.conn, out.len());
+                    out.push(r);
                 }
             }
         }
@@ -287,7 +287,9 @@ mod tests {
         let mut log = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
         // far more lines than a limit of 2 allows: a proxy gone wrong
         for conn in 1..=1000u64 {
-            let line = serde_json::json!({"conn": conn, "phase": "closed", "allowed": false});
+            let line = serde_json::json!({"ts": 0, "conn": conn, "phase": "closed",
+                "method": "CONNECT", "host": "example.com", "port": 443, "allowed": false,
+                "reason": "not allowed", "address": null, "bytes_up": 0, "bytes_down": 0});
             writeln!(log, "{line}").unwrap_or_else(|e| panic!("{e}"));
         }
         writeln!(log, "{}", "x".repeat(4 << 20)).unwrap_or_else(|e| panic!("{e}"));

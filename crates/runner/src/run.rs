@@ -9,24 +9,24 @@ use std::path::{Component, Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use agentvm_proto::run::{valid_env_key, EgressOptions, PatchLimits, PIDS_MAX};
+use agentvm_proto::{units, NetworkMode, Repo, RunErrorInfo, RunRequest, RunResult, RunStatus};
 use agentvm_sandbox::spec::{DEFAULT_DISK, DEFAULT_ROOT_MAPS_TO, HOME_DIR, WORKSPACE_DIR};
 use agentvm_sandbox::{
     Ended, ExecFailure, Layers, Limits, Network, RoBind, RunError, SandboxSpec, SetupError,
 };
 use clap::Args;
-use serde::Serialize;
 
-use crate::units;
 use crate::EXIT_SETUP;
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// /workspace is a copy-on-write view of DIR; DIR itself is never written.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "repo_fd")]
     repo: Option<PathBuf>,
     /// Like --repo, for a directory the caller already opened (the server
     /// passes the descriptor it checked).
-    #[arg(long, value_name = "FD", hide = true)]
+    #[arg(long, value_name = "FD", hide = true, value_parser = clap::value_parser!(i32).range(3..))]
     repo_fd: Option<i32>,
     /// Write every change under /workspace as a git-style patch (empty when nothing changed).
     #[arg(long, value_name = "FILE")]
@@ -37,8 +37,8 @@ pub struct RunArgs {
     /// none: a private loopback only. host: the host's network (no isolation).
     /// allow:HOST[:PORT],...: only these hosts, through the egress proxy
     /// (names, *.domain, IPs; private and loopback addresses only when named).
-    #[arg(long, value_name = "MODE", default_value = "none", value_parser = parse_network)]
-    network: NetArg,
+    #[arg(long, value_name = "MODE", default_value = "none", value_parser = NetworkMode::parse)]
+    network: NetworkMode,
     /// With --network allow: write each proxy decision as a JSON line to FILE.
     #[arg(long, value_name = "FILE")]
     egress_log: Option<PathBuf>,
@@ -50,13 +50,13 @@ pub struct RunArgs {
     /// With --network allow: record this many connections one by one, then
     /// only count them (tests; the default bounds what a looping program
     /// can make the proxy write).
-    #[arg(long, value_name = "N", hide = true, default_value_t = agentvm_egress::RECORD_LIMIT)]
+    #[arg(long, value_name = "N", hide = true, default_value_t = agentvm_proto::egress::RECORD_LIMIT)]
     egress_record_limit: u64,
     /// Memory limit, swap included (e.g. 512M, 2G).
     #[arg(long, value_name = "SIZE", value_parser = units::parse_size)]
     memory: Option<u64>,
     /// Maximum number of processes and threads.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4_194_304))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=PIDS_MAX))]
     pids: Option<u64>,
     /// CPUs to pin to (e.g. 0, 0-1, 0,2).
     #[arg(long, value_name = "LIST", value_parser = units::parse_cpus)]
@@ -106,11 +106,49 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-/// A parsed --network.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NetArg {
-    pub mode: Network,
-    pub policy: Option<agentvm_egress::Policy>,
+impl RunArgs {
+    /// The request these flags make (each already checked by its parser).
+    pub fn into_request(self) -> RunRequest {
+        let mut req = RunRequest::new(self.command);
+        req.repo = match (self.repo, self.repo_fd) {
+            (Some(p), _) => Some(Repo::Path(p)),
+            (None, Some(n)) => Some(Repo::Fd(n)),
+            (None, None) => None,
+        };
+        req.patch_out = self.patch_out;
+        req.result_json = self.result_json;
+        req.network = self.network;
+        req.egress = EgressOptions {
+            log: self.egress_log,
+            events_fd: self.egress_events_fd,
+            record_limit: self.egress_record_limit,
+        };
+        req.limits = agentvm_proto::Limits {
+            memory: self.memory,
+            pids: self.pids,
+            cpus: self.cpus,
+            cpu_quota: self.cpu_quota,
+            disk: self.disk,
+            timeout_ms: self
+                .timeout
+                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        req.env = self.env;
+        req.env_pass = self.env_pass;
+        req.ro_binds = self.ro_bind;
+        req.cgroup_parent = self.cgroup_parent;
+        req.patch = PatchLimits {
+            binary_max: self.patch_binary_max,
+            max: self.patch_max,
+        };
+        req.layers = agentvm_proto::Layers {
+            seccomp: !self.no_seccomp,
+            landlock: !self.no_landlock,
+            cgroup: !self.no_cgroup,
+        };
+        req.die_with_parent = self.die_with_parent;
+        req
+    }
 }
 
 /// Open a directory for reading its entries by descriptor (not a file).
@@ -139,36 +177,8 @@ fn is_dir_fd(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     }
 }
 
-fn parse_network(s: &str) -> Result<NetArg, String> {
-    match s {
-        "none" => Ok(NetArg {
-            mode: Network::None,
-            policy: None,
-        }),
-        "host" => Ok(NetArg {
-            mode: Network::Host,
-            policy: None,
-        }),
-        _ => match s.strip_prefix("allow:") {
-            Some(list) => Ok(NetArg {
-                mode: Network::Proxied,
-                policy: Some(agentvm_egress::Policy::parse(list)?),
-            }),
-            None => Err(format!(
-                "invalid network mode {s:?}: expected none, host or allow:HOST[:PORT],..."
-            )),
-        },
-    }
-}
-
-fn valid_key(k: &str) -> bool {
-    let mut chars = k.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 fn parse_env_key(s: &str) -> Result<String, String> {
-    if valid_key(s) {
+    if valid_env_key(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -202,7 +212,7 @@ const ENV_PASS_THROUGH: [&str; 9] = [
 ];
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-fn build_env(args: &RunArgs) -> Result<Vec<(OsString, OsString)>, String> {
+fn build_env(args: &RunRequest) -> Result<Vec<(OsString, OsString)>, String> {
     let mut env: Vec<(String, OsString)> = vec![
         ("PATH".into(), SANDBOX_PATH.into()),
         ("HOME".into(), HOME_DIR.into()),
@@ -225,7 +235,7 @@ fn build_env(args: &RunArgs) -> Result<Vec<(OsString, OsString)>, String> {
     if std::env::var_os("LANG").is_none() {
         set("LANG", "C.UTF-8".into());
     }
-    if args.network.mode == Network::Proxied {
+    if matches!(args.network, NetworkMode::Allow(_)) {
         let url = format!("http://{}", agentvm_sandbox::spec::PROXY_ADDR);
         for k in [
             "HTTP_PROXY",
@@ -301,47 +311,6 @@ fn parse_ro_bind(s: &str) -> Result<RoBind, String> {
     Ok(RoBind { src, dst })
 }
 
-/// What --result-json holds.
-#[derive(Serialize)]
-struct RunResult {
-    status: &'static str,
-    exit_code: i32,
-    signal: Option<i32>,
-    duration_ms: u64,
-    setup_ms: Option<u64>,
-    changed_files: Vec<String>,
-    binary_omitted: Vec<String>,
-    /// Changed paths that `apply` refuses (startup files, hooks, CI, ...):
-    /// review them before applying the patch by hand.
-    protected_changes: Vec<String>,
-    patch_bytes: u64,
-    /// The patch passed --patch-max and was not written.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    patch_too_large: bool,
-    oom_kills: u64,
-    memory_peak_bytes: Option<u64>,
-    /// The memory limit in force (none unless --memory or a profile set
-    /// one: `agentvm run` has no default).
-    memory_limit_bytes: Option<u64>,
-    timeout_ms: Option<u64>,
-    network: Network,
-    landlock_abi: u32,
-    layers_disabled: Vec<&'static str>,
-    error: Option<ErrorJson>,
-    /// Connections past the record limit: `{allowed, refused, limit}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    egress_unrecorded: Option<serde_json::Value>,
-    /// Every decision of the egress proxy (allow mode).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    egress: Option<Vec<serde_json::Value>>,
-}
-
-#[derive(Serialize)]
-struct ErrorJson {
-    layer: String,
-    message: String,
-}
-
 struct Outputs {
     patch: Option<File>,
     result: Option<File>,
@@ -356,7 +325,41 @@ fn fail(msg: &str) -> ExitCode {
     ExitCode::from(EXIT_SETUP)
 }
 
+/// `agentvm run FLAGS -- COMMAND`.
 pub fn main(args: RunArgs) -> ExitCode {
+    execute(args.into_request())
+}
+
+/// The largest request file `run-request` reads (a prompt is most of it).
+pub const REQUEST_MAX: u64 = 64 << 20;
+
+/// `agentvm-run run-request FILE`: the request the server wrote, as JSON.
+pub fn main_request(path: &Path) -> ExitCode {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let read = File::open(path).and_then(|f| f.take(REQUEST_MAX + 1).read_to_end(&mut bytes));
+    if let Err(e) = read {
+        return fail(&format!("reading the request {}: {e}", path.display()));
+    }
+    if bytes.len() as u64 > REQUEST_MAX {
+        return fail(&format!(
+            "the request {} is larger than {REQUEST_MAX} bytes",
+            path.display()
+        ));
+    }
+    let req: RunRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("the request {}: {e}", path.display())),
+    };
+    if let Err(e) = req.check() {
+        return fail(&format!("the request {}: {e}", path.display()));
+    }
+    execute(req)
+}
+
+/// Run one checked request: validate what needs the filesystem, run the
+/// sandbox, capture the changes, and report.
+pub fn execute(args: RunRequest) -> ExitCode {
     if args.die_with_parent {
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
@@ -365,19 +368,18 @@ pub fn main(args: RunArgs) -> ExitCode {
     // The repo is opened once; the sandbox's lower layer and the capture both
     // go through this descriptor, so swapping the path afterwards changes
     // nothing.
-    let repo_dir = match (&args.repo, args.repo_fd) {
-        (Some(_), Some(_)) => return fail("--repo and --repo-fd go alone"),
-        (None, None) => None,
-        (Some(r), None) => match open_dir(r) {
+    let repo_dir = match args.repo.clone() {
+        None => None,
+        Some(Repo::Path(r)) => match open_dir(&r) {
             Ok(fd) => Some(fd),
             Err(e) => return fail(&format!("--repo {}: {e}", r.display())),
         },
-        (None, Some(n)) if n < 3 => {
+        Some(Repo::Fd(n)) if n < 3 => {
             return fail(&format!(
                 "--repo-fd {n}: not a descriptor this process may take over"
             ))
         }
-        (None, Some(n)) => {
+        Some(Repo::Fd(n)) => {
             // SAFETY: the caller handed us this descriptor for this purpose;
             // we own it from here on.
             let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(n) };
@@ -404,7 +406,7 @@ pub fn main(args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let ro_binds = match args
-        .ro_bind
+        .ro_binds
         .iter()
         .map(|s| parse_ro_bind(s))
         .collect::<Result<Vec<_>, _>>()
@@ -413,35 +415,35 @@ pub fn main(args: RunArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let limits = Limits {
-        memory: args.memory,
-        pids: args.pids,
-        cpus: args.cpus.clone(),
-        cpu_quota: args.cpu_quota,
-        disk: args.disk.unwrap_or(DEFAULT_DISK),
-        timeout: args.timeout,
+        memory: args.limits.memory,
+        pids: args.limits.pids,
+        cpus: args.limits.cpus.clone(),
+        cpu_quota: args.limits.cpu_quota,
+        disk: args.limits.disk.unwrap_or(DEFAULT_DISK),
+        timeout: args.limits.timeout_ms.map(Duration::from_millis),
     };
     let layers = Layers {
-        seccomp: !args.no_seccomp,
-        landlock: !args.no_landlock,
-        cgroup: !args.no_cgroup,
+        seccomp: args.layers.seccomp,
+        landlock: args.layers.landlock,
+        cgroup: args.layers.cgroup,
     };
-    if args.no_cgroup && !agentvm_sandbox::cgroup::needed(&limits).is_empty() {
+    if !layers.cgroup && !agentvm_sandbox::cgroup::needed(&limits).is_empty() {
         return fail("--no-cgroup cannot enforce --memory, --pids, --cpus or --cpu-quota; drop one or the other");
     }
-    let mut disabled = Vec::new();
-    if args.no_seccomp {
-        disabled.push("seccomp");
+    let mut disabled: Vec<String> = Vec::new();
+    if !layers.seccomp {
+        disabled.push("seccomp".into());
     }
-    if args.no_landlock {
-        disabled.push("landlock");
+    if !layers.landlock {
+        disabled.push("landlock".into());
     }
-    if args.no_cgroup {
-        disabled.push("cgroup");
+    if !layers.cgroup {
+        disabled.push("cgroup".into());
     }
     for d in &disabled {
         eprintln!("agentvm: WARNING: the {d} layer is switched off for this run; the sandbox is weaker than the default");
     }
-    if args.network.mode == Network::Host {
+    if args.network == NetworkMode::Host {
         eprintln!("agentvm: WARNING: --network host: the command shares the host's network (it can reach every address and local service the host can)");
     }
     let mut outs = Outputs {
@@ -484,7 +486,11 @@ pub fn main(args: RunArgs) -> ExitCode {
         repo: repo.clone(),
         repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
         ro_binds,
-        network: args.network.mode,
+        network: match args.network {
+            NetworkMode::None => Network::None,
+            NetworkMode::Host => Network::Host,
+            NetworkMode::Allow(_) => Network::Proxied,
+        },
         limits: limits.clone(),
         layers,
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
@@ -492,42 +498,22 @@ pub fn main(args: RunArgs) -> ExitCode {
         proxy_socket: None,
         protected: scan.paths,
     };
-    let mut result = RunResult {
-        status: "error",
-        exit_code: EXIT_SETUP as i32,
-        signal: None,
-        duration_ms: 0,
-        setup_ms: None,
-        changed_files: Vec::new(),
-        binary_omitted: Vec::new(),
-        protected_changes: Vec::new(),
-        patch_bytes: 0,
-        patch_too_large: false,
-        oom_kills: 0,
-        memory_peak_bytes: None,
-        memory_limit_bytes: limits.memory,
-        timeout_ms: limits.timeout.map(|t| t.as_millis() as u64),
-        network: args.network.mode,
-        landlock_abi: 0,
-        layers_disabled: disabled,
-        error: None,
-        egress: None,
-        egress_unrecorded: None,
-    };
+    let mut result = RunResult::setup_failed(&args, EXIT_SETUP as i32);
+    result.layers_disabled = disabled;
 
     let mut spec = spec;
-    let events = match args.egress_events_fd.map(crate::egress::events_pipe) {
+    let events = match args.egress.events_fd.map(crate::egress::events_pipe) {
         Some(Err(e)) => return fail(&format!("--egress-events-fd: {e}")),
         Some(Ok(f)) => Some(f),
         None => None,
     };
-    let proxy = match &args.network.policy {
-        Some(policy) => {
+    let proxy = match &args.network {
+        NetworkMode::Allow(policy) => {
             match crate::egress::start(
                 policy.clone(),
-                args.egress_log.as_deref(),
+                args.egress.log.as_deref(),
                 events,
-                args.egress_record_limit,
+                args.egress.record_limit,
             ) {
                 Ok(p) => {
                     spec.proxy_socket = Some(p.socket.clone());
@@ -536,7 +522,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                 Err(e) => return fail(&format!("sandbox setup failed: network: {e}")),
             }
         }
-        None => None,
+        NetworkMode::None | NetworkMode::Host => None,
     };
     let outcome = agentvm_sandbox::run(&spec);
     if let Some(p) = proxy {
@@ -560,7 +546,7 @@ pub fn main(args: RunArgs) -> ExitCode {
                 ExecFailure::NotExecutable => 126,
             };
             result.exit_code = code;
-            result.error = Some(ErrorJson {
+            result.error = Some(RunErrorInfo {
                 layer: "exec".into(),
                 message: format!("{command}: {reason}"),
             });
@@ -568,10 +554,10 @@ pub fn main(args: RunArgs) -> ExitCode {
         }
         Ok(o) => {
             let (status, code, signal) = match o.ended {
-                Ended::Exited(c) => ("exited", c, None),
-                Ended::Signaled(s) => ("signaled", 128 + s, Some(s)),
-                Ended::Timeout => ("timeout", 124, None),
-                Ended::Oom => ("oom", 137, Some(9)),
+                Ended::Exited(c) => (RunStatus::Exited, c, None),
+                Ended::Signaled(s) => (RunStatus::Signaled, 128 + s, Some(s)),
+                Ended::Timeout => (RunStatus::Timeout, 124, None),
+                Ended::Oom => (RunStatus::Oom, 137, Some(9)),
             };
             if o.ended == Ended::Timeout {
                 eprintln!(
@@ -590,10 +576,10 @@ pub fn main(args: RunArgs) -> ExitCode {
             result.oom_kills = o.oom_kills;
             result.memory_peak_bytes = o.memory_peak;
             result.landlock_abi = o.landlock_abi;
-            if !o.cgroup && !result.layers_disabled.contains(&"cgroup") {
+            if !o.cgroup && !result.layers_disabled.iter().any(|l| l == "cgroup") {
                 // no limit asked for one: say so, the sandbox is unbounded
                 // in memory, processes and CPU
-                result.layers_disabled.push("cgroup");
+                result.layers_disabled.push("cgroup".into());
             }
             if outs.patch.is_some() || outs.result.is_some() {
                 if let Err(e) = capture(
@@ -605,8 +591,8 @@ pub fn main(args: RunArgs) -> ExitCode {
                     &mut result,
                 ) {
                     eprintln!("agentvm: capturing the changes failed: {e}");
-                    result.status = "error";
-                    result.error = Some(ErrorJson {
+                    result.status = RunStatus::Error;
+                    result.error = Some(RunErrorInfo {
                         layer: "capture".into(),
                         message: e,
                     });
@@ -648,7 +634,7 @@ fn finish(outs: &mut Outputs, result: &RunResult, code: i32) -> ExitCode {
 /// Capture every change into --patch-out and the result, streaming: the
 /// host's memory does not follow the files' sizes.
 fn capture(
-    args: &RunArgs,
+    args: &RunRequest,
     upper: &std::os::fd::OwnedFd,
     repo: Option<&std::os::fd::OwnedFd>,
     protected: &agentvm_workspace::Protected,
@@ -666,8 +652,8 @@ fn capture(
     result.protected_changes =
         agentvm_workspace::apply::refused_paths(cap.changes.iter().map(|c| c.path()), protected);
     let opts = agentvm_workspace::PatchOptions {
-        binary_max: args.patch_binary_max,
-        max_bytes: args.patch_max,
+        binary_max: args.patch.binary_max,
+        max_bytes: args.patch.max,
     };
     let rendered = match outs.patch.as_mut() {
         Some(f) => {
@@ -700,7 +686,7 @@ fn capture(
 
 fn report_setup_error(e: &SetupError, result: &mut RunResult) {
     eprintln!("agentvm: sandbox setup failed: {e}");
-    result.error = Some(ErrorJson {
+    result.error = Some(RunErrorInfo {
         layer: e.layer.to_string(),
         message: e.message.clone(),
     });
@@ -737,16 +723,5 @@ mod tests {
         assert!(parse_ro_bind("/usr/bin:/opt/../etc").is_err());
         assert!(parse_ro_bind("/nonexistent-agentvm-path").is_err());
         assert!(parse_ro_bind("/usr/bin:/").is_err());
-    }
-
-    #[test]
-    fn network_modes() {
-        assert_eq!(parse_network("none").map(|n| n.mode), Ok(Network::None));
-        assert_eq!(parse_network("host").map(|n| n.mode), Ok(Network::Host));
-        let a = parse_network("allow:example.com,*.x.org:443").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(a.mode, Network::Proxied);
-        assert!(parse_network("allow:").is_err());
-        assert!(parse_network("allow:bad host").is_err());
-        assert!(parse_network("bridge").is_err());
     }
 }
