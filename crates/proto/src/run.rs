@@ -55,6 +55,27 @@ pub struct RunRequest {
     /// Die when the process that started the runner dies.
     #[serde(default)]
     pub die_with_parent: bool,
+    /// What isolates the command.
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+/// The sandbox backends a request may name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Linux namespaces (the default).
+    #[default]
+    Ns,
+}
+
+impl BackendKind {
+    /// The backend's name in the sandbox crate.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Ns => "ns",
+        }
+    }
 }
 
 /// The directory /workspace shows.
@@ -185,6 +206,7 @@ impl RunRequest {
             patch: PatchLimits::default(),
             layers: Layers::default(),
             die_with_parent: false,
+            backend: BackendKind::Ns,
         }
     }
 

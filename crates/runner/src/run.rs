@@ -524,7 +524,15 @@ pub fn execute(args: RunRequest) -> ExitCode {
         }
         NetworkMode::None | NetworkMode::Host => None,
     };
-    let outcome = agentvm_sandbox::run(&spec);
+    let outcome = match agentvm_sandbox::backend::by_name(args.backend.name()) {
+        Some(b) => b.run(&spec),
+        None => {
+            return fail(&format!(
+                "the {} backend is not in this build",
+                args.backend.name()
+            ))
+        }
+    };
     if let Some(p) = proxy {
         let (records, unrecorded) = p.finish();
         result.egress = Some(records);

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::spec::{Layers, Limits, Network, SandboxSpec, DEFAULT_ROOT_MAPS_TO};
 use crate::{cgroup, landlock_layer, seccomp};
 
@@ -167,7 +168,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         proxy_socket: None,
         protected: Vec::new(),
     };
-    let (sandbox_ok, detail) = match crate::run(&spec) {
+    let (sandbox_ok, detail) = match crate::backend::Namespaces.run(&spec) {
         Ok(o) if o.ended == crate::Ended::Exited(0) => (
             true,
             format!(

@@ -5,7 +5,7 @@
 //! memory of copying it.
 //!
 //! Never shown: shadow, gshadow, sudoers, ssh (host keys), ssl/private, or
-//! anything not on the list below.
+//! anything not in policy/etc.txt.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fs;
@@ -15,40 +15,6 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Layer, SetupError};
 use crate::spec::{HOME_DIR, HOSTNAME};
-
-/// Entries of the host's /etc a program may need and that hold no secret.
-pub const ALLOW: [&str; 30] = [
-    "alternatives",
-    "bash.bashrc",
-    "ca-certificates",
-    "ca-certificates.conf",
-    "debian_version",
-    "environment",
-    "gai.conf",
-    "host.conf",
-    "inputrc",
-    "issue",
-    "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
-    "localtime",
-    "locale.alias",
-    "locale.gen",
-    "magic",
-    "mime.types",
-    "nsswitch.conf",
-    "os-release",
-    "profile",
-    "protocols",
-    "resolv.conf",
-    "services",
-    "shells",
-    "ssl/certs",
-    "ssl/openssl.cnf",
-    "terminfo",
-    "timezone",
-    "xdg",
-];
 
 /// Bump when the layout of the cache changes.
 const FORMAT: u32 = 1;
@@ -137,7 +103,7 @@ pub fn prepare() -> Result<EtcView, SetupError> {
     let mut h = DefaultHasher::new();
     FORMAT.hash(&mut h);
     let mut entries = Vec::new();
-    for name in ALLOW {
+    for name in crate::policy::etc_allow()? {
         let src = Path::new("/etc").join(name);
         let Ok(md) = fs::symlink_metadata(&src) else {
             continue;
@@ -257,7 +223,9 @@ mod tests {
             "group",
         ] {
             assert!(
-                !ALLOW.contains(&bad),
+                !crate::policy::etc_allow()
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .contains(&bad),
                 "{bad} must not be shown from the host"
             );
         }

@@ -1,7 +1,7 @@
 //! # agentvm-sandbox: how a process is isolated
 //!
 //! Owns turning a [`SandboxSpec`] into a running, confined process and
-//! reporting how it ended. The `ns` backend stacks user, mount, pid, net,
+//! reporting how it ended, behind the [`Backend`] trait. The `ns` backend stacks user, mount, pid, net,
 //! ipc, uts and cgroup namespaces, a minimal read-only root, seccomp,
 //! landlock, no_new_privs, an empty capability set and cgroup limits.
 //!
@@ -10,6 +10,7 @@
 //! [`SetupError`] naming it); map root inside to the host's root.
 
 // shared with build.rs, which uses the other half of it
+pub mod backend;
 #[allow(dead_code)]
 pub(crate) mod bpf;
 pub mod caps;
@@ -19,9 +20,11 @@ pub mod error;
 pub mod etc;
 pub mod landlock_layer;
 pub mod ns;
+pub mod policy;
 pub mod seccomp;
 pub mod spec;
 
+pub use backend::Backend;
 pub use error::{ExecFailure, Layer, RunError, SetupError};
-pub use ns::{run, Ended, Outcome};
+pub use ns::{Ended, Outcome};
 pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec};
