@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod output;
 pub mod recording;
 pub mod redact;
 pub mod runner;

@@ -120,7 +120,7 @@ impl Cast {
 
     /// The event lines for one stored chunk (none for egress decisions).
     pub fn push(&mut self, c: &LogChunk) -> String {
-        if !crate::api::is_output(c) {
+        if !crate::output::is_output(c) {
             return String::new();
         }
         // never backwards: clocks may step, the format needs order
