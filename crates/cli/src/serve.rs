@@ -334,39 +334,9 @@ pub fn restore(a: RestoreArgs) -> ExitCode {
         Ok(r) => r,
         Err(c) => return c,
     };
-    // Check the backup is one of ours before touching anything.
-    let staged = dir.join("agentvm.db.restore");
-    let _ = std::fs::remove_file(&staged);
-    if let Err(e) = std::fs::copy(&a.file, &staged) {
-        eprintln!("agentvm restore: reading {}: {e}", a.file.display());
-        return ExitCode::from(1);
-    }
-    let ok = rt.block_on(async {
-        match agentvm_store::Store::open(&staged).await {
-            Ok(s) => {
-                let r = s.count_keys().await;
-                s.close().await;
-                r.map(|_| ()).map_err(|e| e.to_string())
-            }
-            Err(e) => Err(e.to_string()),
-        }
-    });
-    if let Err(e) = ok {
-        let _ = std::fs::remove_file(&staged);
-        let _ = std::fs::remove_file(dir.join("agentvm.db.restore-wal"));
-        let _ = std::fs::remove_file(dir.join("agentvm.db.restore-shm"));
-        eprintln!(
-            "agentvm restore: {} is not an AgentVM backup: {e}",
-            a.file.display()
-        );
-        return ExitCode::from(1);
-    }
+    // the store checks the backup is one of ours before touching anything
     let db = agentvm_server::db_path(&dir);
-    for ext in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", db.display())));
-        let _ = std::fs::remove_file(PathBuf::from(format!("{}{ext}", staged.display())));
-    }
-    if let Err(e) = std::fs::rename(&staged, &db) {
+    if let Err(e) = rt.block_on(agentvm_store::sqlite::restore(&a.file, &db)) {
         eprintln!("agentvm restore: {e}");
         return ExitCode::from(1);
     }

@@ -1,0 +1,232 @@
+//! The behaviour every store must have, as cases any implementation runs
+//! unchanged: `cargo test` runs them against SQLite (see sqlite.rs); a
+//! second store enables the `conformance` feature in its dev-dependencies
+//! and calls [`run_all`] with a way to open a fresh, empty instance.
+
+use std::future::Future;
+use std::path::Path;
+
+use crate::*;
+
+/// Run every case, each against a fresh store from `open` (given a
+/// scratch directory of its own, which outlives the store).
+pub async fn run_all<F, Fut>(open: F)
+where
+    F: Fn(&Path) -> Fut,
+    Fut: Future<Output = Result<Store>>,
+{
+    macro_rules! cases {
+        ($($case:ident),* $(,)?) => {$(
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let s = open(dir.path())
+                .await
+                .unwrap_or_else(|e| panic!("opening a store for {}: {e}", stringify!($case)));
+            $case(&s, dir.path()).await;
+            s.close().await;
+        )*};
+    }
+    cases!(
+        job_lifecycle_and_recovery,
+        patches_are_stored_in_parts_and_read_back_whole,
+        audit_fields_are_bounded,
+        jobs_list_by_owner_and_logs_by_page,
+        hostile_strings_are_data
+    );
+}
+
+pub fn new_job(id: &str) -> NewJob {
+    NewJob {
+        id: id.into(),
+        agent: "shell".into(),
+        prompt: "echo hi".into(),
+        repo_path: "/tmp".into(),
+        timeout_s: 60,
+        extra_args: vec!["--x".into()],
+        key_id: Some("k1".into()),
+        network: None,
+    }
+}
+
+pub async fn job_lifecycle_and_recovery(s: &Store, d: &Path) {
+    let a = s
+        .create_job(&new_job("a"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b = s
+        .create_job(&new_job("b"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(a.seq < b.seq);
+    assert_eq!(a.status, JobStatus::Queued);
+    assert!(s.mark_running("a").await.unwrap_or(false));
+    assert!(!s.mark_running("a").await.unwrap_or(true), "running twice");
+    s.append_log(a.seq, 1, "stdout", b"one")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.append_log(a.seq, 2, "stderr", b"two")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let logs = s.logs(a.seq, 1).await.unwrap_or_default();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].data, b"two");
+    // a deleted running job is refused
+    assert!(!s.delete_job("a").await.unwrap_or(true));
+    // crash: a is interrupted, b stays queued
+    let interrupted = s
+        .interrupt_running("server restarted")
+        .await
+        .unwrap_or_default();
+    assert_eq!(interrupted.len(), 1);
+    let a2 = s
+        .get_job("a")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("a gone"));
+    assert_eq!(a2.status, JobStatus::Interrupted);
+    assert_eq!(
+        s.logs(a.seq, 0).await.unwrap_or_default().len(),
+        2,
+        "output kept"
+    );
+    let q = s.queued_jobs().await.unwrap_or_default();
+    assert_eq!(
+        q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        vec!["b"]
+    );
+    // finishing an ended job does nothing
+    let f = Finish {
+        status: JobStatus::Succeeded,
+        exit_code: Some(0),
+        error: None,
+        result: None,
+        patch: Some(b"p".to_vec()),
+    };
+    assert!(!s.finish_job("a", &f).await.unwrap_or(true));
+    assert!(s.finish_job("b", &f).await.unwrap_or(false));
+    assert_eq!(
+        s.patch("b").await.ok().flatten().flatten(),
+        Some(b"p".to_vec())
+    );
+    assert!(s.delete_job("b").await.unwrap_or(false));
+    assert!(s.get_job("b").await.ok().flatten().is_none());
+    // backup is a consistent, openable copy
+    let bk = d.join("backup.sqlite");
+    s.backup(&bk).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        std::fs::metadata(&bk).is_ok_and(|m| m.len() > 0),
+        "the backup is written"
+    );
+}
+
+pub async fn patches_are_stored_in_parts_and_read_back_whole(s: &Store, _scratch: &Path) {
+    let j = s
+        .create_job(&new_job("p"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let patch: Vec<u8> = (0..(PATCH_PART * 2 + 17)).map(|i| i as u8).collect();
+    let f = Finish {
+        status: JobStatus::Succeeded,
+        exit_code: Some(0),
+        error: None,
+        result: None,
+        patch: Some(patch.clone()),
+    };
+    assert!(s.finish_job("p", &f).await.unwrap_or(false));
+    assert_eq!(
+        s.patch_size("p").await.ok().flatten(),
+        Some((j.seq, Some(patch.len() as i64)))
+    );
+    assert_eq!(
+        s.patch_part(j.seq, 2).await.ok().flatten().map(|p| p.len()),
+        Some(17)
+    );
+    assert_eq!(s.patch_part(j.seq, 3).await.ok().flatten(), None);
+    assert_eq!(s.patch("p").await.ok().flatten().flatten(), Some(patch));
+    // a job that ended without a patch
+    s.create_job(&new_job("q"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let f = Finish { patch: None, ..f };
+    assert!(s.finish_job("q", &f).await.unwrap_or(false));
+    assert_eq!(s.patch("q").await.ok().flatten(), Some(None));
+    assert_eq!(s.patch("nope").await.ok().flatten(), None);
+}
+
+pub async fn audit_fields_are_bounded(s: &Store, _scratch: &Path) {
+    let long = "é".repeat(40_000);
+    s.audit(
+        Some(&long),
+        &long,
+        Some(&long),
+        Some(&long),
+        &long,
+        Some(&long),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let ev = s.list_audit(None, 1).await.unwrap_or_default();
+    let e = &ev[0];
+    assert!(e.target.as_deref().unwrap_or("").len() <= AUDIT_TARGET_MAX);
+    assert!(e.detail.as_deref().unwrap_or("").len() <= AUDIT_DETAIL_MAX);
+    assert!(e.action.len() <= 64 && e.outcome.len() <= 512);
+    assert!(e.target.as_deref().unwrap_or("").ends_with("..."));
+}
+
+pub async fn jobs_list_by_owner_and_logs_by_page(s: &Store, _scratch: &Path) {
+    let a = s
+        .create_job(&new_job("a"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut b = new_job("b");
+    b.key_id = Some("k2".into());
+    s.create_job(&b).await.unwrap_or_else(|e| panic!("{e}"));
+    let mine = s
+        .list_jobs(Some("k2"), None, None, None, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        mine.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    assert_eq!(
+        s.list_jobs(None, None, None, None, 10)
+            .await
+            .unwrap_or_default()
+            .len(),
+        2
+    );
+    for (i, st) in ["stdout", "egress", "stderr", "stdout"].iter().enumerate() {
+        s.append_log(a.seq, i as i64 + 1, st, st.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let page = s
+        .logs_page(a.seq, 0, Streams::Output, 2)
+        .await
+        .unwrap_or_default();
+    assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 3]);
+    let page = s
+        .logs_page(a.seq, 3, Streams::Output, 2)
+        .await
+        .unwrap_or_default();
+    assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), [4]);
+    let only = s
+        .logs_page(a.seq, 0, Streams::Only("stderr"), 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(only.len(), 1);
+}
+
+pub async fn hostile_strings_are_data(s: &Store, _scratch: &Path) {
+    let evil = "x'); DROP TABLE jobs; --";
+    let mut j = new_job(evil);
+    j.agent = evil.into();
+    s.create_job(&j).await.unwrap_or_else(|e| panic!("{e}"));
+    let got = s
+        .list_jobs(None, None, Some(evil), None, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, evil);
+}
