@@ -143,6 +143,29 @@ fn read_key_file(p: &PathBuf) -> Result<String, String> {
         .map_err(|e| format!("reading the API key from {}: {e}", p.display()))
 }
 
+/// An API path from its segments and query: every value is exactly one
+/// percent-encoded segment or parameter, so an id such as `../keys` or
+/// `x?limit=1` names a job that does not exist instead of another route.
+/// `.` and `..`, which URL parsers resolve even when encoded, are refused.
+fn api_path(segments: &[&str], query: &[(&str, &str)]) -> Result<String, String> {
+    if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+        return Err(format!("{bad:?} is not an id"));
+    }
+    let mut u = reqwest::Url::parse("http://agentvm.invalid/").map_err(|e| e.to_string())?;
+    u.path_segments_mut()
+        .map_err(|()| "the base URL cannot hold a path".to_string())?
+        .extend(segments);
+    if !query.is_empty() {
+        u.query_pairs_mut().extend_pairs(query);
+    }
+    let mut out = u.path().to_string();
+    if let Some(q) = u.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    Ok(out)
+}
+
 impl Client {
     fn new(c: &Conn) -> Result<Client, String> {
         let file: ClientFile = std::env::var_os("HOME")
@@ -353,7 +376,7 @@ async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
     for _attempt in 0..20 {
         let mut r = c.req(
             reqwest::Method::GET,
-            &format!("/v1/jobs/{id}/logs?follow=true"),
+            &api_path(&["v1", "jobs", id, "logs"], &[("follow", "true")])?,
         );
         if let Some(l) = &last {
             r = r.header("Last-Event-ID", l);
@@ -414,7 +437,7 @@ async fn wait(c: &Client, id: &str) -> Result<Value, String> {
     let start = Instant::now();
     let mut i = 0usize;
     loop {
-        let j = c.get_json(&format!("/v1/jobs/{id}")).await?;
+        let j = c.get_json(&api_path(&["v1", "jobs", id], &[])?).await?;
         let st = j["status"].as_str().unwrap_or("").to_string();
         if !matches!(st.as_str(), "queued" | "running") {
             if tty {
@@ -467,7 +490,10 @@ async fn download(
     output: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
     let resp = c
-        .send(c.req(reqwest::Method::GET, &format!("/v1/jobs/{id}/{what}")))
+        .send(c.req(
+            reqwest::Method::GET,
+            &api_path(&["v1", "jobs", id, what], &[])?,
+        ))
         .await?;
     if c.json && output.is_none() {
         let b = resp.bytes().await.map_err(|e| e.to_string())?;
@@ -529,7 +555,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             if f {
                 let st = follow(c, &id, egress).await?;
                 if c.json {
-                    print_json(&c.get_json(&format!("/v1/jobs/{id}")).await?);
+                    print_json(&c.get_json(&api_path(&["v1", "jobs", &id], &[])?).await?);
                 } else {
                     eprintln!("agentvm: {id} {st}");
                 }
@@ -563,14 +589,16 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             agent,
             limit,
         } => {
-            let mut q = vec![format!("limit={limit}")];
-            if let Some(s) = status {
-                q.push(format!("status={s}"));
+            let limit = limit.to_string();
+            let mut q = vec![("limit", limit.as_str())];
+            let status = status.map(|s| s.to_string());
+            if let Some(s) = &status {
+                q.push(("status", s));
             }
-            if let Some(a) = agent {
-                q.push(format!("agent={a}"));
+            if let Some(a) = &agent {
+                q.push(("agent", a));
             }
-            let page = c.get_json(&format!("/v1/jobs?{}", q.join("&"))).await?;
+            let page = c.get_json(&api_path(&["v1", "jobs"], &q)?).await?;
             if c.json {
                 print_json(&page);
                 return Ok(ExitCode::SUCCESS);
@@ -602,7 +630,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCmd::Show { id } => {
-            let j = c.get_json(&format!("/v1/jobs/{id}")).await?;
+            let j = c.get_json(&api_path(&["v1", "jobs", &id], &[])?).await?;
             if c.json {
                 print_json(&j);
             } else {
@@ -671,7 +699,10 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
         JobsCmd::Recording { id, output } => download(c, &id, "recording", output).await,
         JobsCmd::Cancel { id } => {
             let j: Value = c
-                .send(c.req(Method::POST, &format!("/v1/jobs/{id}/cancel")))
+                .send(c.req(
+                    Method::POST,
+                    &api_path(&["v1", "jobs", &id, "cancel"], &[])?,
+                ))
                 .await?
                 .json()
                 .await
@@ -685,7 +716,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
         }
         JobsCmd::Apply { id } => {
             let v: Value = c
-                .send(c.req(Method::POST, &format!("/v1/jobs/{id}/apply")))
+                .send(c.req(Method::POST, &api_path(&["v1", "jobs", &id, "apply"], &[])?))
                 .await?
                 .json()
                 .await
@@ -702,7 +733,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCmd::Delete { id } => {
-            c.send(c.req(Method::DELETE, &format!("/v1/jobs/{id}")))
+            c.send(c.req(Method::DELETE, &api_path(&["v1", "jobs", &id], &[])?))
                 .await?;
             if c.json {
                 print_json(&json!({"id": id, "deleted": true}));
@@ -727,10 +758,11 @@ async fn audit_inner(c: &Client, limit: i64, job: Option<String>) -> Result<Exit
     let mut out: Vec<Value> = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut path = "/v1/audit?limit=200".to_string();
+        let mut q = vec![("limit", "200")];
         if let Some(cur) = &cursor {
-            path += &format!("&cursor={cur}");
+            q.push(("cursor", cur));
         }
+        let path = api_path(&["v1", "audit"], &q)?;
         let page = c.get_json(&path).await?;
         for e in page["events"].as_array().cloned().unwrap_or_default() {
             let of_job = job.as_deref().is_none_or(|id| {
@@ -831,7 +863,7 @@ async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
             }
         }
         KeysCmd::Revoke { id } => {
-            c.send(c.req(Method::DELETE, &format!("/v1/keys/{id}")))
+            c.send(c.req(Method::DELETE, &api_path(&["v1", "keys", &id], &[])?))
                 .await?;
             if c.json {
                 print_json(&json!({"id": id, "revoked": true}));
@@ -841,4 +873,30 @@ async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::api_path;
+
+    #[test]
+    fn a_value_is_one_segment_or_one_parameter() {
+        let p = |s: &[&str], q: &[(&str, &str)]| api_path(s, q).unwrap();
+        assert_eq!(p(&["v1", "jobs", "../keys"], &[]), "/v1/jobs/..%2Fkeys");
+        assert_eq!(
+            p(&["v1", "jobs", "x?limit=1#f"], &[]),
+            "/v1/jobs/x%3Flimit=1%23f"
+        );
+        assert_eq!(p(&["v1", "jobs", "%2e%2e"], &[]), "/v1/jobs/%252e%252e");
+        assert_eq!(
+            p(
+                &["v1", "jobs"],
+                &[("agent", "shell&status=queued"), ("limit", "5")]
+            ),
+            "/v1/jobs?agent=shell%26status%3Dqueued&limit=5"
+        );
+        for bad in ["..", ".", ""] {
+            assert!(api_path(&["v1", "jobs", bad], &[]).is_err(), "{bad:?}");
+        }
+    }
 }

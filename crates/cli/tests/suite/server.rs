@@ -1008,6 +1008,22 @@ fn cli_client_submits_follows_and_reports_errors() {
         String::from_utf8_lossy(&o.stdout).contains("+++ b/made.txt"),
         "{o:?}"
     );
+    // an id is one path segment, whatever it holds: "../keys" must not
+    // reach /v1/keys (nor a query string add parameters)
+    for bad in ["../keys", "..", "x/../../v1/keys", "x?limit=1", "%2e%2e"] {
+        let o = cli(&["jobs", "show", bad, "--json"]);
+        assert!(!o.status.success(), "{bad}: {o:?}");
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(!out.contains("\"scopes\""), "{bad} reached the keys: {out}");
+    }
+    let o = cli(&["jobs", "list", "--agent", "shell&status=queued", "--json"]);
+    assert!(o.status.success(), "{o:?}");
+    let none: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(
+        none["jobs"],
+        serde_json::json!([]),
+        "the agent name is one value"
+    );
     // a job's own allowlist, and its decisions as they are made
     let o = cli(&[
         "jobs",
