@@ -355,15 +355,14 @@ mod tests {
 
     fn file(dir: &std::path::Path, name: &str, mode: u32) -> std::path::PathBuf {
         let p = dir.join(name);
-        std::fs::write(&p, b"#!/bin/sh\n").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&p, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
         p
     }
 
     #[test]
     fn only_a_runner_nobody_else_could_have_planted_is_used() {
-        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let d = tempfile::tempdir().unwrap();
         let exe = file(d.path(), "agentvm", 0o755);
         let run = d.path().join("agentvm-run");
         assert_eq!(trusted_beside(&exe, &run), Err("is missing".into()));
@@ -372,28 +371,24 @@ mod tests {
             trusted_beside(&exe, &run),
             Err("is not an executable file".into())
         );
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o757))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o757)).unwrap();
         assert_eq!(
             trusted_beside(&exe, &run),
             Err("is writable by others".into())
         );
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(trusted_beside(&exe, &run), Ok(()));
         // a directory others may write (like /tmp) can hold a planted one
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
         assert_eq!(
             trusted_beside(&exe, &run),
             Err("sits in a directory others can write".into())
         );
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         // another user's file
         // SAFETY: geteuid cannot fail.
         if unsafe { libc::geteuid() } == 0 {
-            std::os::unix::fs::chown(&run, Some(65534), None).unwrap_or_else(|e| panic!("{e}"));
+            std::os::unix::fs::chown(&run, Some(65534), None).unwrap();
             assert_eq!(
                 trusted_beside(&exe, &run),
                 Err("belongs to uid 65534, not to root or agentvm's owner".into())

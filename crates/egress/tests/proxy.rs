@@ -1,5 +1,9 @@
 //! The proxy against real sockets on loopback.
 
+// A test crate: an unwrap that fails is a failed test (clippy allows it in
+// #[test] functions; this covers the helpers too).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use agentvm_egress::{Policy, Proxy};
@@ -8,9 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// An HTTP server that answers every request with "hello".
 async fn http_upstream() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -30,9 +32,7 @@ async fn http_upstream() -> u16 {
 
 /// A TCP echo server.
 async fn echo_upstream() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -50,23 +50,16 @@ async fn proxy(policy: &str) -> (u16, Arc<Proxy>) {
 }
 
 async fn proxy_with(policy: &str, sinks: Vec<std::fs::File>) -> (u16, Arc<Proxy>) {
-    let p = Proxy::new(
-        Policy::parse(policy).unwrap_or_else(|e| panic!("{e}")),
-        sinks,
-    );
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let p = Proxy::new(Policy::parse(policy).unwrap(), sinks);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     tokio::spawn(p.clone().serve_tcp(l));
     (port, p)
 }
 
 async fn exchange(port: u16, req: &[u8]) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(req).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(req).await.unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
@@ -178,38 +171,26 @@ async fn connect_tunnels_and_checks_the_sni() {
     // the name resolves to loopback, so its addresses are named explicitly
     let (pp, p) = proxy(&format!("localhost:{up},127.0.0.1:{up},[::1]:{up}")).await;
     // matching SNI: the tunnel carries bytes both ways
-    let mut s = TcpStream::connect(("127.0.0.1", pp))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s = TcpStream::connect(("127.0.0.1", pp)).await.unwrap();
     s.write_all(format!("CONNECT localhost:{up} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let mut head = [0u8; 39];
-    s.read_exact(&mut head)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    s.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 200 Connection established\r\n\r\n");
     let hello = client_hello("localhost");
-    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(&hello).await.unwrap();
     let mut back = vec![0u8; hello.len()];
-    s.read_exact(&mut back)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    s.read_exact(&mut back).await.unwrap();
     assert_eq!(back, hello, "the tunnel did not echo");
     drop(s);
     // another name in the SNI: the tunnel is closed, nothing forwarded
-    let mut s = TcpStream::connect(("127.0.0.1", pp))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s = TcpStream::connect(("127.0.0.1", pp)).await.unwrap();
     s.write_all(format!("CONNECT localhost:{up} HTTP/1.1\r\n\r\n").as_bytes())
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.read_exact(&mut head)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(&client_hello("evil.example"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+    s.read_exact(&mut head).await.unwrap();
+    s.write_all(&client_hello("evil.example")).await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
     assert!(rest.is_empty(), "bytes came back through a refused tunnel");
@@ -229,9 +210,7 @@ async fn connect_tunnels_and_checks_the_sni() {
 
 /// A server that answers every request with `size` bytes.
 async fn bulk_upstream(size: usize) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -264,26 +243,22 @@ async fn bulk_transfers_never_stall() {
     for round in 0..6 {
         let connect = round % 2 == 1;
         let fut = async {
-            let mut s = TcpStream::connect(("127.0.0.1", pp))
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            let mut s = TcpStream::connect(("127.0.0.1", pp)).await.unwrap();
             if connect {
                 s.write_all(format!("CONNECT 127.0.0.1:{up} HTTP/1.1\r\n\r\n").as_bytes())
                     .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                    .unwrap();
                 let mut head = [0u8; 39];
-                s.read_exact(&mut head)
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                s.read_exact(&mut head).await.unwrap();
                 s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                     .await
-                    .unwrap_or_else(|e| panic!("{e}"));
+                    .unwrap();
             } else {
                 s.write_all(
                     format!("GET http://127.0.0.1:{up}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
                 )
                 .await
-                .unwrap_or_else(|e| panic!("{e}"));
+                .unwrap();
             }
             let mut n = 0usize;
             let mut buf = vec![0u8; 1 << 16];
@@ -321,27 +296,21 @@ fn lines(f: &std::path::Path) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn sinks_see_a_connection_open_while_it_lasts_then_closed() {
     let echo = echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("d.jsonl");
-    let f = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::File::create(&log).unwrap();
     let (port, p) = proxy_with(&format!("127.0.0.1:{echo}"), vec![f]).await;
     // a refusal is final at once
     let r = exchange(port, b"CONNECT 10.0.0.1:443 HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let head = format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n");
-    s.write_all(head.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut b = [0u8; 39];
-    s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("{e}"));
-    s.write_all(b"ping").await.unwrap_or_else(|e| panic!("{e}"));
+    s.read_exact(&mut b).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
     let mut pong = [0u8; 4];
-    s.read_exact(&mut pong)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    s.read_exact(&mut pong).await.unwrap();
     // the tunnel is still open: the sink already has its decision
     let open = lines(&log);
     assert_eq!(open.len(), 2, "{open:?}");
@@ -370,17 +339,11 @@ async fn sinks_see_a_connection_open_while_it_lasts_then_closed() {
 
 #[tokio::test]
 async fn past_the_record_limit_connections_are_counted_not_recorded() {
-    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("d.jsonl");
-    let f = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
-    let p = Proxy::with_record_limit(
-        Policy::parse("example.com").unwrap_or_else(|e| panic!("{e}")),
-        vec![f],
-        2,
-    );
-    let l = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let f = std::fs::File::create(&log).unwrap();
+    let p = Proxy::with_record_limit(Policy::parse("example.com").unwrap(), vec![f], 2);
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     tokio::spawn(p.clone().serve_tcp(l));
     for i in 0..5 {
@@ -425,14 +388,12 @@ async fn connections_past_the_concurrency_limit_are_refused_with_429() {
     let (port, p) = proxy(&format!("127.0.0.1:{echo}")).await;
     let mut held = Vec::new();
     for _ in 0..agentvm_egress::MAX_ACTIVE {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(format!("CONNECT 127.0.0.1:{echo} HTTP/1.1\r\n\r\n").as_bytes())
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let mut b = [0u8; 39];
-        s.read_exact(&mut b).await.unwrap_or_else(|e| panic!("{e}"));
+        s.read_exact(&mut b).await.unwrap();
         assert!(b.starts_with(b"HTTP/1.1 200"));
         held.push(s);
     }

@@ -453,7 +453,7 @@ mod tests {
         let j = r#"{"command":["true"],"network":"bridge"}"#;
         assert!(serde_json::from_str::<RunRequest>(j).is_err());
         let j = r#"{"command":["true"]}"#;
-        let r: RunRequest = serde_json::from_str(j).unwrap_or_else(|e| panic!("{e}"));
+        let r: RunRequest = serde_json::from_str(j).unwrap();
         assert_eq!(r.network, NetworkMode::None);
         assert_eq!(r.layers, Layers::default());
     }
@@ -470,7 +470,7 @@ mod tests {
         assert_eq!(v["network"], "allow");
         assert_eq!(v["error"]["layer"], "mount");
         assert!(v.get("patch_too_large").is_none());
-        let back: RunResult = serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"));
+        let back: RunResult = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
     }
 }

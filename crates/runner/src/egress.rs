@@ -281,22 +281,22 @@ mod tests {
 
     #[test]
     fn finish_reads_the_proxys_log_with_a_bound() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let dir = tempfile::tempdir().unwrap();
         let own = dir.path().join("own");
-        std::fs::create_dir(&own).unwrap_or_else(|e| panic!("{e}"));
-        let mut log = tempfile::tempfile().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir(&own).unwrap();
+        let mut log = tempfile::tempfile().unwrap();
         // far more lines than a limit of 2 allows: a proxy gone wrong
         for conn in 1..=1000u64 {
             let line = serde_json::json!({"ts": 0, "conn": conn, "phase": "closed",
                 "method": "CONNECT", "host": "example.com", "port": 443, "allowed": false,
                 "reason": "not allowed", "address": null, "bytes_up": 0, "bytes_down": 0});
-            writeln!(log, "{line}").unwrap_or_else(|e| panic!("{e}"));
+            writeln!(log, "{line}").unwrap();
         }
-        writeln!(log, "{}", "x".repeat(4 << 20)).unwrap_or_else(|e| panic!("{e}"));
+        writeln!(log, "{}", "x".repeat(4 << 20)).unwrap();
         let mut child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let r = Running {
             socket: own.join("egress.sock"),
             dir: own.clone(),

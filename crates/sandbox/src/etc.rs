@@ -189,24 +189,23 @@ mod tests {
 
     #[test]
     fn cache_dir_must_be_private() {
-        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let t = tempfile::tempdir().unwrap();
         let open = t.path().join("open");
-        fs::create_dir(&open).unwrap_or_else(|e| panic!("{e}"));
-        fs::set_permissions(&open, fs::Permissions::from_mode(0o777))
-            .unwrap_or_else(|e| panic!("{e}"));
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(
             private_dir(&open, 0o700).is_err(),
             "a world-writable cache was accepted"
         );
         let link = t.path().join("link");
-        std::os::unix::fs::symlink(t.path(), &link).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink(t.path(), &link).unwrap();
         assert!(
             private_dir(&link, 0o700).is_err(),
             "a symlinked cache was accepted"
         );
         let fresh = t.path().join("fresh");
         assert!(private_dir(&fresh, 0o700).is_ok());
-        let md = fs::metadata(&fresh).unwrap_or_else(|e| panic!("{e}"));
+        let md = fs::metadata(&fresh).unwrap();
         assert_eq!(md.mode() & 0o777, 0o700);
     }
 
@@ -223,9 +222,7 @@ mod tests {
             "group",
         ] {
             assert!(
-                !crate::policy::etc_allow()
-                    .unwrap_or_else(|e| panic!("{e}"))
-                    .contains(&bad),
+                !crate::policy::etc_allow().unwrap().contains(&bad),
                 "{bad} must not be shown from the host"
             );
         }

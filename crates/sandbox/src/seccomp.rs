@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn policy_compiles_and_lists_what_the_threat_model_requires() {
-        let f = compile().unwrap_or_else(|e| panic!("{e}"));
+        let f = compile().unwrap();
         assert_eq!(filter_count(&f), 1);
         let names = denied_syscalls();
         for required in [
@@ -166,15 +166,14 @@ mod tests {
         let arch = seccompiler::TargetArch::x86_64;
         #[cfg(target_arch = "aarch64")]
         let arch = seccompiler::TargetArch::aarch64;
-        let mut map = seccompiler::compile_from_json(POLICY.as_bytes(), arch)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut map = seccompiler::compile_from_json(POLICY.as_bytes(), arch).unwrap();
         let mut progs = Vec::new();
         #[cfg(target_arch = "x86_64")]
         progs.push(bpf::x32_guard());
         for n in ["families", "clone3", "deny"] {
             progs.push(map.remove(n).unwrap_or_else(|| panic!("{n}")));
         }
-        let chained = compile().unwrap_or_else(|e| panic!("{e}")).0;
+        let chained = compile().unwrap().0;
         assert_eq!(
             chained,
             bpf::chain(&progs).unwrap_or_default(),

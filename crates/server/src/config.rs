@@ -404,16 +404,15 @@ mod tests {
 
     #[test]
     fn builtin_profiles_parse_and_validate() {
-        let p: BTreeMap<String, Profile> =
-            toml::from_str(BUILTIN).unwrap_or_else(|e| panic!("{e}"));
+        let p: BTreeMap<String, Profile> = toml::from_str(BUILTIN).unwrap();
         for name in ["aider", "opencode", "claude", "codex", "shell"] {
             let prof = p.get(name).unwrap_or_else(|| panic!("{name} missing"));
-            prof.validate(name).unwrap_or_else(|e| panic!("{e}"));
+            prof.validate(name).unwrap();
         }
     }
 
     fn table(toml_text: &str) -> BTreeMap<String, ProfileConfig> {
-        toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}"))
+        toml::from_str(toml_text).unwrap()
     }
 
     #[test]
@@ -427,7 +426,7 @@ network = "allow:api.example.com"
 set_env = { EXTRA = "1" }
 "#,
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let built = builtin_profiles();
         let (b, c) = (&built["codex"], &p["codex"]);
         assert_eq!(c.argv[0], "/opt/codex/bin/codex");
@@ -471,7 +470,7 @@ argv = ["/x/aider", "--message", "{prompt}"]
 argv = ["tool", "{prompt}"]
 "#,
         ))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         assert_eq!(p["aider"].argv, ["/x/aider", "--message", "{prompt}"]);
         assert!(p["aider"].env.is_empty() && p["aider"].set_env.is_empty());
         assert_eq!(p["mine"].network, "none");
@@ -503,12 +502,11 @@ argv = ["tool", "{prompt}"]
     #[test]
     fn a_cli_off_the_path_is_found_where_it_was_installed() {
         use std::os::unix::fs::PermissionsExt;
-        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let t = tempfile::tempdir().unwrap();
         let bin = t.path().join("bin/mycli");
-        std::fs::create_dir_all(t.path().join("bin")).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(&bin, "#!/bin/sh\n").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(t.path().join("bin")).unwrap();
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let dir = t.path().display().to_string();
         let mut p = builtin_profiles()
             .remove("shell")

@@ -532,25 +532,20 @@ mod tests {
     /// the migration (its data statements, replayed on such a row).
     #[tokio::test]
     async fn legacy_whole_patches_are_split_by_the_migration() {
-        let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let d = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&d.path().join("db.sqlite"))
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        s.create_job(&new_job("old"))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
+        s.create_job(&new_job("old")).await.unwrap();
         let patch: Vec<u8> = (0..(PATCH_PART + 5)).map(|i| (i % 251) as u8).collect();
         sqlx::query("UPDATE jobs SET status = 'succeeded', patch = ? WHERE id = 'old'")
             .bind(&patch)
             .execute(&s.pool)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
+            .unwrap();
         let sql = include_str!("../migrations/0003_keys_network_and_patch_parts.sql");
         let data = &sql[sql.find("WITH RECURSIVE").unwrap_or(0)..];
-        sqlx::raw_sql(data)
-            .execute(&s.pool)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        sqlx::raw_sql(data).execute(&s.pool).await.unwrap();
         assert_eq!(s.patch("old").await.ok().flatten().flatten(), Some(patch));
     }
 }

@@ -548,7 +548,7 @@ mod tests {
 
     #[test]
     fn the_walk_finds_what_exists_at_any_depth() {
-        let t = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let t = tempfile::tempdir().unwrap();
         let r = t.path();
         for d in [
             "a/b/.vscode",
@@ -558,7 +558,7 @@ mod tests {
             ".git/hooks",
             "big/x/y",
         ] {
-            std::fs::create_dir_all(r.join(d)).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::create_dir_all(r.join(d)).unwrap();
         }
         for f in [
             "a/b/.vscode/tasks.json",
@@ -568,17 +568,14 @@ mod tests {
             "hooks/pre-commit",
             "big/x/y/z",
         ] {
-            std::fs::write(r.join(f), "x").unwrap_or_else(|e| panic!("{e}"));
+            std::fs::write(r.join(f), "x").unwrap();
         }
-        std::os::unix::fs::symlink("tools/env.sh", r.join(".envrc"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        std::os::unix::fs::symlink("/etc/passwd", r.join("big/.envrc"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let root = std::fs::canonicalize(r).unwrap_or_else(|e| panic!("{e}"));
-        let dir = std::fs::File::open(&root).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("tools/env.sh", r.join(".envrc")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", r.join("big/.envrc")).unwrap();
+        let root = std::fs::canonicalize(r).unwrap();
+        let dir = std::fs::File::open(&root).unwrap();
         use std::os::fd::AsFd;
-        let scan =
-            existing(dir.as_fd(), &root, &[b"hooks".to_vec()]).unwrap_or_else(|e| panic!("{e}"));
+        let scan = existing(dir.as_fd(), &root, &[b"hooks".to_vec()]).unwrap();
         let paths: Vec<String> = scan.paths.iter().map(|p| p.display().to_string()).collect();
         assert_eq!(
             paths,

@@ -3,6 +3,10 @@
 //! traditional diff, a header glued to the line before) is still refused,
 //! and nothing is left behind.
 
+// A test crate: an unwrap that fails is a failed test (clippy allows it in
+// #[test] functions; this covers the helpers too).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::process::Command;
 
@@ -15,11 +19,11 @@ fn sh(dir: &Path, script: &str) -> std::process::Output {
         .current_dir(dir)
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
 fn repo() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = tempfile::tempdir().unwrap();
     let o = sh(
         d.path(),
         "git init -q . && printf 'hi\\n' > a.txt && mkdir tools && printf 'echo safe\\n' > tools/env.sh \
@@ -94,8 +98,7 @@ fn ci_workflows_and_nested_editor_tasks_are_protected() {
 fn an_ordinary_change_applies_and_leaves_the_work_tree_alone() {
     let r = repo();
     let patch = "diff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-hi\n+hello\n";
-    let c = apply_to_branch(r.path(), patch.as_bytes(), "agentvm/ok", "msg")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let c = apply_to_branch(r.path(), patch.as_bytes(), "agentvm/ok", "msg").unwrap();
     assert_eq!(c.len(), 40);
     let show = sh(r.path(), "git show agentvm/ok:a.txt");
     assert_eq!(String::from_utf8_lossy(&show.stdout), "hello\n");

@@ -4,6 +4,10 @@
 //! old tree into the new one, byte for byte, and every file keeps a
 //! `diff --git` header of its own.
 
+// A test crate: an unwrap that fails is a failed test (clippy allows it in
+// #[test] functions; this covers the helpers too).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
@@ -33,22 +37,22 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
 /// Render the change from `old` (the repo) to `upper` (what the sandbox
 /// wrote), apply it to a copy of the repo, and return the copy.
 fn round_trip(old: &Path, upper: &Path, opts: &PatchOptions) -> (tempfile::TempDir, Vec<u8>) {
-    let l = std::fs::File::open(old).unwrap_or_else(|e| panic!("{e}"));
-    let u = std::fs::File::open(upper).unwrap_or_else(|e| panic!("{e}"));
-    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let l = std::fs::File::open(old).unwrap();
+    let u = std::fs::File::open(upper).unwrap();
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap();
     let mut patch = Vec::new();
-    render(&cap, opts, &mut patch).unwrap_or_else(|e| panic!("{e}"));
-    let copy = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    render(&cap, opts, &mut patch).unwrap();
+    let copy = tempfile::tempdir().unwrap();
     let o = Command::new("cp")
         .arg("-a")
         .arg(format!("{}/.", old.display()))
         .arg(copy.path())
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(o.status.success(), "{o:?}");
     if !patch.is_empty() {
         let pf = copy.path().join(".git/test.patch");
-        std::fs::write(&pf, &patch).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&pf, &patch).unwrap();
         let a = git(
             copy.path(),
             &["apply", "--whitespace=nowarn", pf.to_str().unwrap_or("")],
@@ -65,10 +69,10 @@ fn round_trip(old: &Path, upper: &Path, opts: &PatchOptions) -> (tempfile::TempD
 }
 
 fn repo_with(files: &[(String, Vec<u8>)]) -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let d = tempfile::tempdir().unwrap();
     assert!(git(d.path(), &["init", "-q"]).status.success());
     for (n, c) in files {
-        std::fs::write(d.path().join(n), c).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(d.path().join(n), c).unwrap();
     }
     git(d.path(), &["add", "-A"]);
     git(d.path(), &["commit", "-qm", "init", "--allow-empty"]);
@@ -106,11 +110,11 @@ proptest! {
         let old: Vec<(String, Vec<u8>)> = pairs.iter().enumerate()
             .filter_map(|(i, (o, _))| o.clone().map(|c| (format!("f{i}"), c))).collect();
         let repo = repo_with(&old);
-        let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let upper = tempfile::tempdir().unwrap();
         let mut want = old.clone();
         for (i, (_, n)) in pairs.iter().enumerate() {
             if let Some(c) = n {
-                std::fs::write(upper.path().join(format!("f{i}")), c).unwrap_or_else(|e| panic!("{e}"));
+                std::fs::write(upper.path().join(format!("f{i}")), c).unwrap();
                 want.retain(|(name, _)| *name != format!("f{i}"));
                 want.push((format!("f{i}"), c.clone()));
             }
@@ -131,14 +135,14 @@ proptest! {
 #[test]
 fn a_sparse_terabyte_costs_no_memory_and_is_only_marked() {
     let repo = repo_with(&[("a".into(), b"a\n".to_vec())]);
-    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let f = std::fs::File::create(upper.path().join("huge")).unwrap_or_else(|e| panic!("{e}"));
-    f.set_len(1 << 40).unwrap_or_else(|e| panic!("{e}"));
-    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
-    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
-    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let upper = tempfile::tempdir().unwrap();
+    let f = std::fs::File::create(upper.path().join("huge")).unwrap();
+    f.set_len(1 << 40).unwrap();
+    let l = std::fs::File::open(repo.path()).unwrap();
+    let u = std::fs::File::open(upper.path()).unwrap();
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap();
     let mut patch = Vec::new();
-    let r = render(&cap, &PatchOptions::default(), &mut patch).unwrap_or_else(|e| panic!("{e}"));
+    let r = render(&cap, &PatchOptions::default(), &mut patch).unwrap();
     assert_eq!(r.binary_omitted, vec!["huge".to_string()]);
     assert!(String::from_utf8_lossy(&patch).contains("Binary files /dev/null and b/huge differ"));
     assert!(patch.len() < 200);
@@ -147,18 +151,15 @@ fn a_sparse_terabyte_costs_no_memory_and_is_only_marked() {
 #[test]
 fn text_past_the_budget_is_refused_before_it_is_read() {
     let repo = repo_with(&[]);
-    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let upper = tempfile::tempdir().unwrap();
     // text by git's rule (no NUL in the first 8000 bytes), then a hole
     let p = upper.path().join("sparse-text");
-    std::fs::write(&p, vec![b'a'; 8000]).unwrap_or_else(|e| panic!("{e}"));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .unwrap_or_else(|e| panic!("{e}"));
-    f.set_len(1 << 40).unwrap_or_else(|e| panic!("{e}"));
-    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
-    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
-    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&p, vec![b'a'; 8000]).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(1 << 40).unwrap();
+    let l = std::fs::File::open(repo.path()).unwrap();
+    let u = std::fs::File::open(upper.path()).unwrap();
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap();
     let mut patch = Vec::new();
     let opts = PatchOptions {
         max_bytes: 1 << 20,
@@ -180,11 +181,11 @@ fn large_text_changes_are_exact_whole_replacements() {
         old.extend_from_slice(format!("line {i}\r\n").as_bytes());
     }
     let repo = repo_with(&[("big".into(), old.clone())]);
-    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let upper = tempfile::tempdir().unwrap();
     let mut new = old.clone();
     new.truncate(new.len() - 1); // the last line loses its LF
     new.splice(100..100, b"inserted\rline\n".iter().copied());
-    std::fs::write(upper.path().join("big"), &new).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(upper.path().join("big"), &new).unwrap();
     let (copy, _) = round_trip(repo.path(), upper.path(), &PatchOptions::default());
     assert_eq!(
         std::fs::read(copy.path().join("big")).unwrap_or_default(),
@@ -195,12 +196,12 @@ fn large_text_changes_are_exact_whole_replacements() {
 #[test]
 fn paths_deeper_than_path_max_are_captured_or_refused_never_dropped() {
     let repo = repo_with(&[]);
-    let upper = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let upper = tempfile::tempdir().unwrap();
     // 4000 bytes below the root: more than /proc/self/fd/N/ + it allows,
     // less than git's limit: captured
     let name = "d".repeat(199);
     let mut dir = upper.path().to_path_buf();
-    let mut fd = std::fs::File::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let mut fd = std::fs::File::open(&dir).unwrap();
     for _ in 0..20 {
         use std::os::fd::AsRawFd;
         let c = std::ffi::CString::new(name.clone()).unwrap_or_default();
@@ -233,9 +234,9 @@ fn paths_deeper_than_path_max_are_captured_or_refused_never_dropped() {
         // SAFETY: closing what we opened.
         unsafe { libc::close(n) };
     }
-    let l = std::fs::File::open(repo.path()).unwrap_or_else(|e| panic!("{e}"));
-    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
-    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap_or_else(|e| panic!("{e}"));
+    let l = std::fs::File::open(repo.path()).unwrap();
+    let u = std::fs::File::open(upper.path()).unwrap();
+    let cap = capture(u.as_fd(), Some(l.as_fd())).unwrap();
     assert_eq!(cap.changes.len(), 1);
     assert_eq!(cap.changes[0].path.as_os_str().len(), 20 * 200 + 1);
     // one level more: past what git can check out, a clear error
@@ -245,7 +246,7 @@ fn paths_deeper_than_path_max_are_captured_or_refused_never_dropped() {
         // SAFETY: as above.
         unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) };
     }
-    let u = std::fs::File::open(upper.path()).unwrap_or_else(|e| panic!("{e}"));
+    let u = std::fs::File::open(upper.path()).unwrap();
     let e = capture(u.as_fd(), Some(l.as_fd()))
         .err()
         .map(|e| e.to_string())

@@ -82,9 +82,8 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let d = std::env::temp_dir().join(format!("agentvm-test-bin-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
         for (name, src) in [
             ("agentvm", env!("CARGO_BIN_EXE_agentvm")),
             ("agentvm-run", env!("CARGO_BIN_EXE_agentvm-run")),
@@ -92,10 +91,9 @@ pub fn bin_dir() -> &'static Path {
         ] {
             let dst = d.join(name);
             let tmp = d.join(format!(".{name}.tmp"));
-            std::fs::copy(src, &tmp).unwrap_or_else(|e| panic!("{e}"));
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-                .unwrap_or_else(|e| panic!("{e}"));
-            std::fs::rename(&tmp, &dst).unwrap_or_else(|e| panic!("{e}"));
+            std::fs::copy(src, &tmp).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::fs::rename(&tmp, &dst).unwrap();
         }
         d
     })
@@ -116,7 +114,7 @@ pub fn host_ns() -> String {
         .map(|k| {
             std::fs::read_link(format!("/proc/self/ns/{k}"))
                 .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap()
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -191,9 +189,9 @@ pub fn agentvm_with(who: Who, args: &[&str], env: &[(&str, &str)], stdin: Option
     if let Some(data) = stdin {
         use std::io::Write;
         let mut s = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
-        s.write_all(data).unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(data).unwrap();
     }
-    child.wait_with_output().unwrap_or_else(|e| panic!("{e}"))
+    child.wait_with_output().unwrap()
 }
 
 /// Run the probe inside a sandbox: `agentvm run EXTRA... -- probe CHECK ARG`.
@@ -243,9 +241,8 @@ pub fn tempdir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
         .prefix("agentvm-test-")
         .tempdir()
-        .unwrap_or_else(|e| panic!("{e}"));
-    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }
 
@@ -259,7 +256,7 @@ pub fn sh(dir: &Path, script: &str) -> Output {
         .env("GIT_CONFIG_KEY_0", "safe.directory")
         .env("GIT_CONFIG_VALUE_0", "*")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap()
 }
 
 /// A small git repo owned by `who`, world-readable.

@@ -60,7 +60,7 @@ fn read_request(r: &mut impl BufRead) -> Option<(String, Vec<u8>)> {
 fn scripted_model(
     answer: impl Fn(&str, &Value) -> (u16, &'static str, String) + Send + Sync + 'static,
 ) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     let posts = Arc::new(AtomicUsize::new(0));
     let (posts2, answer) = (posts.clone(), Arc::new(answer));
@@ -152,13 +152,13 @@ fn run_through_server(
     let t = tempdir();
     let root = repo.parent().unwrap_or(repo);
     let keyf = t.path().join("secret");
-    std::fs::write(&keyf, value).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keyf, value).unwrap();
     let cfg = t.path().join("agentvm.toml");
     let cfg_text = format!(
         "allowed_roots = [\"{}\"]\n[agents.{name}]\n{profile}",
         root.display()
     );
-    std::fs::write(&cfg, cfg_text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&cfg, cfg_text).unwrap();
     let secret_arg = format!("{secret}={}", keyf.display());
     let server = Server::start(
         &t.path().join("data"),
@@ -173,7 +173,7 @@ fn run_through_server(
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let compat: Value = http
         .post(format!("{url}/agent/run"))
         .header("X-API-Key", &admin)
@@ -209,8 +209,8 @@ fn run_through_server(
 fn agent_repo() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
     let repo = t.path().join("root/repo");
-    std::fs::create_dir_all(&repo).unwrap_or_else(|e| panic!("{e}"));
-    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("hello.txt"), "hello\n").unwrap();
     (t, repo)
 }
 

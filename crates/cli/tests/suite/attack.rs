@@ -54,10 +54,9 @@ fn host_secrets_are_not_visible() {
         if s.starts_with("/root") && !is_root() {
             continue;
         }
-        std::fs::write(s, "TOP-SECRET").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(s, "TOP-SECRET").unwrap();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o644))
-            .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(s, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
     for s in &secrets {
         if Path::new(s).exists() {
@@ -79,13 +78,9 @@ fn host_secrets_are_not_visible() {
 
 #[test]
 fn cannot_reach_host_loopback() {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-    let port = l
-        .local_addr()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .port()
-        .to_string();
-    l.set_nonblocking(true).unwrap_or_else(|e| panic!("{e}"));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    l.set_nonblocking(true).unwrap();
     assert_blocked(&[], "connect", Some(&port));
     // The same probe does connect with the host's network: the check can fail.
     let (code, v, all) = probe(Who::Me, &["--network", "host"], "connect", Some(&port));
@@ -98,13 +93,10 @@ fn cannot_see_or_signal_host_processes() {
     let mut child = std::process::Command::new("sleep")
         .arg("30")
         .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let pid = child.id().to_string();
     assert_blocked(&[], "signal-host", Some(&pid));
-    assert!(
-        child.try_wait().unwrap_or_else(|e| panic!("{e}")).is_none(),
-        "the host process died"
-    );
+    assert!(child.try_wait().unwrap().is_none(), "the host process died");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -470,7 +462,7 @@ fn run_measured(who: Who, args: &[&str]) -> (Option<i32>, i64) {
     }
     // reaped by wait4 below (std's wait would lose the rusage)
     #[allow(clippy::zombie_processes)]
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let child = cmd.spawn().unwrap();
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 on our own child fills it.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

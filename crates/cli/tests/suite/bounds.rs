@@ -85,14 +85,14 @@ fn stalled_readers_hold_a_page_not_the_job() {
             1 => format!("/v1/jobs/{id}/recording"),
             _ => format!("/v1/jobs/{id}/logs"),
         };
-        let mut c = TcpStream::connect(addr(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = TcpStream::connect(addr(&s)).unwrap();
         let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
         write!(
             c,
             "GET {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\n\r\n",
             s.key
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         // read the head only, then stop reading
         let mut b = [0u8; 512];
         let _ = c.read(&mut b);
@@ -107,13 +107,13 @@ fn stalled_readers_hold_a_page_not_the_job() {
     // a key may hold 16 streams: the 17th is refused, not queued
     let mut more = Vec::new();
     for _ in 0..6 {
-        let mut c = TcpStream::connect(addr(&s)).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = TcpStream::connect(addr(&s)).unwrap();
         write!(
             c,
             "GET /v1/jobs/{id}/logs?follow=true HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\n\r\n",
             s.key
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
         let mut b = [0u8; 64];
         let n = c.read(&mut b).unwrap_or(0);
@@ -160,7 +160,7 @@ fn a_synchronous_answer_outlives_the_clients_read_timeout() {
     let o = std::process::Command::new("python3")
         .args(["-c", &script, &b.to_string()])
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
     assert_eq!(v["success"], false, "{v}");
@@ -181,7 +181,7 @@ fn a_synchronous_answer_outlives_the_clients_read_timeout() {
 fn a_synchronous_answer_survives_an_idle_cutting_proxy() {
     let (_t, repo, s) = setup(&[]);
     let upstream = addr(&s);
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     std::thread::spawn(move || {
         for c in l.incoming().map_while(Result::ok) {
@@ -190,14 +190,14 @@ fn a_synchronous_answer_survives_an_idle_cutting_proxy() {
         }
     });
     let body = shell(&repo, "sleep 3; echo finished").to_string();
-    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         c,
         "POST /agent/run HTTP/1.1\r\nHost: x\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         s.key,
         body.len()
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let mut out = Vec::new();
     let _ = c.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();

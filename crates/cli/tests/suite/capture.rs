@@ -128,7 +128,7 @@ fn nothing_changed_gives_an_empty_patch() {
         let repo = fixture_repo(who);
         let out_dir = out_dir(who);
         let patch = out_dir.path().join("p");
-        std::fs::write(&patch, "stale").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&patch, "stale").unwrap();
         if who == Who::Nobody {
             let _ = std::process::Command::new("chown")
                 .arg("65534:65534")

@@ -106,7 +106,7 @@ fn the_slim_runner_is_agentvm_run() {
             .args(args)
             .stdin(std::process::Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap()
     };
     let o = code(&["run", "--", "sh", "-c", "echo inside; exit 7"]);
     assert_eq!(o.status.code(), Some(7), "{o:?}");
@@ -145,7 +145,7 @@ fn missing_and_unexecutable_commands() {
 fn bad_input_is_a_clear_125() {
     let file = tempdir();
     let f = file.path().join("plain");
-    std::fs::write(&f, "x").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&f, "x").unwrap();
     let fs = f.to_string_lossy().into_owned();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
@@ -239,7 +239,7 @@ fn rootless_without_delegation_names_the_cgroup_layer() {
         .env_remove("AGENTVM_CGROUP_PARENT")
         .current_dir(bin_dir())
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     if o.status.code() == Some(0) {
         // this host delegates cgroups to everyone (a cgroup v2 user session)
         skip(
@@ -315,11 +315,9 @@ fn cgroups_left_by_killed_supervisors_are_swept() {
     }
     let parent = format!("agentvm-test-sweep-{}", std::process::id());
     let dir = base.join(&parent);
-    std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir(&dir).unwrap();
     // a pid that is certainly gone: a child we have reaped
-    let mut c = std::process::Command::new("true")
-        .spawn()
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = std::process::Command::new("true").spawn().unwrap();
     let dead = c.id();
     let _ = c.wait();
     let me = std::process::id();
@@ -463,10 +461,9 @@ fn a_terminal_on_stdin_stays_usable() {
     {
         use std::io::Write;
         let mut s = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
-        s.write_all(b"typed-line\n")
-            .unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(b"typed-line\n").unwrap();
     }
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let out = child.wait_with_output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout).replace('\r', "");
     assert!(s.contains("TTY-OK"), "{s}");
     assert!(s.contains("got:typed-line"), "{s}");
@@ -495,12 +492,12 @@ fn the_callers_terminal_settings_are_restored() {
 fn ro_bind_of_a_directory_and_a_file() {
     for who in runners() {
         let d = tempdir();
-        std::fs::create_dir_all(d.path().join("tool/bin")).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(d.path().join("tool/bin")).unwrap();
         std::fs::write(
             d.path().join("tool/bin/hello"),
             "#!/bin/sh\necho tool-ran\n",
         )
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
         let _ = sh(d.path(), "chmod -R a+rX tool && chmod +x tool/bin/hello");
         let src = d.path().join("tool").to_string_lossy().into_owned();
         let bind_same = src.clone();
@@ -547,7 +544,7 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
         &cfg,
         "[agents.missing]\nargv = [\"/nonexistent/agent-cli\", \"{prompt}\"]\n",
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let o = agentvm(
         Who::Me,
         &["agents", "--json", "--config", cfg.to_str().unwrap_or("")],
@@ -601,7 +598,7 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
             );
         }
     }
-    std::fs::write(&cfg, &text).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&cfg, &text).unwrap();
     let o = agentvm(
         Who::Me,
         &["agents", "--json", "--config", cfg.to_str().unwrap_or("")],

@@ -9,7 +9,7 @@ use crate::common::*;
 
 /// An HTTP server on the host's loopback answering "hello from the host".
 fn host_server() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     std::thread::spawn(move || {
         for mut s in l.incoming().map_while(Result::ok) {
@@ -119,7 +119,7 @@ fn decisions_stream_to_the_egress_log_and_the_proxy_goes_away() {
     let port = host_server();
     let d = tempdir();
     let tmp = d.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir(&tmp).unwrap();
     let log = d.path().join("egress.jsonl");
     let ls = log.to_string_lossy().into_owned();
     let net = format!("allow:127.0.0.1:{port}");
@@ -173,7 +173,7 @@ fn decisions_stream_to_the_egress_log_and_the_proxy_goes_away() {
 #[test]
 fn a_connection_open_when_the_command_ends_still_gets_its_final_record() {
     // an upstream that streams a byte every 50 ms for 20 s
-    let l = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     std::thread::spawn(move || {
         for mut s in l.incoming().map_while(Result::ok) {

@@ -10,7 +10,7 @@ use crate::suite::server::{setup, shell};
 
 /// Run agentvm with its stdout a pipe nobody reads any more.
 fn into_closed_pipe(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let (r, w) = nix::unistd::pipe().unwrap_or_else(|e| panic!("{e}"));
+    let (r, w) = nix::unistd::pipe().unwrap();
     drop(r);
     let mut c = Command::new(agentvm_path());
     c.args(args)
@@ -20,7 +20,7 @@ fn into_closed_pipe(args: &[&str], env: &[(&str, &str)]) -> std::process::Output
     for (k, v) in env {
         c.env(k, v);
     }
-    c.output().unwrap_or_else(|e| panic!("{e}"))
+    c.output().unwrap()
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn a_missing_key_says_where_keys_come_from() {
         .env_remove("AGENTVM_API_KEY")
         .env_remove("AGENTVM_API_KEY_FILE")
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
     assert!(
@@ -122,7 +122,7 @@ fn serve_until_listening(
     for (k, v) in env {
         c.env(k, v);
     }
-    let mut child = c.spawn().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = c.spawn().unwrap();
     let err = child.stderr.take().unwrap_or_else(|| panic!("stderr"));
     let mut lines = Vec::new();
     for l in BufReader::new(err).lines().map_while(Result::ok) {
@@ -167,7 +167,7 @@ fn the_readmes_environment_and_a_fresh_serve_get_along() {
 #[test]
 fn a_port_in_use_fails_before_anything_is_created() {
     let t = tempdir();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken
         .local_addr()
         .map(|a| a.to_string())
@@ -177,7 +177,7 @@ fn a_port_in_use_fails_before_anything_is_created() {
         .args(["serve", "--listen", &addr, "--data-dir"])
         .arg(&data)
         .output()
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap();
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(

@@ -12,7 +12,7 @@ use crate::suite::server::{shell, Server};
 
 /// A loopback service that answers every request with `body`.
 fn service(body: &'static str) -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().map(|a| a.port()).unwrap_or(0);
     std::thread::spawn(move || {
         for mut c in l.incoming().map_while(Result::ok) {
@@ -34,9 +34,9 @@ fn net_server(allowed: u16) -> (tempfile::TempDir, std::path::PathBuf, Server) {
     let t = tempdir();
     let root = t.path().join("root");
     let repo = root.join("repo");
-    std::fs::create_dir_all(&repo).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(&repo).unwrap();
     let sfile = t.path().join("net.token");
-    std::fs::write(&sfile, "sk-net-token-0123456789abcdef\n").unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&sfile, "sk-net-token-0123456789abcdef\n").unwrap();
     let cfg = t.path().join("agentvm.toml");
     std::fs::write(
         &cfg,
@@ -45,7 +45,7 @@ fn net_server(allowed: u16) -> (tempfile::TempDir, std::path::PathBuf, Server) {
             root.display()
         ),
     )
-    .unwrap_or_else(|e| panic!("{e}"));
+    .unwrap();
     let c = cfg.to_string_lossy().into_owned();
     let sec = format!("NET_TOKEN={}", sfile.display());
     let s = Server::start(&t.path().join("data"), &["--config", &c, "--secret", &sec]);
