@@ -16,6 +16,7 @@ pub mod output;
 pub mod recording;
 pub mod redact;
 pub mod runner;
+pub mod verdict;
 pub use agentvm_proto::units;
 
 use std::net::SocketAddr;

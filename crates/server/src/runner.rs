@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use agentvm_proto::{
     units, EgressLine, EgressRecord, Limits, NetworkMode, Phase, Repo, RunRequest, RunResult,
-    RunStatus, Unrecorded,
+    Unrecorded,
 };
 use agentvm_store::{Finish, Job, JobStatus, LogChunk, NewJob, Store};
 use tokio::io::AsyncReadExt;
@@ -823,87 +823,27 @@ impl Runner {
         let result: Option<RunResult> = std::fs::read(dir.join("result.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        // a patch past the limit is not written by the runner, nor read here
-        let from_runner = result.as_ref().is_some_and(|r| r.patch_too_large);
         let patch_len = std::fs::metadata(dir.join("patch")).map(|m| m.len()).ok();
-        let too_big = patch_len
-            .filter(|&n| n > self.cfg.max_patch)
-            .or_else(|| from_runner.then_some(self.cfg.max_patch + 1));
-        let patch = match too_big {
-            Some(_) => None,
-            None => std::fs::read(dir.join("patch")).ok(),
-        };
         let code = status.as_ref().ok().and_then(|s| s.code());
         let exit_code = result
             .as_ref()
             .map(|r| i64::from(r.exit_code))
             .or(code.map(i64::from));
-        let (st, error) = if interrupted.load(Ordering::SeqCst) {
-            (
-                JobStatus::Interrupted,
-                Some("interrupted: the server shut down".to_string()),
-            )
-        } else if cancelled.load(Ordering::SeqCst) {
-            (JobStatus::Cancelled, Some("cancelled".to_string()))
-        } else if let Some(r) = &result {
-            match r.status {
-                RunStatus::Timeout => (
-                    JobStatus::TimedOut,
-                    Some(format!("timed out after {} seconds", job.timeout_s)),
-                ),
-                RunStatus::Exited if r.exit_code == 0 => (JobStatus::Succeeded, None),
-                RunStatus::Exited => (
-                    JobStatus::Failed,
-                    Some(format!("exited with status {}", r.exit_code)),
-                ),
-                RunStatus::Oom => (JobStatus::Failed, Some("killed: out of memory".into())),
-                RunStatus::Signaled => (
-                    JobStatus::Failed,
-                    Some(format!("killed by signal {}", r.signal.unwrap_or(0))),
-                ),
-                RunStatus::Error => (
-                    JobStatus::Failed,
-                    Some(match &r.error {
-                        Some(e) => format!("{}: {}", e.layer, e.message),
-                        None => "the sandbox could not be set up".into(),
-                    }),
-                ),
-            }
-        } else {
-            (
-                JobStatus::Failed,
-                Some(format!(
-                    "the sandbox ended without a result (exit status {code:?})"
-                )),
-            )
+        let v = crate::verdict::verdict(&crate::verdict::Ending {
+            result: result.as_ref(),
+            exit_status: code,
+            cancelled: cancelled.load(Ordering::SeqCst),
+            interrupted: interrupted.load(Ordering::SeqCst),
+            timeout_s: job.timeout_s,
+            max_patch: self.cfg.max_patch,
+            patch_len,
+        });
+        // a patch past the limit is not written by the runner, nor read here
+        let patch = match v.keep_patch {
+            true => std::fs::read(dir.join("patch")).ok(),
+            false => None,
         };
-        let (st, error) = match too_big {
-            None => (st, error),
-            Some(n) => {
-                let note = if n > self.cfg.max_patch + 1 {
-                    format!(
-                        "the patch is {n} bytes, more than the server keeps ({} bytes, --max-patch); it was not stored",
-                        self.cfg.max_patch
-                    )
-                } else {
-                    format!(
-                        "the patch is more than the server keeps ({} bytes, --max-patch); it was not stored",
-                        self.cfg.max_patch
-                    )
-                };
-                // the runner stopped writing it: that is the whole story
-                let st = if st == JobStatus::Succeeded {
-                    JobStatus::Failed
-                } else {
-                    st
-                };
-                let error = match error {
-                    Some(e) if !from_runner => format!("{e}; {note}"),
-                    _ => note,
-                };
-                (st, Some(error))
-            }
-        };
+        let (st, error) = (v.status, v.error);
         // every egress decision joins the audit trail: those not yet
         // audited live (a line the pipe dropped, a connection still open)
         if let Some(eg) = result.as_ref().and_then(|r| r.egress.as_ref()) {
