@@ -344,26 +344,22 @@ fn status_exit(status: &str) -> ExitCode {
 
 /// One egress decision as a line for a person: the decision when it is
 /// made, nothing more for an allowed connection's end.
-fn egress_line(v: &Value) -> Option<String> {
-    if let Some(u) = v.get("unrecorded") {
-        return Some(format!(
+fn egress_line(data: &str) -> Option<String> {
+    use agentvm_proto::{EgressLine, Phase};
+    match EgressLine::parse(data.as_bytes())? {
+        EgressLine::Unrecorded { unrecorded: u } => Some(format!(
             "agentvm: egress: past the first {} connections, decisions are only counted: {} allowed, {} refused so far",
-            u["limit"], u["allowed"], u["refused"]
-        ));
-    }
-    let at = format!(
-        "{} {}:{}",
-        v["method"].as_str().unwrap_or("?"),
-        v["host"].as_str().unwrap_or("?"),
-        v["port"]
-    );
-    match (v["allowed"] == true, v["phase"].as_str()) {
-        (true, Some("open")) => Some(format!("agentvm: egress {at} allowed")),
-        (false, _) => Some(format!(
-            "agentvm: egress {at} refused ({})",
-            v["reason"].as_str().unwrap_or("?")
+            u.limit, u.allowed, u.refused
         )),
-        _ => None,
+        EgressLine::Record(r) if r.allowed && r.phase == Phase::Open => {
+            Some(format!("agentvm: egress {} allowed", r.target()))
+        }
+        EgressLine::Record(r) if !r.allowed => Some(format!(
+            "agentvm: egress {} refused ({})",
+            r.target(),
+            r.reason.as_deref().unwrap_or("?")
+        )),
+        EgressLine::Record(_) => None,
     }
 }
 
@@ -400,8 +396,7 @@ async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
                         }
                         "stderr" => eprint!("{text}"),
                         "egress" if egress => {
-                            let v: Value = serde_json::from_str(&text).unwrap_or_default();
-                            if let Some(l) = egress_line(&v) {
+                            if let Some(l) = egress_line(&text) {
                                 eprintln!("{l}");
                             }
                         }
@@ -652,23 +647,22 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                     println!("{k:<12} {v}");
                 }
                 println!("{:<12} {}", "created", ago(j["created_at"].as_i64()));
-                if let Some(eg) = j["result"]["egress"].as_array() {
-                    for e in eg {
-                        println!(
-                            "{:<12} {} {}:{} {} ({} B up, {} B down)",
-                            "egress",
-                            e["method"].as_str().unwrap_or(""),
-                            e["host"].as_str().unwrap_or(""),
-                            e["port"],
-                            if e["allowed"] == true {
-                                "allowed".to_string()
-                            } else {
-                                format!("refused: {}", e["reason"].as_str().unwrap_or(""))
-                            },
-                            e["bytes_up"],
-                            e["bytes_down"]
-                        );
-                    }
+                let records = j["result"]["egress"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                for e in records
+                    .into_iter()
+                    .filter_map(|e| serde_json::from_value::<agentvm_proto::EgressRecord>(e).ok())
+                {
+                    println!(
+                        "{:<12} {} {} ({} B up, {} B down)",
+                        "egress",
+                        e.target(),
+                        e.outcome(),
+                        e.bytes_up,
+                        e.bytes_down
+                    );
                 }
                 if let Some(files) = j["result"]["changed_files"].as_array() {
                     println!(

@@ -43,6 +43,23 @@ pub struct EgressRecord {
     pub bytes_down: u64,
 }
 
+impl EgressRecord {
+    /// `METHOD host:port`, as the audit trail and the CLI show it.
+    pub fn target(&self) -> String {
+        format!("{} {}:{}", self.method, self.host, self.port)
+    }
+
+    /// `allowed`, `allowed (still open when the job ended)` or
+    /// `refused: REASON`.
+    pub fn outcome(&self) -> String {
+        match (self.allowed, self.phase) {
+            (true, Phase::Open) => "allowed (still open when the job ended)".into(),
+            (true, Phase::Closed) => "allowed".into(),
+            (false, _) => format!("refused: {}", self.reason.as_deref().unwrap_or("")),
+        }
+    }
+}
+
 /// Connections past the record limit: counted, not recorded one by one.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Unrecorded {
@@ -100,6 +117,11 @@ mod tests {
             })
         );
         assert_eq!(EgressLine::parse(br#"{"conn":1,"phase":"closed"}"#), None);
+        let EgressLine::Record(r) = EgressLine::parse(&line).unwrap() else {
+            panic!("a record")
+        };
+        assert_eq!(r.target(), "CONNECT example.com:443");
+        assert_eq!(r.outcome(), "refused: not in the allowlist");
         assert_eq!(EgressLine::parse(b"not json"), None);
     }
 }

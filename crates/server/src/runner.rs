@@ -566,12 +566,7 @@ impl Runner {
 
     /// An egress decision as an audit row, under the job's key.
     async fn audit_egress(&self, job: &Job, e: &EgressRecord) {
-        let target = format!("{} {}:{}", e.method, e.host, e.port);
-        let outcome = match (e.allowed, e.phase) {
-            (true, Phase::Open) => "allowed (still open when the job ended)".to_string(),
-            (true, Phase::Closed) => "allowed".to_string(),
-            _ => format!("refused: {}", e.reason.as_deref().unwrap_or("")),
-        };
+        let (target, outcome) = (e.target(), e.outcome());
         let detail = format!(
             "job {}; {} B up, {} B down",
             job.id, e.bytes_up, e.bytes_down
