@@ -63,7 +63,7 @@ fn wait_timeout(child: std::process::Child, d: Duration) -> Option<std::process:
 
 pub fn main(a: AgentsArgs) -> ExitCode {
     let tables = match &a.config {
-        Some(p) => match agentvm_server::FileConfig::load(p) {
+        Some(p) => match agentvm_server::Settings::load(p) {
             Ok(f) => f.agents,
             Err(e) => {
                 eprintln!("agentvm agents: {e}");

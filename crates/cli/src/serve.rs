@@ -1,83 +1,18 @@
 //! `agentvm serve`, `agentvm backup`, `agentvm restore`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
-use agentvm_server::{Config, FileConfig};
+use agentvm_server::settings::Host;
+use agentvm_server::{Config, Settings};
 use clap::Args;
-
-use agentvm_proto::units;
 
 /// Settings come from the config file, then AGENTVM_* variables, then
 /// flags (flags win).
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TOML config file (every setting below, plus [agents.NAME] profiles).
-    #[arg(long, value_name = "FILE", env = "AGENTVM_CONFIG")]
-    config: Option<PathBuf>,
-    /// Address and port to listen on [default: 127.0.0.1:8000].
-    #[arg(long, value_name = "ADDR:PORT", env = "AGENTVM_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Where the database, the first admin key and job files live
-    /// [default: /var/lib/agentvm as root, ~/.local/share/agentvm otherwise].
-    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// A tree jobs may use as repo_path (repeatable; none by default).
-    #[arg(
-        long = "allowed-root",
-        value_name = "DIR",
-        env = "AGENTVM_ALLOWED_ROOTS",
-        value_delimiter = ':'
-    )]
-    allowed_roots: Vec<PathBuf>,
-    /// Register the key in FILE as an admin key (from a secrets manager);
-    /// only its hash is stored. (The client's AGENTVM_API_KEY_FILE is the
-    /// key it sends, not this.)
-    #[arg(long, value_name = "FILE", env = "AGENTVM_ADMIN_KEY_FILE")]
-    api_key_file: Option<PathBuf>,
-    /// TLS certificate chain (PEM); with --tls-key, serve HTTPS.
-    #[arg(long, value_name = "FILE", env = "AGENTVM_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// TLS private key (PEM).
-    #[arg(long, value_name = "FILE", env = "AGENTVM_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// Jobs running at once [default: 4].
-    #[arg(long, value_name = "N", env = "AGENTVM_MAX_CONCURRENT")]
-    max_concurrent: Option<usize>,
-    /// Jobs that may wait; beyond, 429 [default: 100].
-    #[arg(long, value_name = "N", env = "AGENTVM_MAX_QUEUE")]
-    max_queue: Option<usize>,
-    /// Largest request body; beyond, 413 [default: 1M].
-    #[arg(long, value_name = "SIZE", env = "AGENTVM_BODY_LIMIT")]
-    body_limit: Option<String>,
-    /// Output kept per job (stdout and stderr together); the rest is
-    /// discarded and the job marked output_truncated [default: 64M].
-    #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_OUTPUT")]
-    max_output: Option<String>,
-    /// Largest patch kept per job; a job whose patch is larger fails, its
-    /// output kept [default: 64M].
-    #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_PATCH")]
-    max_patch: Option<String>,
-    /// Requests per minute per key; beyond, 429 (0: no limit) [default: 600].
-    #[arg(long, value_name = "N", env = "AGENTVM_RATE_LIMIT")]
-    rate_limit: Option<u32>,
-    /// On SIGTERM, how long running jobs may finish [default: 30s].
-    #[arg(long, value_name = "DURATION", env = "AGENTVM_SHUTDOWN_GRACE")]
-    shutdown_grace: Option<String>,
-    /// A secret for agents, NAME=FILE (repeatable): given to jobs whose
-    /// profile lists NAME, redacted from all they produce. Variables a
-    /// profile lists that the server's environment holds are secrets too.
-    #[arg(long = "secret", value_name = "NAME=FILE")]
-    secrets: Vec<String>,
-    /// Cgroup to create job cgroups under (see `agentvm run --help`).
-    #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
-    cgroup_parent: Option<String>,
-    /// Connections of a job recorded one by one; later ones are only
-    /// counted [default: 10000].
-    #[arg(long, value_name = "N", env = "AGENTVM_EGRESS_RECORD_LIMIT")]
-    egress_record_limit: Option<u64>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -95,81 +30,13 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 fn config(a: ServeArgs) -> Result<Config, String> {
-    let file = match &a.config {
-        Some(p) => FileConfig::load(p)?,
-        None => FileConfig::default(),
+    let file = match &a.settings.config {
+        Some(p) => Settings::load(p)?,
+        None => Settings::default(),
     };
-    let listen = match (a.listen, &file.listen) {
-        (Some(l), _) => l,
-        (None, Some(s)) => s.parse().map_err(|e| format!("config listen {s:?}: {e}"))?,
-        (None, None) => SocketAddr::from(([127, 0, 0, 1], 8000)),
-    };
-    // a size setting: the flag, else the config file, else the default
-    let size = |flag: Option<String>, file: Option<String>, default: u64| match flag.or(file) {
-        Some(s) => units::parse_size(&s),
-        None => Ok(default),
-    };
-    let body_limit = size(a.body_limit, file.body_limit, 1 << 20)? as usize;
-    let max_output = size(a.max_output, file.max_output, 64 << 20)?;
-    let max_patch = size(a.max_patch, file.max_patch, 64 << 20)?;
-    let grace = match a.shutdown_grace.or(file.shutdown_grace) {
-        Some(s) => units::parse_duration(&s)?,
-        None => Duration::from_secs(30),
-    };
-    let mut agents = agentvm_server::config::profiles(file.agents)?;
-    for (name, path) in agentvm_server::config::find_installed(&mut agents) {
-        eprintln!("agentvm: the {name} agent runs {path}");
-    }
-    let egress_record_limit = a
-        .egress_record_limit
-        .or(file.egress_record_limit)
-        .unwrap_or(agentvm_egress::RECORD_LIMIT);
-    let sandbox_bin = sandbox_runner()?;
-    let mut flag_secrets = Vec::new();
-    for s in &a.secrets {
-        let (n, f) = s
-            .split_once('=')
-            .ok_or_else(|| format!("--secret {s:?}: expected NAME=FILE"))?;
-        if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("--secret {s:?}: invalid name"));
-        }
-        flag_secrets.push((n.to_string(), PathBuf::from(f)));
-    }
-    let secrets = agentvm_server::config::resolve_secrets(&file.secrets, &flag_secrets, &agents)?;
-    Ok(Config {
-        listen,
-        data_dir: a
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(default_data_dir),
-        allowed_roots: if a.allowed_roots.is_empty() {
-            file.allowed_roots.unwrap_or_default()
-        } else {
-            a.allowed_roots
-        },
-        api_key_file: a.api_key_file.or(file.api_key_file),
-        tls_cert: a.tls_cert.or(file.tls_cert),
-        tls_key: a.tls_key.or(file.tls_key),
-        max_concurrent: a
-            .max_concurrent
-            .or(file.max_concurrent)
-            .unwrap_or(4)
-            .clamp(1, 1024),
-        max_queue: a
-            .max_queue
-            .or(file.max_queue)
-            .unwrap_or(100)
-            .clamp(1, 1_000_000),
-        body_limit,
-        max_output,
-        max_patch,
-        egress_record_limit,
-        rate_limit: a.rate_limit.or(file.rate_limit).unwrap_or(600),
-        shutdown_grace_s: grace.as_secs(),
-        agents,
-        sandbox_bin,
-        cgroup_parent: a.cgroup_parent.or(file.cgroup_parent).map(PathBuf::from),
-        secrets,
+    file.over(a.settings).resolve(Host {
+        default_data_dir: default_data_dir(),
+        sandbox_bin: sandbox_runner()?,
     })
 }
 

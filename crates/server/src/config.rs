@@ -318,40 +318,6 @@ pub struct SecretSource {
     pub file: Option<PathBuf>,
 }
 
-/// The config file, every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub listen: Option<String>,
-    pub data_dir: Option<PathBuf>,
-    pub allowed_roots: Option<Vec<PathBuf>>,
-    pub api_key_file: Option<PathBuf>,
-    pub tls_cert: Option<PathBuf>,
-    pub tls_key: Option<PathBuf>,
-    pub max_concurrent: Option<usize>,
-    pub max_queue: Option<usize>,
-    pub body_limit: Option<String>,
-    pub max_output: Option<String>,
-    pub max_patch: Option<String>,
-    pub rate_limit: Option<u32>,
-    pub shutdown_grace: Option<String>,
-    pub cgroup_parent: Option<String>,
-    pub egress_record_limit: Option<u64>,
-    #[serde(default)]
-    pub agents: BTreeMap<String, ProfileConfig>,
-    /// `[secrets] NAME = { file = "..." }` or `{ env = "VAR" }`.
-    #[serde(default)]
-    pub secrets: BTreeMap<String, SecretSource>,
-}
-
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
-    }
-}
-
 /// Resolve the secrets: those configured (file or environment), plus every
 /// variable a profile may receive that the server's environment holds.
 /// Errors name the secret, never its value.

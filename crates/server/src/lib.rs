@@ -16,6 +16,7 @@ pub mod output;
 pub mod recording;
 pub mod redact;
 pub mod runner;
+pub mod settings;
 pub mod verdict;
 pub use agentvm_proto::units;
 
@@ -38,7 +39,8 @@ use tower_http::request_id::{
 use tower_http::set_header::SetResponseHeaderLayer;
 use utoipa::OpenApi;
 
-pub use config::{Config, FileConfig, Profile};
+pub use config::{Config, Profile};
+pub use settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
