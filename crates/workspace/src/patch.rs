@@ -227,6 +227,50 @@ fn line_count(src: &mut dyn Source) -> std::io::Result<(u64, bool)> {
     Ok((n + u64::from(unterminated), unterminated))
 }
 
+/// The ops with their positions recomputed from their lengths, in order.
+/// similar can report a Delete's `new_index` short of where the new side
+/// stands after an Insert earlier in the script (seen with Myers: Insert 3,
+/// Equal 1, Delete 2 gave the Delete new_index 2, not 4), which made a
+/// hunk header count fewer lines than the hunk holds and `git apply` call
+/// the patch corrupt. Only the lengths are trusted.
+fn renumbered(ops: Vec<similar::DiffOp>) -> Vec<similar::DiffOp> {
+    use similar::DiffOp;
+    let (mut o, mut n) = (0usize, 0usize);
+    ops.into_iter()
+        .map(|op| {
+            let (ol, nl) = (op.old_range().len(), op.new_range().len());
+            let fixed = match op {
+                DiffOp::Equal { len, .. } => DiffOp::Equal {
+                    old_index: o,
+                    new_index: n,
+                    len,
+                },
+                DiffOp::Delete { old_len, .. } => DiffOp::Delete {
+                    old_index: o,
+                    old_len,
+                    new_index: n,
+                },
+                DiffOp::Insert { new_len, .. } => DiffOp::Insert {
+                    old_index: o,
+                    new_index: n,
+                    new_len,
+                },
+                DiffOp::Replace {
+                    old_len, new_len, ..
+                } => DiffOp::Replace {
+                    old_index: o,
+                    old_len,
+                    new_index: n,
+                    new_len,
+                },
+            };
+            o += ol;
+            n += nl;
+            fixed
+        })
+        .collect()
+}
+
 /// `@@` range: git's (and diff's) rules for counts of one and zero.
 fn range(start0: usize, len: usize) -> String {
     match len {
@@ -408,7 +452,7 @@ impl Renderer<'_> {
             &nl,
             Some(deadline),
         );
-        for group in similar::group_diff_ops(ops, 3) {
+        for group in similar::group_diff_ops(renumbered(ops), 3) {
             let (Some(first), Some(last)) = (group.first(), group.last()) else {
                 continue;
             };

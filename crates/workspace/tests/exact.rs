@@ -253,3 +253,17 @@ fn paths_deeper_than_path_max_are_captured_or_refused_never_dropped() {
         .unwrap_or_default();
     assert!(e.contains("longer than git can check out"), "{e}");
 }
+
+/// Found by `any_bytes_round_trip`: 8,000 bytes on one line then blank
+/// lines, against a file whose last line is a lone CR. The hunk's line
+/// counts must be those of the lines it holds.
+#[test]
+fn hunk_counts_are_the_lines_the_hunk_holds() {
+    let repo = repo_with(&[("f0".into(), b"\na\n\r".to_vec())]);
+    let upper = tempfile::tempdir().unwrap();
+    let mut new = vec![b'x'; 8000];
+    new.extend_from_slice(b"\n\n\n\n");
+    std::fs::write(upper.path().join("f0"), &new).unwrap();
+    let (copy, _patch) = round_trip(repo.path(), upper.path(), &PatchOptions::default());
+    assert_eq!(std::fs::read(copy.path().join("f0")).unwrap(), new);
+}
