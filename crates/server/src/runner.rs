@@ -25,6 +25,14 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::redact::Redactor;
 
+/// A started runner: the process, the read end of its egress event pipe,
+/// and the job's directory.
+struct Spawned {
+    child: tokio::process::Child,
+    events: Option<std::os::fd::OwnedFd>,
+    dir: PathBuf,
+}
+
 /// Where the runner inherits the repo directory the server checked.
 const REPO_FD: i32 = 3;
 /// Where the runner inherits the write end of the egress event pipe.
@@ -605,6 +613,50 @@ impl Runner {
     }
 
     async fn execute(&self, job: &Job, tx: &broadcast::Sender<Live>) -> Finish {
+        let Spawned {
+            mut child,
+            events,
+            dir,
+        } = match self.spawn(job).await {
+            Ok(s) => s,
+            Err(finish) => return finish,
+        };
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let interrupted = Arc::new(AtomicBool::new(false));
+        lock(&self.running).insert(
+            job.id.clone(),
+            Running {
+                pid,
+                cancelled: cancelled.clone(),
+                interrupted: interrupted.clone(),
+            },
+        );
+        if let Some(start) = start_time(pid) {
+            let _ = self
+                .store
+                .set_supervisor(&job.id, i64::from(pid), start)
+                .await;
+        }
+        let (out, err) = (child.stdout.take(), child.stderr.take());
+        let (truncated, audited) = self.pump(job, tx, out, err, events).await;
+        let status = child.wait().await;
+        self.conclude(
+            job,
+            &dir,
+            status,
+            &cancelled,
+            &interrupted,
+            truncated,
+            audited,
+        )
+        .await
+    }
+
+    /// Everything before the runner runs: the repo opened and checked,
+    /// the request written, the descriptors placed, the process started.
+    /// A failure is the job's end.
+    async fn spawn(&self, job: &Job) -> Result<Spawned, Finish> {
         let fail = |msg: String| Finish {
             status: JobStatus::Failed,
             exit_code: None,
@@ -618,24 +670,24 @@ impl Runner {
         // take effect.
         let repo_dir = match self.open_repo(&job.repo_path) {
             Ok(d) => d,
-            Err(e) => return fail(e),
+            Err(e) => return Err(fail(e)),
         };
         let req = match self.request(job) {
             Ok(r) => r,
-            Err(e) => return fail(e),
+            Err(e) => return Err(fail(e)),
         };
         let dir = self.job_dir(&job.id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
-            return fail(format!("creating the job directory: {e}"));
+            return Err(fail(format!("creating the job directory: {e}")));
         }
         // the request holds the prompt: readable by this user only, and
         // removed with the job directory
         let request_file = dir.join("request.json");
         if let Err(e) = write_private(&request_file, &req) {
-            return fail(format!("writing the runner's request: {e}"));
+            return Err(fail(format!("writing the runner's request: {e}")));
         }
         if self.stopping.load(Ordering::SeqCst) {
-            return Finish {
+            return Err(Finish {
                 status: JobStatus::Interrupted,
                 exit_code: None,
                 error: Some(
@@ -643,7 +695,7 @@ impl Runner {
                 ),
                 result: None,
                 patch: None,
-            };
+            });
         }
         // The egress proxy's decisions, live: the write end goes to the
         // child as fd 4 (only when it runs a proxy).
@@ -651,7 +703,7 @@ impl Runner {
             // both ends close-on-exec; the write end is placed at fd 4 below
             match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
                 Ok(p) => Some(p),
-                Err(e) => return fail(format!("creating the egress event pipe: {e}")),
+                Err(e) => return Err(fail(format!("creating the egress event pipe: {e}"))),
             }
         } else {
             None
@@ -660,12 +712,12 @@ impl Runner {
         // placing them at 3 and 4 cannot clobber one with the other.
         let repo_hi = match high_fd(&repo_dir) {
             Ok(f) => f,
-            Err(e) => return fail(format!("preparing the repo descriptor: {e}")),
+            Err(e) => return Err(fail(format!("preparing the repo descriptor: {e}"))),
         };
         let (ev_read, ev_write) = match events {
             Some((r, w)) => match high_fd(&w) {
                 Ok(w) => (Some(r), Some(w)),
-                Err(e) => return fail(format!("preparing the egress event pipe: {e}")),
+                Err(e) => return Err(fail(format!("preparing the egress event pipe: {e}"))),
             },
             None => (None, None),
         };
@@ -700,36 +752,35 @@ impl Runner {
             .spawn();
         // the child holds the only writer now: its end is the stream's end
         drop((repo_dir, repo_hi, ev_write));
-        let mut child = match spawned {
+        let child = match spawned {
             Ok(c) => c,
-            Err(e) => return fail(format!("starting the sandbox: {e}")),
+            Err(e) => return Err(fail(format!("starting the sandbox: {e}"))),
         };
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let interrupted = Arc::new(AtomicBool::new(false));
-        lock(&self.running).insert(
-            job.id.clone(),
-            Running {
-                pid,
-                cancelled: cancelled.clone(),
-                interrupted: interrupted.clone(),
-            },
-        );
-        if let Some(start) = start_time(pid) {
-            let _ = self
-                .store
-                .set_supervisor(&job.id, i64::from(pid), start)
-                .await;
-        }
-        // Pump output as it arrives: store, then fan out.
-        let mut out = child.stdout.take();
-        let mut err = child.stderr.take();
+        Ok(Spawned {
+            child,
+            events: ev_read,
+            dir,
+        })
+    }
+
+    /// Pump output as it arrives until the runner's pipes close: redact,
+    /// store within the output limit, then fan out; egress decisions from
+    /// their pipe are stored, streamed and audited as they come. Returns
+    /// whether output was cut, and the connections already audited.
+    async fn pump(
+        &self,
+        job: &Job,
+        tx: &broadcast::Sender<Live>,
+        mut out: Option<tokio::process::ChildStdout>,
+        mut err: Option<tokio::process::ChildStderr>,
+        events: Option<std::os::fd::OwnedFd>,
+    ) -> (bool, std::collections::HashSet<u64>) {
         let mut seq: i64 = 0;
         let mut buf_o = vec![0u8; 32 * 1024];
         let mut buf_e = vec![0u8; 32 * 1024];
         // secrets never reach the store or a follower: redact first
         let (mut red_o, mut red_e) = (self.redactor.stream(), self.redactor.stream());
-        let mut ev = ev_read.and_then(|r| tokio::net::unix::pipe::Receiver::from_owned_fd(r).ok());
+        let mut ev = events.and_then(|r| tokio::net::unix::pipe::Receiver::from_owned_fd(r).ok());
         let (mut buf_ev, mut ev_line) = (vec![0u8; 8 * 1024], Vec::<u8>::new());
         let mut audited = std::collections::HashSet::new();
         let (mut kept, mut truncated) = (0u64, false);
@@ -813,7 +864,23 @@ impl Runner {
                     .await;
             }
         }
-        let status = child.wait().await;
+        (truncated, audited)
+    }
+
+    /// The job's end from what the runner left: its typed result, its
+    /// patch (within the limit), the verdict, the remaining audit rows, and
+    /// everything redacted.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude(
+        &self,
+        job: &Job,
+        dir: &std::path::Path,
+        status: std::io::Result<std::process::ExitStatus>,
+        cancelled: &AtomicBool,
+        interrupted: &AtomicBool,
+        truncated: bool,
+        audited: std::collections::HashSet<u64>,
+    ) -> Finish {
         // what the runner says, typed; anything else is no result at all
         let result: Option<RunResult> = std::fs::read(dir.join("result.json"))
             .ok()
