@@ -1,0 +1,403 @@
+//! Scheduling and running jobs.
+//!
+//! A FIFO queue of bounded length feeds a fixed number of workers. Each job
+//! runs in its own `agentvm run` process (the jailer pattern: the sandbox is
+//! set up by a fresh single-threaded process, never by forking this
+//! multi-threaded server). Output is stored and fanned out as it arrives; the
+//! patch and result are stored when the job ends.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentvm_proto::{
+    units, EgressLine, EgressRecord, Limits, NetworkMode, Phase, Repo, RunRequest, RunResult,
+    Unrecorded,
+};
+use agentvm_store::{Finish, Job, JobStatus, LogChunk, NewJob, Store};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, Notify};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::redact::Redactor;
+
+mod record;
+mod request;
+
+/// A started runner: the process, the read end of its egress event pipe,
+/// and the job's directory.
+struct Spawned {
+    child: tokio::process::Child,
+    events: Option<std::os::fd::OwnedFd>,
+    dir: PathBuf,
+}
+
+/// Where the runner inherits the repo directory the server checked.
+const REPO_FD: i32 = 3;
+/// Where the runner inherits the write end of the egress event pipe.
+const EVENTS_FD: i32 = 4;
+
+/// An event of a running job, for followers.
+#[derive(Debug, Clone)]
+pub enum Live {
+    /// Output (stream "stdout" or "stderr") or an egress decision (stream
+    /// "egress", one JSON record), stored before it is sent.
+    Chunk(LogChunk),
+    End(JobStatus),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} jobs waiting)")]
+    QueueFull(usize),
+    #[error("the server is shutting down")]
+    Draining,
+    #[error(transparent)]
+    Store(#[from] agentvm_store::StoreError),
+}
+
+struct Running {
+    pid: i32,
+    cancelled: Arc<AtomicBool>,
+    interrupted: Arc<AtomicBool>,
+}
+
+pub struct Runner {
+    pub store: Store,
+    cfg: Arc<Config>,
+    redactor: Redactor,
+    metrics: Arc<Metrics>,
+    queue: Mutex<VecDeque<String>>,
+    depth: AtomicUsize,
+    wake: Notify,
+    running: Mutex<HashMap<String, Running>>,
+    live: Mutex<HashMap<String, broadcast::Sender<Live>>>,
+    finished: broadcast::Sender<String>,
+    draining: AtomicBool,
+    /// Jobs a worker has taken, from before they are marked running until
+    /// their end is recorded (the `running` map only knows spawned ones).
+    active: AtomicUsize,
+    /// The grace period is over: start no more sandboxes.
+    stopping: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// A process's start time in clock ticks since boot (field 22 of
+/// /proc/PID/stat), to tell a pid from a later reuse of it.
+pub fn start_time(pid: i32) -> Option<i64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 2..];
+    after.split(' ').nth(19)?.parse().ok()
+}
+
+impl Runner {
+    pub fn new(store: Store, cfg: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Runner> {
+        let (finished, _) = broadcast::channel(1024);
+        let redactor = Redactor::new(cfg.secrets.iter().map(|(_, v)| v.as_str()));
+        Arc::new(Runner {
+            store,
+            redactor,
+            cfg,
+            metrics,
+            queue: Mutex::new(VecDeque::new()),
+            depth: AtomicUsize::new(0),
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            finished,
+            draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// After a crash or restart: running jobs are interrupted (their
+    /// sandboxes killed if any survived), queued jobs are queued again.
+    pub async fn recover(self: &Arc<Self>) -> Result<(usize, usize), agentvm_store::StoreError> {
+        let stale = self
+            .store
+            .interrupt_running("interrupted: the server stopped while the job was running")
+            .await?;
+        for j in &stale {
+            if let (Some(pid), Some(start)) = (j.supervisor_pid, j.supervisor_start) {
+                let pid = pid as i32;
+                if start_time(pid) == Some(start) {
+                    // SAFETY: kill with a pid we recorded and just verified.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            let _ = std::fs::remove_dir_all(self.job_dir(&j.id));
+        }
+        let queued = self.store.queued_jobs().await?;
+        {
+            let mut q = lock(&self.queue);
+            for j in &queued {
+                q.push_back(j.id.clone());
+            }
+        }
+        self.depth.fetch_add(queued.len(), Ordering::SeqCst);
+        self.metrics.queue_depth.set(self.depth() as i64);
+        self.wake.notify_waiters();
+        Ok((stale.len(), queued.len()))
+    }
+
+    pub fn start_workers(self: &Arc<Self>) {
+        for _ in 0..self.cfg.max_concurrent.max(1) {
+            let me = self.clone();
+            tokio::spawn(async move { me.worker().await });
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    pub fn running_count(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    async fn worker(self: Arc<Self>) {
+        loop {
+            let notified = self.wake.notified();
+            let next = lock(&self.queue).pop_front();
+            match next {
+                Some(id) => {
+                    self.depth.fetch_sub(1, Ordering::SeqCst);
+                    self.metrics.queue_depth.set(self.depth() as i64);
+                    // count the job before looking at `draining`: shutdown
+                    // sets `draining` before it reads `active`, so either it
+                    // waits for this job or this job stays queued
+                    self.active.fetch_add(1, Ordering::SeqCst);
+                    if self.draining.load(Ordering::SeqCst) {
+                        self.active.fetch_sub(1, Ordering::SeqCst);
+                        // leave it queued in the store for the next start
+                        continue;
+                    }
+                    self.run(&id).await;
+                    self.active.fetch_sub(1, Ordering::SeqCst);
+                    if lock(&self.queue).front().is_some() {
+                        self.wake.notify_one();
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Accept a job: stored as queued, then queued here.
+    pub async fn submit(&self, new: NewJob) -> Result<Job, SubmitError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(SubmitError::Draining);
+        }
+        let d = self.depth.fetch_add(1, Ordering::SeqCst);
+        if d >= self.cfg.max_queue {
+            self.depth.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(d));
+        }
+        let job = match self.store.create_job(&new).await {
+            Ok(j) => j,
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                return Err(e.into());
+            }
+        };
+        lock(&self.queue).push_back(job.id.clone());
+        self.metrics.queue_depth.set(self.depth() as i64);
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// The redactor every job's output passes through.
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+
+    /// Subscribe to a job's live events (None when it is not running).
+    pub fn follow(&self, id: &str) -> Option<broadcast::Receiver<Live>> {
+        lock(&self.live).get(id).map(|s| s.subscribe())
+    }
+
+    /// Wait until job `id` has ended; returns it.
+    pub async fn wait(&self, id: &str) -> Result<Option<Job>, agentvm_store::StoreError> {
+        let mut rx = self.finished.subscribe();
+        loop {
+            let j = self.store.get_job(id).await?;
+            match &j {
+                Some(job) if !job.status.is_final() => {}
+                _ => return Ok(j),
+            }
+            match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+                Ok(Ok(done)) if done == id => {}
+                Ok(Ok(_)) | Err(_) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(j),
+            }
+        }
+    }
+
+    /// Cancel a queued or running job. Ok(false) when it had already ended.
+    /// A running job gets SIGTERM (forwarded to the command), then SIGKILL
+    /// after 5 seconds.
+    pub async fn cancel(self: &Arc<Self>, id: &str) -> Result<bool, agentvm_store::StoreError> {
+        let running = lock(&self.running)
+            .get(id)
+            .map(|r| (r.pid, r.cancelled.clone()));
+        if let Some((pid, flag)) = running {
+            flag.store(true, Ordering::SeqCst);
+            // SAFETY: signalling our own child, recorded when spawned.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let me = self.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if lock(&me.running).get(&id).map(|r| r.pid) == Some(pid) {
+                    // SAFETY: still our running child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            });
+            return Ok(true);
+        }
+        let f = Finish {
+            status: JobStatus::Cancelled,
+            exit_code: None,
+            error: Some("cancelled before it started".into()),
+            result: None,
+            patch: None,
+        };
+        let done = self.store.finish_job(id, &f).await?;
+        if done {
+            let _ = self.finished.send(id.to_string());
+        }
+        Ok(done)
+    }
+
+    /// Stop taking work; give running jobs `grace`, then stop them and
+    /// record them as interrupted. Queued jobs stay queued for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        let left: Vec<(i32, Arc<AtomicBool>)> = lock(&self.running)
+            .values()
+            .map(|r| (r.pid, r.interrupted.clone()))
+            .collect();
+        for (pid, flag) in &left {
+            flag.store(true, Ordering::SeqCst);
+            // SAFETY: our own child.
+            unsafe { libc::kill(*pid, libc::SIGKILL) };
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.active.load(Ordering::SeqCst) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn job_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("jobs").join(id)
+    }
+
+    async fn run(&self, id: &str) {
+        match self.store.mark_running(id).await {
+            Ok(true) => {}
+            _ => return, // cancelled while queued, or the store failed
+        }
+        let Ok(Some(job)) = self.store.get_job(id).await else {
+            return;
+        };
+        let (tx, _) = broadcast::channel(256);
+        lock(&self.live).insert(id.to_string(), tx.clone());
+        let started = Instant::now();
+        let finish = self.execute(&job, &tx).await;
+        self.metrics
+            .job_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(ms) = finish
+            .result
+            .as_ref()
+            .and_then(|r| r.get("setup_ms"))
+            .and_then(|v| v.as_u64())
+        {
+            self.metrics.sandbox_start.observe(ms as f64 / 1000.0);
+        }
+        let finish = match self.store.finish_job(id, &finish).await {
+            Ok(_) => finish,
+            Err(e) => {
+                // never leave a job "running": record its end without what
+                // could not be stored
+                tracing::error!(job = id, error = %e, "recording the end of a job failed");
+                let bare = Finish {
+                    status: JobStatus::Failed,
+                    exit_code: finish.exit_code,
+                    error: Some(format!(
+                        "the server could not record this job's result and patch ({e}); its output is kept"
+                    )),
+                    result: None,
+                    patch: None,
+                };
+                if let Err(e) = self.store.finish_job(id, &bare).await {
+                    tracing::error!(job = id, error = %e, "recording the end of a job failed twice");
+                }
+                bare
+            }
+        };
+        let _ = std::fs::remove_dir_all(self.job_dir(id));
+        lock(&self.running).remove(id);
+        let _ = tx.send(Live::End(finish.status));
+        lock(&self.live).remove(id);
+        let _ = self.finished.send(id.to_string());
+    }
+
+    async fn execute(&self, job: &Job, tx: &broadcast::Sender<Live>) -> Finish {
+        let Spawned {
+            mut child,
+            events,
+            dir,
+        } = match self.spawn(job).await {
+            Ok(s) => s,
+            Err(finish) => return finish,
+        };
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let interrupted = Arc::new(AtomicBool::new(false));
+        lock(&self.running).insert(
+            job.id.clone(),
+            Running {
+                pid,
+                cancelled: cancelled.clone(),
+                interrupted: interrupted.clone(),
+            },
+        );
+        if let Some(start) = start_time(pid) {
+            let _ = self
+                .store
+                .set_supervisor(&job.id, i64::from(pid), start)
+                .await;
+        }
+        let (out, err) = (child.stdout.take(), child.stderr.take());
+        let (truncated, audited) = self.pump(job, tx, out, err, events).await;
+        let status = child.wait().await;
+        self.conclude(
+            job,
+            &dir,
+            status,
+            &cancelled,
+            &interrupted,
+            truncated,
+            audited,
+        )
+        .await
+    }
+}
