@@ -13,6 +13,7 @@ use crate::network::NetworkMode;
 /// its flags; the server builds one from a job and its profile and hands
 /// it to the runner as JSON (`agentvm-run run-request FILE`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RunRequest {
     /// The command and its arguments (argv[0] is looked up in the
     /// sandbox's PATH).
@@ -91,6 +92,7 @@ pub enum Repo {
 
 /// The egress proxy's reporting (network allow mode only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EgressOptions {
     /// Write each decision as a JSON line to this file.
     #[serde(default)]
@@ -120,6 +122,7 @@ impl Default for EgressOptions {
 
 /// What the sandbox may use.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Bytes, swap included.
     #[serde(default)]
@@ -142,11 +145,15 @@ pub struct Limits {
     pub timeout_ms: Option<u64>,
 }
 
+/// The longest timeout a run may ask for (a year, as `--timeout` allows).
+pub const TIMEOUT_MAX_MS: u64 = 365 * 24 * 3600 * 1000;
+
 /// The most processes a run may ask for (the kernel's own pid limit).
 pub const PIDS_MAX: u64 = 4_194_304;
 
 /// How large the patch may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PatchLimits {
     /// Largest binary file encoded; larger ones are only marked.
     pub binary_max: u64,
@@ -165,6 +172,7 @@ impl Default for PatchLimits {
 
 /// Which layers are in force (all by default; switching one off is loud).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Layers {
     pub seccomp: bool,
     pub landlock: bool,
@@ -240,6 +248,16 @@ impl RunRequest {
         if let Some(p) = self.limits.pids {
             if !(1..=PIDS_MAX).contains(&p) {
                 return Err(format!("pids {p}: expected 1 to {PIDS_MAX}"));
+            }
+        }
+        if let Some(t) = self.limits.timeout_ms {
+            if !(1..=TIMEOUT_MAX_MS).contains(&t) {
+                return Err(format!("timeout {t} ms: expected 1 ms to a year"));
+            }
+        }
+        for (what, v) in [("memory", self.limits.memory), ("disk", self.limits.disk)] {
+            if v == Some(0) {
+                return Err(format!("{what} 0: expected at least 1 byte"));
             }
         }
         if let Some(c) = &self.limits.cpus {
@@ -429,7 +447,10 @@ mod tests {
 
     #[test]
     fn check_refuses_what_the_flags_refuse() {
-        let bad: [fn(&mut RunRequest); 8] = [
+        let bad: [fn(&mut RunRequest); 11] = [
+            |r| r.limits.timeout_ms = Some(0),
+            |r| r.limits.memory = Some(0),
+            |r| r.limits.disk = Some(0),
             |r| r.command.clear(),
             |r| r.command.push("a\0b".into()),
             |r| r.repo = Some(Repo::Fd(2)),
@@ -451,6 +472,11 @@ mod tests {
         let j = r#"{"command":["true"],"network":"allow:"}"#;
         assert!(serde_json::from_str::<RunRequest>(j).is_err());
         let j = r#"{"command":["true"],"network":"bridge"}"#;
+        assert!(serde_json::from_str::<RunRequest>(j).is_err());
+        // a misspelled key is refused, not ignored (it could drop a limit)
+        let j = r#"{"command":["true"],"limit":{"memory":1}}"#;
+        assert!(serde_json::from_str::<RunRequest>(j).is_err());
+        let j = r#"{"command":["true"],"limits":{"memroy":1}}"#;
         assert!(serde_json::from_str::<RunRequest>(j).is_err());
         let j = r#"{"command":["true"]}"#;
         let r: RunRequest = serde_json::from_str(j).unwrap();

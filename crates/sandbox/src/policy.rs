@@ -95,15 +95,26 @@ mod tests {
         let etc = etc_allow().unwrap();
         assert!(etc.contains(&"ld.so.cache") && etc.contains(&"ssl/certs"));
         let proc_ = proc_rules().unwrap();
+        // every rule, spelled as the kernel names it: a typo in a path
+        // would be skipped as "not on this kernel"
         for must in [
+            "keys",
+            "key-users",
+            "timer_list",
+            "sched_debug",
+            "latency_stats",
+            "kallsyms",
             "cmdline",
             "config.gz",
-            "kallsyms",
             "sys/kernel/random/boot_id",
         ] {
             assert!(proc_.contains(&ProcRule::Mask(must)), "{must} is masked");
         }
-        assert!(proc_.contains(&ProcRule::ReadOnly("sysrq-trigger")));
+        for ro in ["sys", "sysrq-trigger", "irq", "bus", "fs"] {
+            assert!(proc_.contains(&ProcRule::ReadOnly(ro)), "{ro} is read-only");
+        }
+        assert!(proc_.contains(&ProcRule::Empty("scsi")));
+        assert_eq!(proc_.len(), 16, "a rule added or lost: update this test");
         assert!(proc_.contains(&ProcRule::Empty("acpi")));
     }
 

@@ -123,9 +123,11 @@ impl Runner {
             memory: size("memory", &p.memory)?,
             pids: p.pids,
             disk: size("disk", &p.disk)?,
-            timeout_ms: u64::try_from(job.timeout_s)
-                .ok()
-                .map(|s| s.saturating_mul(1000)),
+            timeout_ms: Some(
+                u64::try_from(job.timeout_s)
+                    .map_err(|_| format!("the job's timeout {} s is not valid", job.timeout_s))?
+                    .saturating_mul(1000),
+            ),
             ..Limits::default()
         };
         // a larger patch is not even written
