@@ -609,11 +609,7 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
         if !std::path::Path::new(dir).join(bin).exists() {
             continue;
         }
-        let row = v
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["name"] == name))
-            .cloned()
-            .unwrap_or_default();
+        let row = agent_row(&v, name);
         assert_eq!(row["present"], true, "{row}");
         assert!(
             row["version"].as_str().unwrap_or("").contains(version),
@@ -630,11 +626,7 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
         if !std::path::Path::new(&path).exists() {
             continue;
         }
-        let row = v
-            .as_array()
-            .and_then(|r| r.iter().find(|r| r["name"] == name))
-            .cloned()
-            .unwrap_or_default();
+        let row = agent_row(&v, name);
         assert_eq!(row["command"], path, "{row}");
         assert_eq!(row["present"], true, "{row}");
         assert!(
@@ -642,4 +634,12 @@ fn agents_lists_profiles_and_what_the_sandbox_can_see() {
             "{row}"
         );
     }
+}
+
+/// The row of `agentvm agents --json` for the agent `name` (null if none).
+fn agent_row(v: &serde_json::Value, name: &str) -> serde_json::Value {
+    v.as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == name))
+        .cloned()
+        .unwrap_or_default()
 }
