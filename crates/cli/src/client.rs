@@ -9,8 +9,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use agentvm_proto::api::{
+    Applied, AuditEventView, AuditPage, ErrorBody, JobEnd, JobPage, JobRequest, JobStatus, JobView,
+    KeyRequest, KeyView, NewKey,
+};
+use agentvm_proto::NetworkMode;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
 
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
@@ -44,8 +51,8 @@ pub enum JobsCmd {
         /// This job's network instead of the profile's: none, host or
         /// allow:HOST[:PORT],..., no wider than the profile's unless the
         /// key was granted more.
-        #[arg(long, value_name = "MODE")]
-        network: Option<String>,
+        #[arg(long, value_name = "MODE", value_parser = NetworkMode::parse)]
+        network: Option<NetworkMode>,
         /// Wait until the job ends (a spinner shows progress); exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
@@ -63,8 +70,9 @@ pub enum JobsCmd {
     },
     /// List jobs, newest first.
     List {
-        #[arg(long)]
-        status: Option<String>,
+        /// queued, running, succeeded, failed, timed_out, cancelled or interrupted.
+        #[arg(long, value_parser = str::parse::<JobStatus>)]
+        status: Option<JobStatus>,
         #[arg(long)]
         agent: Option<String>,
         #[arg(long, default_value_t = 20)]
@@ -115,8 +123,8 @@ pub enum KeysCmd {
         /// What this key's jobs may use beyond their profile's network
         /// policy: none, host or allow:HOST[:PORT],... (without it a
         /// key's jobs may only narrow their profile's).
-        #[arg(long, value_name = "MODE")]
-        network: Option<String>,
+        #[arg(long, value_name = "MODE", value_parser = NetworkMode::parse)]
+        network: Option<NetworkMode>,
     },
     /// List keys (never their secrets).
     List,
@@ -271,27 +279,8 @@ impl Client {
         }
         let status = resp.status();
         let body = resp.text().await.unwrap_or_default();
-        let detail = serde_json::from_str::<Value>(&body)
-            .ok()
-            .map(|v| match &v["detail"] {
-                Value::String(s) => s.clone(),
-                Value::Array(a) => a
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "{}: {}",
-                            e["loc"]
-                                .as_array()
-                                .and_then(|l| l.last())
-                                .and_then(|x| x.as_str())
-                                .unwrap_or("?"),
-                            e["msg"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                _ => body.clone(),
-            })
+        let detail = serde_json::from_str::<ErrorBody>(&body)
+            .map(|e| e.to_string())
             .unwrap_or(body);
         if status.as_u16() == 401 {
             return Err(format!(
@@ -306,19 +295,29 @@ impl Client {
         ))
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, String> {
-        self.send(self.req(reqwest::Method::GET, path))
-            .await?
-            .json()
-            .await
-            .map_err(|e| e.to_string())
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        read(self.send(self.req(reqwest::Method::GET, path)).await?).await
+    }
+
+    async fn call<T: DeserializeOwned>(&self, r: reqwest::RequestBuilder) -> Result<T, String> {
+        read(self.send(r).await?).await
     }
 }
 
 /// How often a 429 is retried before it is reported.
 const MAX_RETRIES: u32 = 5;
 
-fn print_json(v: &Value) {
+/// An answer read as the type the API says it is.
+async fn read<T: DeserializeOwned>(resp: reqwest::Response) -> Result<T, String> {
+    let b = resp
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    serde_json::from_slice(&b)
+        .map_err(|e| format!("the server's answer is not what this client expects: {e}"))
+}
+
+fn print_json<T: Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -334,8 +333,8 @@ fn ago(ms: Option<i64>) -> String {
     }
 }
 
-fn status_exit(status: &str) -> ExitCode {
-    if status == "succeeded" {
+fn status_exit(status: JobStatus) -> ExitCode {
+    if status == JobStatus::Succeeded {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -366,7 +365,7 @@ fn egress_line(data: &str) -> Option<String> {
 /// Follow a job's SSE stream, printing output to stdout/stderr (and, with
 /// `egress`, the proxy's decisions); resumes after a dropped connection.
 /// Returns the final status.
-async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
+async fn follow(c: &Client, id: &str, egress: bool) -> Result<JobStatus, String> {
     use futures_util::StreamExt;
     let mut last: Option<String> = None;
     for _attempt in 0..20 {
@@ -401,8 +400,9 @@ async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
                             }
                         }
                         "end" => {
-                            let v: Value = serde_json::from_str(&text).unwrap_or_default();
-                            return Ok(v["status"].as_str().unwrap_or("unknown").to_string());
+                            return serde_json::from_str::<JobEnd>(&text)
+                                .map(|e| e.status)
+                                .map_err(|e| format!("the job's end event is unreadable: {e}"));
                         }
                         _ => {}
                     }
@@ -426,15 +426,15 @@ async fn follow(c: &Client, id: &str, egress: bool) -> Result<String, String> {
 }
 
 /// Poll until the job ends, with a spinner on a terminal.
-async fn wait(c: &Client, id: &str) -> Result<Value, String> {
+async fn wait(c: &Client, id: &str) -> Result<JobView, String> {
     let tty = std::io::stderr().is_terminal() && !c.json;
     let frames = ['|', '/', '-', '\\'];
     let start = Instant::now();
     let mut i = 0usize;
     loop {
-        let j = c.get_json(&api_path(&["v1", "jobs", id], &[])?).await?;
-        let st = j["status"].as_str().unwrap_or("").to_string();
-        if !matches!(st.as_str(), "queued" | "running") {
+        let j: JobView = c.get(&api_path(&["v1", "jobs", id], &[])?).await?;
+        let st = j.status;
+        if st.is_final() {
             if tty {
                 eprint!("\r\x1b[2K");
             }
@@ -536,41 +536,43 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             extra_args,
         } => {
             let repo = std::fs::canonicalize(&repo).unwrap_or(repo);
-            let mut body = json!({"agent": agent, "prompt": prompt, "repo_path": repo.to_string_lossy(), "timeout": timeout, "extra_args": extra_args});
-            if let Some(n) = network {
-                body["network"] = json!(n);
-            }
-            let job: Value = c
-                .send(c.req(Method::POST, "/v1/jobs").json(&body))
-                .await?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
-            let id = job["id"].as_str().unwrap_or("").to_string();
+            let body = JobRequest {
+                agent,
+                prompt,
+                repo_path: repo.to_string_lossy().into_owned(),
+                timeout,
+                extra_args,
+                network,
+            };
+            let job: JobView = c.call(c.req(Method::POST, "/v1/jobs").json(&body)).await?;
+            let id = job.id.clone();
             if f {
                 let st = follow(c, &id, egress).await?;
                 if c.json {
-                    print_json(&c.get_json(&api_path(&["v1", "jobs", &id], &[])?).await?);
+                    print_json(
+                        &c.get::<JobView>(&api_path(&["v1", "jobs", &id], &[])?)
+                            .await?,
+                    );
                 } else {
                     eprintln!("agentvm: {id} {st}");
                 }
-                return Ok(status_exit(&st));
+                return Ok(status_exit(st));
             }
             if w {
                 let j = wait(c, &id).await?;
-                let st = j["status"].as_str().unwrap_or("").to_string();
                 if c.json {
                     print_json(&j);
                 } else {
                     println!(
-                        "{id} {st}{}",
-                        j["error"]
-                            .as_str()
+                        "{id} {}{}",
+                        j.status,
+                        j.error
+                            .as_deref()
                             .map(|e| format!(": {e}"))
                             .unwrap_or_default()
                     );
                 }
-                return Ok(status_exit(&st));
+                return Ok(status_exit(j.status));
             }
             if c.json {
                 print_json(&job);
@@ -586,14 +588,13 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
         } => {
             let limit = limit.to_string();
             let mut q = vec![("limit", limit.as_str())];
-            let status = status.map(|s| s.to_string());
-            if let Some(s) = &status {
-                q.push(("status", s));
+            if let Some(s) = status {
+                q.push(("status", s.as_str()));
             }
             if let Some(a) = &agent {
                 q.push(("agent", a));
             }
-            let page = c.get_json(&api_path(&["v1", "jobs"], &q)?).await?;
+            let page: JobPage = c.get(&api_path(&["v1", "jobs"], &q)?).await?;
             if c.json {
                 print_json(&page);
                 return Ok(ExitCode::SUCCESS);
@@ -602,22 +603,20 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 "{:<22} {:<12} {:<10} {:<10} {:>5}  PROMPT",
                 "ID", "STATUS", "AGENT", "CREATED", "EXIT"
             );
-            for j in page["jobs"].as_array().cloned().unwrap_or_default() {
-                let prompt: String = j["prompt"]
-                    .as_str()
-                    .unwrap_or("")
+            for j in &page.jobs {
+                let prompt: String = j
+                    .prompt
                     .chars()
                     .take(40)
                     .map(|ch| if ch.is_control() { ' ' } else { ch })
                     .collect();
                 println!(
                     "{:<22} {:<12} {:<10} {:<10} {:>5}  {prompt}",
-                    j["id"].as_str().unwrap_or(""),
-                    j["status"].as_str().unwrap_or(""),
-                    j["agent"].as_str().unwrap_or(""),
-                    ago(j["created_at"].as_i64()),
-                    j["exit_code"]
-                        .as_i64()
+                    j.id,
+                    j.status.as_str(),
+                    j.agent,
+                    ago(Some(j.created_at)),
+                    j.exit_code
                         .map(|e| e.to_string())
                         .unwrap_or_else(|| "-".into()),
                 );
@@ -625,55 +624,36 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCmd::Show { id } => {
-            let j = c.get_json(&api_path(&["v1", "jobs", &id], &[])?).await?;
+            let j: JobView = c.get(&api_path(&["v1", "jobs", &id], &[])?).await?;
             if c.json {
                 print_json(&j);
             } else {
-                for k in [
-                    "id",
-                    "status",
-                    "agent",
-                    "repo_path",
-                    "prompt",
-                    "timeout_s",
-                    "exit_code",
-                    "error",
+                let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                for (k, v) in [
+                    ("id", j.id.clone()),
+                    ("status", j.status.to_string()),
+                    ("agent", j.agent.clone()),
+                    ("repo_path", j.repo_path.clone()),
+                    ("prompt", j.prompt.clone()),
+                    ("timeout_s", j.timeout_s.to_string()),
+                    ("exit_code", opt(j.exit_code.map(|e| e.to_string()))),
+                    ("error", opt(j.error.clone())),
                 ] {
-                    let v = match &j[k] {
-                        Value::String(s) => s.clone(),
-                        Value::Null => "-".into(),
-                        v => v.to_string(),
-                    };
                     println!("{k:<12} {v}");
                 }
-                println!("{:<12} {}", "created", ago(j["created_at"].as_i64()));
-                let records = j["result"]["egress"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                for e in records
-                    .into_iter()
-                    .filter_map(|e| serde_json::from_value::<agentvm_proto::EgressRecord>(e).ok())
-                {
-                    println!(
-                        "{:<12} {} {} ({} B up, {} B down)",
-                        "egress",
-                        e.target(),
-                        e.outcome(),
-                        e.bytes_up,
-                        e.bytes_down
-                    );
-                }
-                if let Some(files) = j["result"]["changed_files"].as_array() {
-                    println!(
-                        "{:<12} {}",
-                        "changed",
-                        files
-                            .iter()
-                            .filter_map(|f| f.as_str())
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    );
+                println!("{:<12} {}", "created", ago(Some(j.created_at)));
+                if let Some(r) = j.run_result() {
+                    for e in r.egress.iter().flatten() {
+                        println!(
+                            "{:<12} {} {} ({} B up, {} B down)",
+                            "egress",
+                            e.target(),
+                            e.outcome(),
+                            e.bytes_up,
+                            e.bytes_down
+                        );
+                    }
+                    println!("{:<12} {}", "changed", r.changed_files.join(" "));
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -685,22 +665,19 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
         } => {
             if f {
                 let st = follow(c, &id, egress).await?;
-                return Ok(status_exit(&st));
+                return Ok(status_exit(st));
             }
             download(c, &id, "logs", None).await
         }
         JobsCmd::Patch { id, output } => download(c, &id, "patch", output).await,
         JobsCmd::Recording { id, output } => download(c, &id, "recording", output).await,
         JobsCmd::Cancel { id } => {
-            let j: Value = c
-                .send(c.req(
+            let j: JobView = c
+                .call(c.req(
                     Method::POST,
                     &api_path(&["v1", "jobs", &id, "cancel"], &[])?,
                 ))
-                .await?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if c.json {
                 print_json(&j);
             } else {
@@ -709,20 +686,13 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         JobsCmd::Apply { id } => {
-            let v: Value = c
-                .send(c.req(Method::POST, &api_path(&["v1", "jobs", &id, "apply"], &[])?))
-                .await?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
+            let v: Applied = c
+                .call(c.req(Method::POST, &api_path(&["v1", "jobs", &id, "apply"], &[])?))
+                .await?;
             if c.json {
                 print_json(&v);
             } else {
-                println!(
-                    "branch {} at {}",
-                    v["branch"].as_str().unwrap_or(""),
-                    v["commit"].as_str().unwrap_or("")
-                );
+                println!("branch {} at {}", v.branch, v.commit);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -749,7 +719,7 @@ pub fn audit(conn: Conn, limit: i64, job: Option<String>) -> ExitCode {
 /// Page through /v1/audit until `limit` events (of `job`, if given) are
 /// collected or the trail ends.
 async fn audit_inner(c: &Client, limit: i64, job: Option<String>) -> Result<ExitCode, String> {
-    let mut out: Vec<Value> = Vec::new();
+    let mut out: Vec<AuditEventView> = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
         let mut q = vec![("limit", "200")];
@@ -757,35 +727,35 @@ async fn audit_inner(c: &Client, limit: i64, job: Option<String>) -> Result<Exit
             q.push(("cursor", cur));
         }
         let path = api_path(&["v1", "audit"], &q)?;
-        let page = c.get_json(&path).await?;
-        for e in page["events"].as_array().cloned().unwrap_or_default() {
+        let page: AuditPage = c.get(&path).await?;
+        for e in page.events {
             let of_job = job.as_deref().is_none_or(|id| {
-                e["target"].as_str() == Some(id)
-                    || e["detail"]
-                        .as_str()
+                e.target.as_deref() == Some(id)
+                    || e.detail
+                        .as_deref()
                         .is_some_and(|d| d.starts_with(&format!("job {id};")))
             });
             if of_job && (out.len() as i64) < limit {
                 out.push(e);
             }
         }
-        cursor = page["next_cursor"].as_str().map(str::to_string);
+        cursor = page.next_cursor;
         if cursor.is_none() || out.len() as i64 >= limit {
             break;
         }
     }
     if c.json {
-        print_json(&json!(out));
+        print_json(&out);
         return Ok(ExitCode::SUCCESS);
     }
     for e in &out {
         println!(
             "{:<10} {:<12} {:<32} {:<28} {}",
-            ago(e["ts"].as_i64()),
-            e["action"].as_str().unwrap_or(""),
-            e["target"].as_str().unwrap_or("-"),
-            e["outcome"].as_str().unwrap_or(""),
-            e["detail"].as_str().unwrap_or("")
+            ago(Some(e.ts)),
+            e.action,
+            e.target.as_deref().unwrap_or("-"),
+            e.outcome,
+            e.detail.as_deref().unwrap_or("")
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -806,29 +776,25 @@ async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
             scopes,
             network,
         } => {
-            let mut body = json!({"name": name, "scopes": scopes});
-            if let Some(n) = network {
-                body["network"] = json!(n);
-            }
-            let k: Value = c
-                .send(c.req(Method::POST, "/v1/keys").json(&body))
-                .await?
-                .json()
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = KeyRequest {
+                name,
+                scopes,
+                network,
+            };
+            let k: NewKey = c.call(c.req(Method::POST, "/v1/keys").json(&body)).await?;
             if c.json {
                 print_json(&k);
             } else {
                 eprintln!(
                     "agentvm: created {} ({}); the secret below is shown once:",
-                    k["id"].as_str().unwrap_or(""),
-                    scopes.join(",")
+                    k.id,
+                    k.scopes.join(",")
                 );
-                println!("{}", k["key"].as_str().unwrap_or(""));
+                println!("{}", k.key);
             }
         }
         KeysCmd::List => {
-            let ks = c.get_json("/v1/keys").await?;
+            let ks: Vec<KeyView> = c.get("/v1/keys").await?;
             if c.json {
                 print_json(&ks);
             } else {
@@ -836,22 +802,18 @@ async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
                     "{:<18} {:<16} {:<10} {:<10} NAME",
                     "ID", "SCOPES", "SOURCE", "STATE"
                 );
-                for k in ks.as_array().cloned().unwrap_or_default() {
-                    let scopes: Vec<&str> = k["scopes"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
-                        .unwrap_or_default();
+                for k in &ks {
                     println!(
                         "{:<18} {:<16} {:<10} {:<10} {}",
-                        k["id"].as_str().unwrap_or(""),
-                        scopes.join(","),
-                        k["source"].as_str().unwrap_or(""),
-                        if k["revoked_at"].is_null() {
+                        k.id,
+                        k.scopes.join(","),
+                        k.source,
+                        if k.revoked_at.is_none() {
                             "active"
                         } else {
                             "revoked"
                         },
-                        k["name"].as_str().unwrap_or("")
+                        k.name
                     );
                 }
             }

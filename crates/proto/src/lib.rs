@@ -7,8 +7,13 @@
 //! sizes and durations, [`NetworkMode`] for network settings), and carried
 //! typed from there.
 //!
-//! It must never: do I/O, hold state, or depend on anything but serde.
+//! The HTTP API's request and answer types live here too ([`api`]), so the
+//! server and the CLI client read and write the same structs.
+//!
+//! It must never: do I/O, hold state, or depend on anything but serde
+//! (and utoipa, for the server's schemas, behind the `schema` feature).
 
+pub mod api;
 pub mod egress;
 pub mod network;
 pub mod run;

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use agentvm_proto::NetworkMode;
 use serde::Deserialize;
 
 /// An agent profile: how to run one kind of agent.
@@ -23,9 +24,10 @@ pub struct Profile {
     /// Fixed variables set for the agent.
     #[serde(default)]
     pub set_env: BTreeMap<String, String>,
-    /// "none", "host" or "allow:HOST[:PORT],..." (the egress allowlist).
-    #[serde(default = "default_network")]
-    pub network: String,
+    /// "none", "host" or "allow:HOST[:PORT],..." (the egress allowlist),
+    /// parsed as it is read.
+    #[serde(default)]
+    pub network: NetworkMode,
     #[serde(default)]
     pub memory: Option<String>,
     #[serde(default)]
@@ -50,8 +52,15 @@ pub struct Profile {
     pub search: Vec<String>,
 }
 
-fn default_network() -> String {
-    "none".into()
+/// A profile table's network setting, parsed, the error naming the agent.
+fn parse_network(name: &str, n: &str) -> Result<NetworkMode, String> {
+    NetworkMode::parse(n).map_err(|e| {
+        if n.starts_with("allow:") {
+            format!("agent {name}: network allow list: {e}")
+        } else {
+            format!("agent {name}: network must be none, host or allow:HOST[:PORT],...")
+        }
+    })
 }
 
 const BUILTIN: &str = include_str!("profiles.toml");
@@ -95,6 +104,11 @@ pub fn profiles(
 ) -> Result<BTreeMap<String, Profile>, String> {
     let mut out = builtin_profiles();
     for (name, t) in tables {
+        let network = t
+            .network
+            .as_deref()
+            .map(|n| parse_network(&name, n))
+            .transpose()?;
         let p = match t.argv {
             Some(argv) => {
                 if t.command.is_some() || !t.args.is_empty() {
@@ -107,7 +121,7 @@ pub fn profiles(
                     ro_binds: t.ro_binds.unwrap_or_default(),
                     env: t.env.unwrap_or_default(),
                     set_env: t.set_env,
-                    network: t.network.unwrap_or_else(default_network),
+                    network: network.unwrap_or_default(),
                     memory: t.memory,
                     pids: t.pids,
                     disk: t.disk,
@@ -132,7 +146,7 @@ pub fn profiles(
                 p.set_env.extend(t.set_env);
                 p.ro_binds = t.ro_binds.unwrap_or(p.ro_binds);
                 p.env = t.env.unwrap_or(p.env);
-                p.network = t.network.unwrap_or(p.network);
+                p.network = network.unwrap_or(p.network);
                 p.memory = t.memory.or(p.memory);
                 p.pids = t.pids.or(p.pids);
                 p.disk = t.disk.or(p.disk);
@@ -149,12 +163,6 @@ pub fn profiles(
 }
 
 impl Profile {
-    /// The profile's network policy (checked by `validate` when loaded).
-    pub fn network_mode(&self) -> agentvm_egress::NetworkMode {
-        agentvm_egress::NetworkMode::parse(&self.network)
-            .unwrap_or(agentvm_egress::NetworkMode::None)
-    }
-
     /// The first of `args` this profile refuses, with the flag it matched.
     pub fn refused_arg<'a>(&'a self, args: &'a [String]) -> Option<(&'a str, &'a str)> {
         args.iter().find_map(|a| {
@@ -178,13 +186,6 @@ impl Profile {
                 "agent {name}: argv must contain \"{{prompt}}\" exactly once, as a whole element"
             ));
         }
-        agentvm_egress::NetworkMode::parse(&self.network).map_err(|e| {
-            if self.network.starts_with("allow:") {
-                format!("agent {name}: network allow list: {e}")
-            } else {
-                format!("agent {name}: network must be none, host or allow:HOST[:PORT],...")
-            }
-        })?;
         for (what, v) in [("memory", &self.memory), ("disk", &self.disk)] {
             if let Some(v) = v {
                 crate::units::parse_size(v).map_err(|e| format!("agent {name}: {what}: {e}"))?;
@@ -399,7 +400,7 @@ set_env = { EXTRA = "1" }
         assert_eq!(&c.argv[1..3], ["-c", "model=m"]);
         assert_eq!(c.argv[3..], b.argv[1..], "the rest is the built-in's");
         assert_eq!(c.ro_binds, ["/opt/codex"]);
-        assert_eq!(c.network, "allow:api.example.com");
+        assert_eq!(c.network.to_string(), "allow:api.example.com");
         assert_eq!(c.env, b.env, "not given: kept");
         assert_eq!(c.memory, b.memory);
         assert_eq!(c.set_env.get("EXTRA").map(String::as_str), Some("1"));
@@ -439,7 +440,7 @@ argv = ["tool", "{prompt}"]
         .unwrap();
         assert_eq!(p["aider"].argv, ["/x/aider", "--message", "{prompt}"]);
         assert!(p["aider"].env.is_empty() && p["aider"].set_env.is_empty());
-        assert_eq!(p["mine"].network, "none");
+        assert_eq!(p["mine"].network, NetworkMode::None);
     }
 
     #[test]
@@ -533,14 +534,8 @@ argv = ["tool", "{prompt}"]
             .unwrap_or_else(|| panic!("shell"));
         p.argv = vec!["sh".into(), "-c".into(), "echo {prompt}".into()];
         assert!(p.validate("x").is_err());
-        let mut q = builtin_profiles()
-            .remove("shell")
-            .unwrap_or_else(|| panic!("shell"));
-        q.network = "allow:api.openai.com,127.0.0.1:8080".into();
-        assert!(q.validate("q").is_ok());
-        q.network = "allow:not a host".into();
-        assert!(q.validate("q").is_err());
-        q.network = "bridge".into();
-        assert!(q.validate("q").is_err());
+        assert!(parse_network("q", "allow:api.openai.com,127.0.0.1:8080").is_ok());
+        assert!(parse_network("q", "allow:not a host").is_err());
+        assert!(parse_network("q", "bridge").is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod output;
 pub mod recording;
 pub mod redact;
 pub mod runner;
+pub mod service;
 pub mod settings;
 pub mod verdict;
 pub use agentvm_proto::units;
@@ -339,16 +340,18 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         );
     }
     runner.start_workers();
+    let svc = Arc::new(service::Service::new(
+        runner.clone(),
+        store.clone(),
+        cfg.clone(),
+        roots,
+    ));
     let st = Arc::new(api::AppState {
-        runner: runner.clone(),
-        store: store.clone(),
-        cfg: cfg.clone(),
+        svc,
         metrics,
         limiter: auth::RateLimiter::new(cfg.rate_limit),
         anon: auth::RateLimiter::new(ANON_PER_MINUTE),
         anon_audit: auth::RateLimiter::new(ANON_AUDIT_PER_MINUTE),
-        streams: api::StreamSlots::new(api::STREAMS_PER_KEY),
-        roots,
     });
     let app = router(st).into_make_service_with_connect_info::<SocketAddr>();
     let tls = matches!((&cfg.tls_cert, &cfg.tls_key), (Some(_), Some(_)));

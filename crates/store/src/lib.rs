@@ -9,10 +9,9 @@
 //! HTTP or sandboxes.
 
 use std::path::Path;
-use std::str::FromStr;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -29,60 +28,16 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("migrating the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value this version cannot read (written by hand, or by a
+    /// version that knew more): refused rather than read as something else.
+    #[error("the stored {what} is unreadable: {why}")]
+    Corrupt { what: String, why: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// The life of a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    TimedOut,
-    Cancelled,
-    Interrupted,
-}
-
-impl JobStatus {
-    pub const ALL: [JobStatus; 7] = [
-        JobStatus::Queued,
-        JobStatus::Running,
-        JobStatus::Succeeded,
-        JobStatus::Failed,
-        JobStatus::TimedOut,
-        JobStatus::Cancelled,
-        JobStatus::Interrupted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-            JobStatus::TimedOut => "timed_out",
-            JobStatus::Cancelled => "cancelled",
-            JobStatus::Interrupted => "interrupted",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        !matches!(self, JobStatus::Queued | JobStatus::Running)
-    }
-}
-
-impl FromStr for JobStatus {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        JobStatus::ALL
-            .into_iter()
-            .find(|j| j.as_str() == s)
-            .ok_or_else(|| format!("unknown job status {s:?}"))
-    }
-}
+pub use agentvm_proto::api::JobStatus;
+pub use agentvm_proto::NetworkMode;
 
 /// What a client asked for.
 #[derive(Debug, Clone)]
@@ -95,7 +50,7 @@ pub struct NewJob {
     pub extra_args: Vec<String>,
     pub key_id: Option<String>,
     /// The job's own network policy; `None`: its profile's.
-    pub network: Option<String>,
+    pub network: Option<NetworkMode>,
 }
 
 /// A stored job (without its patch and output, which are fetched apart).
@@ -109,7 +64,7 @@ pub struct Job {
     pub repo_path: String,
     pub timeout_s: i64,
     pub extra_args: Vec<String>,
-    pub network: Option<String>,
+    pub network: Option<NetworkMode>,
     pub status: JobStatus,
     pub key_id: Option<String>,
     pub created_at: i64,
@@ -145,7 +100,7 @@ pub struct ApiKey {
     pub revoked_at: Option<i64>,
     /// What this key's jobs may use beyond their profile's network policy
     /// (`none`, `host`, `allow:...`), granted by an admin.
-    pub network: Option<String>,
+    pub network: Option<NetworkMode>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -18,6 +18,20 @@ pub struct SqliteStore {
 
 const JOB_COLS: &str = "seq, id, agent, prompt, repo_path, timeout_s, extra_args, network, status, key_id, created_at, started_at, finished_at, exit_code, error, result, supervisor_pid, supervisor_start";
 
+/// A stored network policy, parsed: one that no longer parses is refused,
+/// never read as "none given" (that would give the job its profile's,
+/// perhaps wider, policy).
+fn network_from(row: &sqlx::sqlite::SqliteRow, whose: &str) -> Result<Option<NetworkMode>> {
+    let s: Option<String> = row.try_get("network")?;
+    s.map(|n| {
+        NetworkMode::parse(&n).map_err(|why| StoreError::Corrupt {
+            what: format!("network policy of {whose}"),
+            why,
+        })
+    })
+    .transpose()
+}
+
 fn job_from(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
     let status: String = row.try_get("status")?;
     let extra: String = row.try_get("extra_args")?;
@@ -30,7 +44,7 @@ fn job_from(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
         repo_path: row.try_get("repo_path")?,
         timeout_s: row.try_get("timeout_s")?,
         extra_args: serde_json::from_str(&extra).unwrap_or_default(),
-        network: row.try_get("network")?,
+        network: network_from(row, "a job")?,
         status: status.parse().unwrap_or(JobStatus::Failed),
         key_id: row.try_get("key_id")?,
         created_at: row.try_get("created_at")?,
@@ -58,7 +72,7 @@ fn key_from(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKey> {
         source: row.try_get("source")?,
         created_at: row.try_get("created_at")?,
         revoked_at: row.try_get("revoked_at")?,
-        network: row.try_get("network")?,
+        network: network_from(row, "a key")?,
     })
 }
 
@@ -135,7 +149,7 @@ impl Jobs for SqliteStore {
         .bind(&j.repo_path)
         .bind(j.timeout_s)
         .bind(extra)
-        .bind(&j.network)
+        .bind(j.network.as_ref().map(|n| n.to_string()))
         .bind(&j.key_id)
         .bind(now_ms())
         .fetch_one(&self.pool)
@@ -378,7 +392,7 @@ impl Keys for SqliteStore {
             .bind(k.scopes.join(","))
             .bind(&k.source)
             .bind(k.created_at)
-            .bind(&k.network)
+            .bind(k.network.as_ref().map(|n| n.to_string()))
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -547,5 +561,27 @@ mod tests {
         let data = &sql[sql.find("WITH RECURSIVE").unwrap_or(0)..];
         sqlx::raw_sql(data).execute(&s.pool).await.unwrap();
         assert_eq!(s.patch("old").await.ok().flatten().flatten(), Some(patch));
+    }
+
+    /// A network policy stored typed comes back equal; one that no longer
+    /// parses is refused, not read as "none given" (the profile's policy,
+    /// which may be wider).
+    #[tokio::test]
+    async fn stored_network_policies_are_parsed_or_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&d.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        let mut j = new_job("n");
+        j.network = Some(NetworkMode::parse("allow:api.example.com,10.0.0.1:8080").unwrap());
+        s.create_job(&j).await.unwrap();
+        assert_eq!(s.get_job("n").await.unwrap().unwrap().network, j.network);
+        sqlx::query("UPDATE jobs SET network = 'allow:' WHERE id = 'n'")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        let e = s.get_job("n").await.unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("network policy of a job"), "{e}");
     }
 }

@@ -3,36 +3,6 @@
 
 use super::*;
 
-pub(super) fn default_timeout() -> i64 {
-    600
-}
-
-/// The old API's request.
-#[derive(Deserialize, ToSchema)]
-pub struct AgentRunRequest {
-    /// One of the configured agents (aider, opencode, claude, codex, shell, ...).
-    pub(super) agent: String,
-    pub(super) prompt: String,
-    /// Absolute path of the repository, inside an allowed root.
-    pub(super) repo_path: String,
-    /// Seconds, 1 to 3600.
-    #[serde(default = "default_timeout")]
-    #[schema(minimum = 1, maximum = 3600, default = 600)]
-    pub(super) timeout: i64,
-    #[serde(default)]
-    pub(super) extra_args: Option<Vec<String>>,
-}
-
-/// The old API's answer: exactly these five keys.
-#[derive(Serialize, ToSchema)]
-pub struct AgentRunResponse {
-    pub(super) success: bool,
-    pub(super) stdout: String,
-    pub(super) stderr: String,
-    pub(super) returncode: i64,
-    pub(super) error: Option<String>,
-}
-
 /// How often a waiting `/agent/run` answer sends a space: well inside any
 /// client's read timeout (the old client uses the job's, at least 1 s) and
 /// any proxy's idle timeout (nginx: 60 s).
@@ -48,11 +18,11 @@ pub const KEEPALIVE: std::time::Duration = std::time::Duration::from_millis(500)
         (status = 403, body = ErrorDetail), (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn agent_run(State(st): S, caller: Caller, body: Bytes) -> ApiResult<Response> {
-    caller.need_mut(&st, Scope::Run, "agent.run", None).await?;
+pub async fn agent_run(State(st): S, caller: Principal, body: Bytes) -> ApiResult<Response> {
+    st.need_mut(&caller, Scope::Run, "agent.run", None).await?;
     let req: AgentRunRequest = parse_body(&body)?;
     let extra = req.extra_args.unwrap_or_default();
-    let ask = Ask {
+    let ask = service::Ask {
         agent: &req.agent,
         prompt: &req.prompt,
         repo_path: &req.repo_path,
@@ -60,7 +30,7 @@ pub async fn agent_run(State(st): S, caller: Caller, body: Bytes) -> ApiResult<R
         extra: &extra,
         network: None,
     };
-    let job = accept(&st, &caller, "agent.run", &ask).await?;
+    let job = st.submit(&caller, "agent.run", &ask).await?;
     let body = streamed(|tx| compat_answer(st.clone(), job, tx));
     Ok((
         [

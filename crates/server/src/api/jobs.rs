@@ -1,73 +1,27 @@
 //! `/v1/jobs`: submit, list, show, logs (stored then live), recording,
-//! patch, cancel, apply, delete.
+//! patch, cancel, apply, delete. Each handler parses, calls the service
+//! and shapes the answer.
 
 use super::*;
 
-/// A new job.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct JobRequest {
-    pub(super) agent: String,
-    pub(super) prompt: String,
-    pub(super) repo_path: String,
-    #[serde(default = "default_timeout")]
-    #[schema(minimum = 1, maximum = 3600, default = 600)]
-    pub(super) timeout: i64,
-    #[serde(default)]
-    pub(super) extra_args: Vec<String>,
-    /// This job's network policy instead of its profile's: "none",
-    /// "host" or "allow:HOST[:PORT],...". It may only narrow the
-    /// profile's, unless the key was granted more (admin keys may use
-    /// any).
-    #[serde(default)]
-    pub(super) network: Option<String>,
-}
-
-/// A job as the API shows it.
-#[derive(Serialize, ToSchema)]
-pub struct JobView {
-    pub(super) id: String,
-    pub(super) agent: String,
-    pub(super) prompt: String,
-    pub(super) repo_path: String,
-    pub(super) timeout_s: i64,
-    pub(super) extra_args: Vec<String>,
-    /// The job's own network policy (null: its profile's).
-    pub(super) network: Option<String>,
-    /// queued, running, succeeded, failed, timed_out, cancelled, interrupted
-    pub(super) status: String,
-    /// The key that made the job (its owner).
-    pub(super) key_id: Option<String>,
-    /// Unix time in milliseconds.
-    pub(super) created_at: i64,
-    pub(super) started_at: Option<i64>,
-    pub(super) finished_at: Option<i64>,
-    pub(super) exit_code: Option<i64>,
-    pub(super) error: Option<String>,
-    /// What the sandbox reported (status, duration_ms, changed_files, ...).
-    #[schema(value_type = Option<Object>)]
-    pub(super) result: Option<serde_json::Value>,
-}
-
-impl From<Job> for JobView {
-    fn from(j: Job) -> Self {
-        JobView {
-            id: j.id,
-            agent: j.agent,
-            prompt: j.prompt,
-            repo_path: j.repo_path,
-            timeout_s: j.timeout_s,
-            extra_args: j.extra_args,
-            network: j.network,
-            status: j.status.as_str().into(),
-            key_id: j.key_id,
-            created_at: j.created_at,
-            started_at: j.started_at,
-            finished_at: j.finished_at,
-            exit_code: j.exit_code,
-            error: j.error,
-            result: j.result,
-        }
+/// A stored job as the API shows it.
+pub fn job_view(j: Job) -> JobView {
+    JobView {
+        id: j.id,
+        agent: j.agent,
+        prompt: j.prompt,
+        repo_path: j.repo_path,
+        timeout_s: j.timeout_s,
+        extra_args: j.extra_args,
+        network: j.network,
+        status: j.status,
+        key_id: j.key_id,
+        created_at: j.created_at,
+        started_at: j.started_at,
+        finished_at: j.finished_at,
+        exit_code: j.exit_code,
+        error: j.error,
+        result: j.result,
     }
 }
 
@@ -77,20 +31,21 @@ impl From<Job> for JobView {
         (status = 403, body = ErrorDetail), (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn create_job(State(st): S, caller: Caller, body: Bytes) -> ApiResult<Response> {
-    caller.need_mut(&st, Scope::Run, "job.create", None).await?;
+pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResult<Response> {
+    // the scope before the body: a key that may not run learns nothing more
+    st.need_mut(&caller, Scope::Run, "job.create", None).await?;
     let req: JobRequest = parse_body(&body)?;
-    let ask = Ask {
+    let ask = service::Ask {
         agent: &req.agent,
         prompt: &req.prompt,
         repo_path: &req.repo_path,
         timeout: req.timeout,
         extra: &req.extra_args,
-        network: req.network.as_deref(),
+        network: req.network.as_ref(),
     };
-    let job = accept(&st, &caller, "job.create", &ask).await?;
+    let job = st.submit(&caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);
-    let mut r = (StatusCode::ACCEPTED, Json(JobView::from(job))).into_response();
+    let mut r = (StatusCode::ACCEPTED, Json(job_view(job))).into_response();
     if let Ok(v) = HeaderValue::from_str(&loc) {
         r.headers_mut().insert(header::LOCATION, v);
     }
@@ -109,37 +64,6 @@ pub struct ListQuery {
     pub(super) cursor: Option<String>,
 }
 
-#[derive(Serialize, ToSchema)]
-pub struct JobPage {
-    pub(super) jobs: Vec<JobView>,
-    /// Pass as `cursor` for the next page; null on the last one.
-    pub(super) next_cursor: Option<String>,
-}
-
-pub(super) fn page_params(
-    limit: Option<i64>,
-    cursor: Option<&str>,
-) -> ApiResult<(i64, Option<i64>)> {
-    let limit = limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::field(
-            "query",
-            "limit",
-            "limit must be between 1 and 200",
-        ));
-    }
-    let cursor = match cursor {
-        None => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .ok()
-                .filter(|v| *v > 0)
-                .ok_or_else(|| ApiError::field("query", "cursor", "invalid cursor"))?,
-        ),
-    };
-    Ok((limit, cursor))
-}
-
 /// List jobs, newest first: the key's own (every job for admin keys).
 #[utoipa::path(get, path = "/v1/jobs", params(ListQuery),
     responses((status = 200, body = JobPage), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
@@ -147,7 +71,7 @@ pub(super) fn page_params(
     security(("api_key" = [])))]
 pub async fn list_jobs(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<JobPage>> {
     caller.need(Scope::Read)?;
@@ -159,42 +83,18 @@ pub async fn list_jobs(
                 .map_err(|e| ApiError::field("query", "status", e))?,
         ),
     };
-    let (limit, cursor) = page_params(q.limit, q.cursor.as_deref())?;
-    let owner = (!caller.is_admin()).then_some(caller.key.id.as_str());
-    let jobs = st
-        .store
-        .list_jobs(owner, status, q.agent.as_deref(), cursor, limit + 1)
-        .await?;
-    let more = jobs.len() as i64 > limit;
-    let jobs: Vec<Job> = jobs.into_iter().take(limit as usize).collect();
-    let next_cursor = if more {
-        jobs.last().map(|j| j.seq.to_string())
-    } else {
-        None
+    let (limit, cursor) = service::page_params(q.limit, q.cursor.as_deref())?;
+    let f = service::JobFilter {
+        status,
+        agent: q.agent.as_deref(),
+        limit,
+        cursor,
     };
+    let (jobs, next_cursor) = st.list_jobs(&caller, &f).await?;
     Ok(Json(JobPage {
-        jobs: jobs.into_iter().map(JobView::from).collect(),
+        jobs: jobs.into_iter().map(job_view).collect(),
         next_cursor,
     }))
-}
-
-/// The job `id`, if it is the caller's (or the caller is admin): anyone
-/// else's is as unknown as a job that never was.
-pub(super) async fn find(st: &AppState, caller: &Caller, id: &str) -> ApiResult<Job> {
-    let missing = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("No job {}", agentvm_store::bounded(id, 64)),
-        )
-    };
-    // ids are job_ and 16 hex digits: anything else is not looked up
-    if id.len() > 64 {
-        return Err(missing());
-    }
-    match st.store.get_job(id).await? {
-        Some(j) if caller.owns(&j) => Ok(j),
-        _ => Err(missing()),
-    }
 }
 
 /// One job.
@@ -204,11 +104,10 @@ pub(super) async fn find(st: &AppState, caller: &Caller, id: &str) -> ApiResult<
     security(("api_key" = [])))]
 pub async fn get_job(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<JobView>> {
-    caller.need(Scope::Read)?;
-    Ok(Json(find(&st, &caller, &id).await?.into()))
+    Ok(Json(job_view(st.job(&caller, &id).await?)))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -228,25 +127,25 @@ pub struct LogQuery {
     security(("api_key" = [])))]
 pub async fn job_logs(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
     q: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     caller.need(Scope::Read)?;
     let Query(q) = q.map_err(|e| ApiError::field("query", "follow", e.body_text()))?;
-    let job = find(&st, &caller, &id).await?;
-    let slot = st.streams.take(&caller.key.id)?;
     if q.follow.unwrap_or(false) {
         let after = headers
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<i64>().ok())
             .unwrap_or(0);
-        return Ok(Sse::new(follow(st.clone(), job, after, slot))
+        let rx = st.follow(&caller, &id, after).await?;
+        return Ok(Sse::new(sse(rx))
             .keep_alive(KeepAlive::default())
             .into_response());
     }
+    let (job, slot) = st.open_stream(&caller, &id).await?;
     let body = streamed(|tx| async move {
         let _slot = slot;
         let mut pages = Pages::new(&st.store, job.seq, 0, Streams::Output);
@@ -270,14 +169,10 @@ pub(super) fn chunk_event(c: &agentvm_store::LogChunk) -> Event {
 
 /// The shared stored-then-live stream as server-sent events: one `id:`ed
 /// event per chunk, then `event: end`.
-pub(super) fn follow(
-    st: Arc<AppState>,
-    job: Job,
-    after: i64,
-    slot: Slot,
+fn sse(
+    rx: tokio::sync::mpsc::Receiver<output::Item>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     use futures_util::StreamExt;
-    let rx = output::stored_then_live(st.store.clone(), st.runner.clone(), job, after, slot);
     tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
         Ok(match item {
             output::Item::Chunk(c) => chunk_event(&c),
@@ -298,12 +193,10 @@ pub(super) fn follow(
     security(("api_key" = [])))]
 pub async fn job_recording(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    caller.need(Scope::Read)?;
-    let job = find(&st, &caller, &id).await?;
-    let slot = st.streams.take(&caller.key.id)?;
+    let (job, slot) = st.open_stream(&caller, &id).await?;
     let body = streamed(|tx| async move {
         let _slot = slot;
         let (mut cast, head) = crate::recording::Cast::new(&job, st.runner.redactor());
@@ -335,21 +228,10 @@ pub async fn job_recording(
     security(("api_key" = [])))]
 pub async fn job_patch(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    caller.need(Scope::Read)?;
-    let job = find(&st, &caller, &id).await?;
-    if !job.status.is_final() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "Job {id} is {}; its patch is stored when it ends",
-                job.status.as_str()
-            ),
-        ));
-    }
-    let slot = st.streams.take(&caller.key.id)?;
+    let (job, slot) = st.open_patch(&caller, &id).await?;
     let body = streamed(|tx| async move {
         let _slot = slot;
         let mut part = 0;
@@ -370,36 +252,11 @@ pub async fn job_patch(
     security(("api_key" = [])))]
 pub async fn cancel_job(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
-    caller
-        .need_mut(&st, Scope::Run, "job.cancel", Some(&id))
-        .await?;
-    let job = find(&st, &caller, &id).await?;
-    if job.status.is_final() || !st.runner.cancel(&id).await? {
-        caller
-            .record(&st, "job.cancel", Some(&id), "rejected 409", None)
-            .await;
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("Job {id} has already ended ({})", job.status.as_str()),
-        ));
-    }
-    caller
-        .record(&st, "job.cancel", Some(&id), "accepted", None)
-        .await;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(find(&st, &caller, &id).await?.into()),
-    ))
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Applied {
-    /// The new branch, `agentvm/<job-id>`.
-    pub(super) branch: String,
-    pub(super) commit: String,
+    let job = st.cancel(&caller, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(job_view(job))))
 }
 
 /// Put the job's patch on a new branch `agentvm/<job-id>` of its repository,
@@ -414,71 +271,10 @@ pub struct Applied {
     security(("api_key" = [])))]
 pub async fn apply_job(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<(StatusCode, Json<Applied>)> {
-    caller
-        .need_mut(&st, Scope::Run, "job.apply", Some(&id))
-        .await?;
-    let job = find(&st, &caller, &id).await?;
-    if !job.status.is_final() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!(
-                "Job {id} is {}; apply it when it has ended",
-                job.status.as_str()
-            ),
-        ));
-    }
-    // the repo must still be inside an allowed root
-    let repo = check_repo(&st.roots, &job.repo_path).map_err(|_| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "The job's repository is gone or no longer inside an allowed root",
-        )
-    })?;
-    let patch = st.store.patch(&id).await?.flatten().unwrap_or_default();
-    let branch = format!("agentvm/{id}");
-    let message = format!("{}\n\nAgentVM-Job: {id}\n", job.prompt.trim_end());
-    let b2 = branch.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        agentvm_workspace::apply_to_branch(&repo, &patch, &b2, &message)
-    })
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error while applying",
-        )
-    })?;
-    match res {
-        Ok(commit) => {
-            caller
-                .record(&st, "job.apply", Some(&id), "ok", Some(&branch))
-                .await;
-            Ok((StatusCode::CREATED, Json(Applied { branch, commit })))
-        }
-        Err(e) => {
-            use agentvm_workspace::ApplyError as E;
-            let status = match e {
-                E::Git(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::CONFLICT,
-            };
-            if status == StatusCode::INTERNAL_SERVER_ERROR {
-                tracing::error!(job = %id, error = %e, "apply failed");
-            }
-            caller
-                .record(
-                    &st,
-                    "job.apply",
-                    Some(&id),
-                    &format!("rejected {}", status.as_u16()),
-                    None,
-                )
-                .await;
-            Err(ApiError::new(status, e.to_string()))
-        }
-    }
+    Ok((StatusCode::CREATED, Json(st.apply(&caller, &id).await?)))
 }
 
 /// Delete an ended job with its output and patch.
@@ -488,24 +284,9 @@ pub async fn apply_job(
     security(("api_key" = [])))]
 pub async fn delete_job(
     State(st): S,
-    caller: Caller,
+    caller: Principal,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<StatusCode> {
-    caller
-        .need_mut(&st, Scope::Run, "job.delete", Some(&id))
-        .await?;
-    let job = find(&st, &caller, &id).await?;
-    if !st.store.delete_job(&id).await? {
-        caller
-            .record(&st, "job.delete", Some(&id), "rejected 409", None)
-            .await;
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("Job {id} is {}; cancel it first", job.status.as_str()),
-        ));
-    }
-    caller
-        .record(&st, "job.delete", Some(&id), "ok", None)
-        .await;
+    st.delete(&caller, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -2,16 +2,6 @@
 
 use super::*;
 
-#[derive(Serialize, ToSchema)]
-pub struct Health {
-    /// Always "healthy" when the server answers.
-    pub(super) status: String,
-    pub(super) service: String,
-    pub(super) version: String,
-    pub(super) jobs_running: usize,
-    pub(super) queue_depth: usize,
-}
-
 /// Liveness, without a key.
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
 pub async fn health(State(st): S) -> Json<Health> {
@@ -29,7 +19,7 @@ pub async fn health(State(st): S) -> Json<Health> {
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 429, body = ErrorDetail)),
     security(("api_key" = [])))]
-pub async fn metrics(State(st): S, caller: Caller) -> ApiResult<Response> {
+pub async fn metrics(State(st): S, caller: Principal) -> ApiResult<Response> {
     caller.need(Scope::Read)?;
     let counts: std::collections::HashMap<JobStatus, i64> =
         st.store.count_by_status().await?.into_iter().collect();

@@ -48,8 +48,7 @@ impl Runner {
     pub(super) fn gets_secrets(&self, job: &Job, p: &crate::config::Profile) -> bool {
         match &job.network {
             None => true,
-            Some(n) => agentvm_egress::NetworkMode::parse(n)
-                .is_ok_and(|want| p.network_mode().covers(&want)),
+            Some(want) => p.network.covers(want),
         }
     }
 
@@ -94,10 +93,7 @@ impl Runner {
             .get(&job.agent)
             .ok_or_else(|| format!("agent {} is no longer configured", job.agent))?;
         let dir = self.job_dir(&job.id);
-        let network = match &job.network {
-            Some(n) => NetworkMode::parse(n).map_err(|e| format!("the job's network: {e}"))?,
-            None => p.network_mode(),
-        };
+        let network = job.network.clone().unwrap_or_else(|| p.network.clone());
         let size = |what: &str, v: &Option<String>| -> Result<Option<u64>, String> {
             v.as_deref()
                 .map(units::parse_size)

@@ -1,0 +1,378 @@
+//! What the HTTP API sends and receives, shared by the server (which also
+//! derives their OpenAPI schema, with the `schema` feature) and the CLI
+//! client (which reads them typed instead of by string key).
+//!
+//! Requests refuse unknown fields (a typo must not drop a setting);
+//! answers accept them, so an older client keeps working against a newer
+//! server that says more.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "schema")]
+use utoipa::ToSchema;
+
+use crate::NetworkMode;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Interrupted,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::TimedOut,
+        JobStatus::Cancelled,
+        JobStatus::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::TimedOut => "timed_out",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobStatus::ALL
+            .into_iter()
+            .find(|j| j.as_str() == s)
+            .ok_or_else(|| format!("unknown job status {s:?}"))
+    }
+}
+
+/// `{"detail": "..."}`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct ErrorDetail {
+    pub detail: String,
+}
+
+/// One failed field, as FastAPI reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct FieldError {
+    /// Where: ["body", "<field>"] or ["query", "<param>"].
+    pub loc: Vec<String>,
+    pub msg: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+/// `{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct ValidationError {
+    pub detail: Vec<FieldError>,
+}
+
+/// Either error body, as a client reads it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ErrorBody {
+    Detail(ErrorDetail),
+    Fields(ValidationError),
+}
+
+impl fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorBody::Detail(d) => f.write_str(&d.detail),
+            ErrorBody::Fields(v) => {
+                let parts: Vec<String> = v
+                    .detail
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{}: {}",
+                            e.loc.last().map(String::as_str).unwrap_or(""),
+                            e.msg
+                        )
+                    })
+                    .collect();
+                f.write_str(&parts.join("; "))
+            }
+        }
+    }
+}
+
+pub fn default_timeout() -> i64 {
+    600
+}
+
+/// The old API's request (`POST /agent/run`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct AgentRunRequest {
+    /// One of the configured agents (aider, opencode, claude, codex, shell, ...).
+    pub agent: String,
+    pub prompt: String,
+    /// Absolute path of the repository, inside an allowed root.
+    pub repo_path: String,
+    /// Seconds, 1 to 3600.
+    #[serde(default = "default_timeout")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 3600, default = 600))]
+    pub timeout: i64,
+    #[serde(default)]
+    pub extra_args: Option<Vec<String>>,
+}
+
+/// The old API's answer: exactly these five keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct AgentRunResponse {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub returncode: i64,
+    pub error: Option<String>,
+}
+
+/// A new job (`POST /v1/jobs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub agent: String,
+    pub prompt: String,
+    pub repo_path: String,
+    #[serde(default = "default_timeout")]
+    #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 3600, default = 600))]
+    pub timeout: i64,
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// This job's network policy instead of its profile's: "none",
+    /// "host" or "allow:HOST[:PORT],...". It may only narrow the
+    /// profile's, unless the key was granted more (admin keys may use
+    /// any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub network: Option<NetworkMode>,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct JobView {
+    pub id: String,
+    pub agent: String,
+    pub prompt: String,
+    pub repo_path: String,
+    pub timeout_s: i64,
+    pub extra_args: Vec<String>,
+    /// The job's own network policy (null: its profile's).
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub network: Option<NetworkMode>,
+    pub status: JobStatus,
+    /// The key that made the job (its owner).
+    pub key_id: Option<String>,
+    /// Unix time in milliseconds.
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    /// What the sandbox reported (status, duration_ms, changed_files, ...):
+    /// a [`crate::RunResult`] for jobs this version ran.
+    #[cfg_attr(feature = "schema", schema(value_type = Option<Object>))]
+    pub result: Option<serde_json::Value>,
+}
+
+impl JobView {
+    /// The sandbox's report, typed; `None` when there is none or it is
+    /// from a version whose shape this one does not know.
+    pub fn run_result(&self) -> Option<crate::RunResult> {
+        self.result
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+    }
+}
+
+/// One page of jobs, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct JobPage {
+    pub jobs: Vec<JobView>,
+    /// Pass as `cursor` for the next page; null on the last one.
+    pub next_cursor: Option<String>,
+}
+
+/// A job's patch on its new branch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct Applied {
+    /// The new branch, `agentvm/<job-id>`.
+    pub branch: String,
+    pub commit: String,
+}
+
+/// The `end` event of a followed job: how it ended.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct JobEnd {
+    pub status: JobStatus,
+}
+
+/// A new API key (`POST /v1/keys`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// A label for people, 1 to 100 characters.
+    pub name: String,
+    /// Any of read, run, admin.
+    pub scopes: Vec<String>,
+    /// What this key's jobs may use beyond their profile's network policy
+    /// ("none", "host" or "allow:HOST[:PORT],..."); absent: only narrower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub network: Option<NetworkMode>,
+}
+
+/// An API key as the API shows it (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct KeyView {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// "api", "bootstrap" or "file".
+    pub source: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    /// The key's network grant, if any.
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub network: Option<NetworkMode>,
+}
+
+/// A key just made: its secret, shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct NewKey {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// The secret, shown this once and never again.
+    pub key: String,
+}
+
+/// One audited action.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct AuditEventView {
+    pub seq: i64,
+    pub ts: i64,
+    pub key_id: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub client: Option<String>,
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+/// One page of the audit trail, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct AuditPage {
+    pub events: Vec<AuditEventView>,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct Health {
+    /// Always "healthy" when the server answers.
+    pub status: String,
+    pub service: String,
+    pub version: String,
+    pub jobs_running: usize,
+    pub queue_depth: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip_through_serde_and_parse() {
+        for s in JobStatus::ALL {
+            let j = serde_json::to_string(&s).unwrap();
+            assert_eq!(j, format!("\"{}\"", s.as_str()));
+            assert_eq!(serde_json::from_str::<JobStatus>(&j).unwrap(), s);
+            assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
+        }
+        assert!("done".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn a_job_request_refuses_unknown_fields_and_bad_networks() {
+        let ok: JobRequest = serde_json::from_str(
+            r#"{"agent":"shell","prompt":"p","repo_path":"/r","network":"allow:example.com"}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.timeout, 600);
+        assert_eq!(ok.network.unwrap().to_string(), "allow:example.com");
+        let e = serde_json::from_str::<JobRequest>(
+            r#"{"agent":"shell","prompt":"p","repo_path":"/r","netwrok":"host"}"#,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("netwrok"), "{e}");
+        assert!(serde_json::from_str::<JobRequest>(
+            r#"{"agent":"shell","prompt":"p","repo_path":"/r","network":"allow:"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn answers_accept_fields_a_newer_server_adds() {
+        let v = serde_json::json!({"id": "k", "name": "n", "scopes": ["read"], "source": "api",
+            "created_at": 1, "revoked_at": null, "network": null, "expires_at": 5});
+        let k: KeyView = serde_json::from_value(v).unwrap();
+        assert_eq!(k.id, "k");
+    }
+
+    #[test]
+    fn either_error_body_reads_as_text() {
+        let a: ErrorBody = serde_json::from_str(r#"{"detail":"No job x"}"#).unwrap();
+        assert_eq!(a.to_string(), "No job x");
+        let b: ErrorBody = serde_json::from_str(
+            r#"{"detail":[{"loc":["body","timeout"],"msg":"too long","type":"value_error"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(b.to_string(), "timeout: too long");
+    }
+}

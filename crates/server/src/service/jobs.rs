@@ -1,0 +1,411 @@
+//! Jobs: a request judged (agent, repo inside an allowed root, network
+//! narrowing only, refused agent flags) and queued; found, listed,
+//! followed, cancelled, applied and deleted, each by its owner only.
+
+use std::path::{Path, PathBuf};
+
+use agentvm_proto::api::Applied;
+use agentvm_store::{bounded, Job, JobStatus, NetworkMode, NewJob};
+use tokio::sync::mpsc;
+
+use super::{paged, Error, Principal, Result, Service, Slot};
+use crate::auth::Scope;
+use crate::output;
+use crate::runner::SubmitError;
+
+pub const MAX_EXTRA_ARGS: usize = 64;
+pub const MAX_ARG_LEN: usize = 4096;
+pub const MAX_PROMPT: usize = 256 * 1024;
+pub const MAX_NETWORK: usize = 4096;
+
+/// One job request as it arrived (its network already parsed).
+pub struct Ask<'a> {
+    pub agent: &'a str,
+    pub prompt: &'a str,
+    pub repo_path: &'a str,
+    pub timeout: i64,
+    pub extra: &'a [String],
+    pub network: Option<&'a NetworkMode>,
+}
+
+/// What every job request carries, once validated.
+struct Valid {
+    agent: String,
+    prompt: String,
+    repo: PathBuf,
+    timeout: i64,
+    extra_args: Vec<String>,
+    /// The job's own network policy; `None`: its profile's.
+    network: Option<NetworkMode>,
+}
+
+/// Which jobs a list shows.
+#[derive(Debug, Default)]
+pub struct JobFilter<'a> {
+    pub status: Option<JobStatus>,
+    pub agent: Option<&'a str>,
+    pub limit: i64,
+    pub cursor: Option<i64>,
+}
+
+impl Service {
+    fn validate(&self, p: &Principal, a: &Ask) -> Result<Valid> {
+        if !(1..=3600).contains(&a.timeout) {
+            return Err(Error::invalid(
+                "body",
+                "timeout",
+                "timeout must be between 1 and 3600 seconds",
+            ));
+        }
+        if a.prompt.is_empty() {
+            return Err(Error::invalid("body", "prompt", "prompt must not be empty"));
+        }
+        if a.prompt.len() > MAX_PROMPT || a.prompt.contains('\0') {
+            return Err(Error::invalid(
+                "body",
+                "prompt",
+                "prompt must be at most 256 KiB and contain no NUL",
+            ));
+        }
+        if a.extra.len() > MAX_EXTRA_ARGS
+            || a.extra
+                .iter()
+                .any(|x| x.len() > MAX_ARG_LEN || x.contains('\0'))
+        {
+            return Err(Error::invalid(
+                "body",
+                "extra_args",
+                "at most 64 arguments of at most 4096 bytes, no NUL",
+            ));
+        }
+        if a.repo_path.is_empty() || a.repo_path.contains('\0') {
+            return Err(Error::invalid(
+                "body",
+                "repo_path",
+                "repo_path must be a non-empty path",
+            ));
+        }
+        let Some(profile) = self.cfg.agents.get(a.agent) else {
+            let valid: Vec<&str> = self.cfg.agents.keys().map(String::as_str).collect();
+            return Err(Error::Unknown(format!(
+                "Unknown agent '{}'. Valid agents: {}",
+                bounded(a.agent, 64),
+                valid.join(", ")
+            )));
+        };
+        if let Some((arg, flag)) = profile.refused_arg(a.extra) {
+            return Err(Error::Forbidden(format!(
+                "extra_args: {} ({flag}) changes where the {} agent's traffic or credentials go; its profile refuses it (refused_args in the server's config)",
+                bounded(arg, 64),
+                a.agent
+            )));
+        }
+        let network = match a.network {
+            None => None,
+            Some(n) => Some(check_network(profile, a.agent, n, p)?),
+        };
+        let repo = check_repo(&self.roots, a.repo_path)?;
+        Ok(Valid {
+            agent: a.agent.into(),
+            prompt: a.prompt.into(),
+            repo,
+            timeout: a.timeout,
+            extra_args: a.extra.to_vec(),
+            network,
+        })
+    }
+
+    /// Validate a job request, queue it, and audit the outcome under
+    /// `action` (`job.create`, or `agent.run` for the old API).
+    pub async fn submit(&self, p: &Principal, action: &str, ask: &Ask<'_>) -> Result<Job> {
+        self.need_mut(p, Scope::Run, action, None).await?;
+        let v = match self.validate(p, ask) {
+            Ok(v) => v,
+            Err(e) => return self.rejected(p, action, None, e).await,
+        };
+        let job = self
+            .runner
+            .submit(NewJob {
+                id: new_job_id(),
+                agent: v.agent,
+                prompt: v.prompt,
+                repo_path: v.repo.to_string_lossy().into_owned(),
+                timeout_s: v.timeout,
+                extra_args: v.extra_args,
+                key_id: Some(p.key.id.clone()),
+                network: v.network,
+            })
+            .await
+            .map_err(submit_error)?;
+        self.record(p, action, Some(&job.id), "accepted", None)
+            .await;
+        Ok(job)
+    }
+
+    /// The job `id`, if it is `p`'s (or `p` is admin): anyone else's is as
+    /// unknown as a job that never was.
+    pub async fn find(&self, p: &Principal, id: &str) -> Result<Job> {
+        let missing = || Error::NotFound(format!("No job {}", bounded(id, 64)));
+        // ids are job_ and 16 hex digits: anything else is not looked up
+        if id.len() > 64 {
+            return Err(missing());
+        }
+        match self.store.get_job(id).await? {
+            Some(j) if p.owns(&j) => Ok(j),
+            _ => Err(missing()),
+        }
+    }
+
+    /// One job, for a reader.
+    pub async fn job(&self, p: &Principal, id: &str) -> Result<Job> {
+        p.need(Scope::Read)?;
+        self.find(p, id).await
+    }
+
+    /// Jobs newest first: `p`'s own (every job for admin keys), and the
+    /// cursor of the next page.
+    pub async fn list_jobs(
+        &self,
+        p: &Principal,
+        f: &JobFilter<'_>,
+    ) -> Result<(Vec<Job>, Option<String>)> {
+        p.need(Scope::Read)?;
+        let owner = (!p.is_admin()).then_some(p.key.id.as_str());
+        let jobs = self
+            .store
+            .list_jobs(owner, f.status, f.agent, f.cursor, f.limit + 1)
+            .await?;
+        Ok(paged(jobs, f.limit, |j| j.seq))
+    }
+
+    /// The job's output, stored then live, then its end; holds one of
+    /// `p`'s stream slots until the reader goes away.
+    pub async fn follow(
+        &self,
+        p: &Principal,
+        id: &str,
+        after: i64,
+    ) -> Result<mpsc::Receiver<output::Item>> {
+        let (job, slot) = self.open_stream(p, id).await?;
+        Ok(output::stored_then_live(
+            self.store.clone(),
+            self.runner.clone(),
+            job,
+            after,
+            slot,
+        ))
+    }
+
+    /// A job to read from a stream (its log, recording or patch), with the
+    /// stream slot that reading holds.
+    pub async fn open_stream(&self, p: &Principal, id: &str) -> Result<(Job, Slot)> {
+        let job = self.job(p, id).await?;
+        let slot = self.slot(p)?;
+        Ok((job, slot))
+    }
+
+    /// A job to read the patch of: only once it has ended.
+    pub async fn open_patch(&self, p: &Principal, id: &str) -> Result<(Job, Slot)> {
+        let job = self.job(p, id).await?;
+        if !job.status.is_final() {
+            return Err(Error::Conflict(format!(
+                "Job {id} is {}; its patch is stored when it ends",
+                job.status.as_str()
+            )));
+        }
+        let slot = self.slot(p)?;
+        Ok((job, slot))
+    }
+
+    /// Cancel a queued or running job; the job as it is now.
+    pub async fn cancel(&self, p: &Principal, id: &str) -> Result<Job> {
+        const A: &str = "job.cancel";
+        self.need_mut(p, Scope::Run, A, Some(id)).await?;
+        let job = self.find(p, id).await?;
+        if job.status.is_final() || !self.runner.cancel(id).await? {
+            let e = Error::Conflict(format!(
+                "Job {id} has already ended ({})",
+                job.status.as_str()
+            ));
+            return self.rejected(p, A, Some(id), e).await;
+        }
+        self.record(p, A, Some(id), "accepted", None).await;
+        self.find(p, id).await
+    }
+
+    /// Put the job's patch on a new branch `agentvm/<job-id>` of its
+    /// repository (see `agentvm_workspace::apply_to_branch` for the rules).
+    pub async fn apply(&self, p: &Principal, id: &str) -> Result<Applied> {
+        const A: &str = "job.apply";
+        self.need_mut(p, Scope::Run, A, Some(id)).await?;
+        let job = self.find(p, id).await?;
+        if !job.status.is_final() {
+            return Err(Error::Conflict(format!(
+                "Job {id} is {}; apply it when it has ended",
+                job.status.as_str()
+            )));
+        }
+        // the repo must still be inside an allowed root
+        let repo = check_repo(&self.roots, &job.repo_path).map_err(|_| {
+            Error::Conflict(
+                "The job's repository is gone or no longer inside an allowed root".into(),
+            )
+        })?;
+        let patch = self.store.patch(id).await?.flatten().unwrap_or_default();
+        let branch = format!("agentvm/{id}");
+        let message = format!("{}\n\nAgentVM-Job: {id}\n", job.prompt.trim_end());
+        let b2 = branch.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            agentvm_workspace::apply_to_branch(&repo, &patch, &b2, &message)
+        })
+        .await
+        .map_err(|_| Error::Internal("internal error while applying".into()))?;
+        match res {
+            Ok(commit) => {
+                self.record(p, A, Some(id), "ok", Some(&branch)).await;
+                Ok(Applied { branch, commit })
+            }
+            Err(e) => {
+                use agentvm_workspace::ApplyError as E;
+                let err = match e {
+                    E::Git(_) => {
+                        tracing::error!(job = %id, error = %e, "apply failed");
+                        Error::Internal(e.to_string())
+                    }
+                    _ => Error::Conflict(e.to_string()),
+                };
+                self.rejected(p, A, Some(id), err).await
+            }
+        }
+    }
+
+    /// Delete an ended job with its output and patch.
+    pub async fn delete(&self, p: &Principal, id: &str) -> Result<()> {
+        const A: &str = "job.delete";
+        self.need_mut(p, Scope::Run, A, Some(id)).await?;
+        let job = self.find(p, id).await?;
+        if !self.store.delete_job(id).await? {
+            let e = Error::Conflict(format!(
+                "Job {id} is {}; cancel it first",
+                job.status.as_str()
+            ));
+            return self.rejected(p, A, Some(id), e).await;
+        }
+        self.record(p, A, Some(id), "ok", None).await;
+        Ok(())
+    }
+}
+
+/// A job's own network policy may narrow its profile's, never widen it:
+/// a key may go beyond the profile only as far as an admin granted it
+/// (its `network`), and admin keys may use any policy. Loopback, private
+/// and metadata addresses are reachable only when named, so only an
+/// admin-set profile or grant can open them.
+fn check_network(
+    profile: &crate::config::Profile,
+    agent: &str,
+    want: &NetworkMode,
+    p: &Principal,
+) -> Result<NetworkMode> {
+    if want.to_string().len() > MAX_NETWORK {
+        return Err(Error::invalid(
+            "body",
+            "network",
+            format!("network must be at most {MAX_NETWORK} bytes"),
+        ));
+    }
+    let base = &profile.network;
+    let grant = p.key.network.as_ref();
+    if p.is_admin() || base.covers(want) || grant.is_some_and(|g| g.covers(want)) {
+        return Ok(want.clone());
+    }
+    Err(Error::Forbidden(format!(
+        "network {want} is wider than the {agent} profile's ({base}): a request may only narrow it; an admin can grant a key more (agentvm keys create --network)"
+    )))
+}
+
+/// `repo_path` must be an absolute path to a directory inside an allowed
+/// root after every symlink is resolved.
+pub fn check_repo(roots: &[PathBuf], repo_path: &str) -> Result<PathBuf> {
+    let p = Path::new(repo_path);
+    let shown = bounded(repo_path, 512);
+    if !p.is_absolute() {
+        return Err(Error::invalid(
+            "body",
+            "repo_path",
+            format!("{shown} is not an absolute path"),
+        ));
+    }
+    if roots.is_empty() {
+        return Err(Error::Forbidden(
+            "No allowed roots are configured: start the server with --allowed-root DIR (or allowed_roots in the config file) to let jobs use repositories under DIR".into(),
+        ));
+    }
+    let canon = std::fs::canonicalize(p).map_err(|_| {
+        Error::invalid(
+            "body",
+            "repo_path",
+            format!("{shown} does not exist or the server cannot read it"),
+        )
+    })?;
+    if !canon.is_dir() {
+        return Err(Error::invalid(
+            "body",
+            "repo_path",
+            format!("{shown} is not a directory"),
+        ));
+    }
+    if !roots.iter().any(|r| canon.starts_with(r)) {
+        let list: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+        return Err(Error::Forbidden(format!(
+            "{} is outside the allowed roots ({}); the server's --allowed-root (allowed_roots in its config) decides which trees jobs may use",
+            canon.display(),
+            list.join(", ")
+        )));
+    }
+    Ok(canon)
+}
+
+fn new_job_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("job_{}", hex::encode(b))
+}
+
+fn submit_error(e: SubmitError) -> Error {
+    match e {
+        SubmitError::QueueFull(n) => Error::Busy {
+            msg: format!("The job queue is full ({n} waiting); retry later"),
+            retry_s: 5,
+        },
+        SubmitError::Draining => Error::Unavailable {
+            msg: "The server is shutting down and accepts no new jobs".into(),
+            retry_s: 10,
+        },
+        SubmitError::Store(e) => e.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A repo accepted after canonicalisation always lies inside a root,
+        /// whatever `..`, `.` and `/` sequences the path holds.
+        #[test]
+        fn accepted_repos_stay_inside_the_roots(parts in proptest::collection::vec(prop_oneof![Just(".."), Just("."), Just("inner"), Just("link"), Just(""), Just("nope")], 0..8)) {
+            let t = tempfile::tempdir().unwrap();
+            let root = t.path().join("root");
+            std::fs::create_dir_all(root.join("inner")).unwrap();
+            std::os::unix::fs::symlink(t.path(), root.join("link")).unwrap();
+            let root = std::fs::canonicalize(&root).unwrap();
+            let p = format!("{}/{}", root.display(), parts.join("/"));
+            if let Ok(ok) = check_repo(std::slice::from_ref(&root), &p) {
+                prop_assert!(ok.starts_with(&root), "{} escaped to {}", p, ok.display());
+            }
+        }
+    }
+}
