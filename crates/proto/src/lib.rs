@@ -23,4 +23,5 @@ pub use egress::{EgressLine, EgressRecord, Phase, Unrecorded};
 pub use network::{NetworkMode, Policy};
 pub use run::{
     Layers, Limits, NetworkKind, PatchLimits, Repo, RunErrorInfo, RunRequest, RunResult, RunStatus,
+    Tty,
 };

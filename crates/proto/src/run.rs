@@ -59,6 +59,26 @@ pub struct RunRequest {
     /// What isolates the command.
     #[serde(default)]
     pub backend: BackendKind,
+    /// A terminal for the command instead of the runner's own 0, 1 and 2.
+    #[serde(default)]
+    pub tty: Option<Tty>,
+}
+
+/// The most rows or columns a terminal may have.
+pub const TTY_MAX: u16 = 1000;
+
+/// The command runs on a terminal of the sandbox's own, `rows` x `cols`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tty {
+    pub rows: u16,
+    pub cols: u16,
+    /// A Unix socket the runner inherited at this number: the terminal's
+    /// primary side is sent there (one message "pty" with the descriptor
+    /// attached), for the parent to read and write. Without it the runner
+    /// relays between its own stdin and stdout and the terminal.
+    #[serde(default)]
+    pub console_fd: Option<i32>,
 }
 
 /// The sandbox backends a request may name.
@@ -215,6 +235,7 @@ impl RunRequest {
             layers: Layers::default(),
             die_with_parent: false,
             backend: BackendKind::Ns,
+            tty: None,
         }
     }
 
@@ -243,6 +264,17 @@ impl RunRequest {
                 return Err(format!(
                     "egress events fd {n}: not a descriptor the runner may take over"
                 ));
+            }
+        }
+        if let Some(t) = &self.tty {
+            if !(1..=TTY_MAX).contains(&t.rows) || !(1..=TTY_MAX).contains(&t.cols) {
+                return Err(format!(
+                    "terminal {}x{}: rows and columns must be 1 to {TTY_MAX}",
+                    t.rows, t.cols
+                ));
+            }
+            if t.console_fd.is_some_and(|n| n < 3) {
+                return Err("console fd: not a descriptor the runner may take over".into());
             }
         }
         if let Some(p) = self.limits.pids {
@@ -447,6 +479,26 @@ mod tests {
 
     #[test]
     fn check_refuses_what_the_flags_refuse() {
+        let tty = |rows, cols, console_fd| {
+            Some(Tty {
+                rows,
+                cols,
+                console_fd,
+            })
+        };
+        let mut ok = req();
+        ok.tty = tty(24, 80, Some(5));
+        assert!(ok.check().is_ok());
+        for t in [
+            tty(0, 80, None),
+            tty(24, 0, None),
+            tty(24, 1001, None),
+            tty(24, 80, Some(1)),
+        ] {
+            let mut r = req();
+            r.tty = t;
+            assert!(r.check().is_err(), "{t:?} passed");
+        }
         let bad: [fn(&mut RunRequest); 11] = [
             |r| r.limits.timeout_ms = Some(0),
             |r| r.limits.memory = Some(0),

@@ -15,6 +15,7 @@
 
 pub mod egress;
 pub mod run;
+pub mod tty;
 
 /// Exit status when the sandbox could not be set up.
 pub const EXIT_SETUP: u8 = 125;

@@ -98,6 +98,11 @@ pub struct RunArgs {
     /// Run without cgroups; refuses any cgroup limit (--memory, --pids, --cpus, --cpu-quota).
     #[arg(long)]
     no_cgroup: bool,
+    /// Run the command on a terminal of the sandbox's own (its size the
+    /// caller's terminal's, else 24x80), relayed to this one's stdin and
+    /// stdout: for interactive programs (a shell, an agent's TUI).
+    #[arg(long, short = 't')]
+    tty: bool,
     /// Die when the process that started this one dies (used by the server).
     #[arg(long, hide = true)]
     die_with_parent: bool,
@@ -147,6 +152,14 @@ impl RunArgs {
             cgroup: !self.no_cgroup,
         };
         req.die_with_parent = self.die_with_parent;
+        req.tty = self.tty.then(|| {
+            let (rows, cols) = crate::tty::own_size().unwrap_or((24, 80));
+            agentvm_proto::Tty {
+                rows,
+                cols,
+                console_fd: None,
+            }
+        });
         req
     }
 }
@@ -486,6 +499,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
         repo: repo.clone(),
         repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
         ro_binds,
+        stdio: agentvm_sandbox::Stdio::Inherit,
         network: match args.network {
             NetworkMode::None => Network::None,
             NetworkMode::Host => Network::Host,
@@ -524,6 +538,34 @@ pub fn execute(args: RunRequest) -> ExitCode {
         }
         NetworkMode::None | NetworkMode::Host => None,
     };
+    // a terminal: sent to the server's console socket, or relayed here
+    let mut relay = None;
+    let mut console_end = None;
+    if let Some(t) = args.tty {
+        let console = match t.console_fd {
+            Some(n) => match crate::tty::is_socket(n) {
+                Ok(()) => n,
+                Err(e) => return fail(&format!("the console fd {n}: {e}")),
+            },
+            None => match crate::tty::console_pair() {
+                Ok((ours, theirs)) => match crate::tty::Relay::start(theirs, &ours) {
+                    Ok(r) => {
+                        relay = Some(r);
+                        let n = ours.as_raw_fd();
+                        console_end = Some(ours);
+                        n
+                    }
+                    Err(e) => return fail(&format!("sandbox setup failed: terminal: {e}")),
+                },
+                Err(e) => return fail(&format!("sandbox setup failed: terminal: {e}")),
+            },
+        };
+        spec.stdio = agentvm_sandbox::Stdio::Pty {
+            console,
+            rows: t.rows,
+            cols: t.cols,
+        };
+    }
     let outcome = match agentvm_sandbox::backend::by_name(args.backend.name()) {
         Some(b) => b.run(&spec),
         None => {
@@ -533,6 +575,11 @@ pub fn execute(args: RunRequest) -> ExitCode {
             ))
         }
     };
+    // the relay ends when the terminal does, or at once if none was sent
+    drop(console_end);
+    if let Some(r) = relay {
+        r.finish();
+    }
     if let Some(p) = proxy {
         let (records, unrecorded) = p.finish();
         result.egress = Some(records);

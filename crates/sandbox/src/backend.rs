@@ -48,4 +48,43 @@ mod tests {
         assert!(by_name("vm").is_none());
         assert!(by_name("").is_none());
     }
+
+    /// Started from a process with threads (this test harness has them),
+    /// the namespace backend refuses before it clones: the child would
+    /// get only the calling thread, and a lock another one held would
+    /// hang init. Nothing is created, so this needs no privilege.
+    #[test]
+    fn a_process_with_threads_is_refused_before_anything_is_cloned() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        let spec = crate::SandboxSpec {
+            argv: vec!["true".into()],
+            env: vec![],
+            repo: None,
+            repo_fd: None,
+            ro_binds: vec![],
+            stdio: crate::Stdio::Inherit,
+            network: crate::Network::None,
+            limits: crate::Limits {
+                disk: 1 << 20,
+                ..Default::default()
+            },
+            layers: crate::Layers {
+                seccomp: true,
+                landlock: false,
+                cgroup: false,
+            },
+            root_maps_to: crate::spec::DEFAULT_ROOT_MAPS_TO,
+            protected: vec![],
+            proxy_socket: None,
+            cgroup_parent: None,
+        };
+        let e = Namespaces.run(&spec).err().map(|e| e.to_string());
+        let _ = tx.send(());
+        let _ = t.join();
+        let e = e.unwrap_or_else(|| panic!("a sandbox started from a process with threads"));
+        assert!(e.contains("single-threaded"), "{e}");
+    }
 }

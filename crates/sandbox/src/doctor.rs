@@ -153,6 +153,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         repo: None,
         repo_fd: None,
         ro_binds: Vec::new(),
+        stdio: crate::spec::Stdio::Inherit,
         network: Network::None,
         limits: Limits {
             disk: 1 << 20,

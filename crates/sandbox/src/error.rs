@@ -19,6 +19,8 @@ pub enum Layer {
     NoNewPrivs,
     Seccomp,
     Exec,
+    /// The sandbox's own terminal (`Stdio::Pty`).
+    Terminal,
     Supervisor,
 }
 
@@ -37,6 +39,7 @@ impl std::fmt::Display for Layer {
             Layer::NoNewPrivs => "no_new_privs",
             Layer::Seccomp => "seccomp",
             Layer::Exec => "exec",
+            Layer::Terminal => "terminal",
             Layer::Supervisor => "supervisor",
         };
         f.write_str(s)

@@ -26,5 +26,6 @@ pub mod spec;
 
 pub use backend::Backend;
 pub use error::{ExecFailure, Layer, RunError, SetupError};
+pub use ns::receive_console;
 pub use ns::{Ended, Outcome};
-pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec};
+pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec, Stdio};

@@ -74,6 +74,28 @@ impl Default for Layers {
     }
 }
 
+/// What the command's descriptors 0, 1 and 2 are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stdio {
+    /// The caller's own 0, 1 and 2, as they are (pipes, files, a terminal).
+    #[default]
+    Inherit,
+    /// A new terminal that belongs to the sandbox: the command leads a new
+    /// session with the terminal's secondary side as its controlling
+    /// terminal on 0, 1 and 2. The backend sends the primary side over
+    /// `console` (a Unix socket of the caller's: one message "pty" with
+    /// the descriptor attached) once the command is started; the caller
+    /// reads output and writes input there, and sets the size with
+    /// TIOCSWINSZ. The terminal is the sandbox's own (the namespace
+    /// backend allocates it from the sandbox's private devpts), so nothing
+    /// inside holds a terminal of the host.
+    Pty {
+        console: std::os::fd::RawFd,
+        rows: u16,
+        cols: u16,
+    },
+}
+
 /// An extra read-only bind mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoBind {
@@ -99,6 +121,7 @@ pub struct SandboxSpec {
     /// inode), so a path swapped after the caller's checks changes nothing.
     pub repo_fd: Option<std::os::fd::RawFd>,
     pub ro_binds: Vec<RoBind>,
+    pub stdio: Stdio,
     pub network: Network,
     pub limits: Limits,
     pub layers: Layers,

@@ -394,6 +394,62 @@ fn check(name: &str, arg: Option<&str>) -> Outcome {
             let r = unsafe { libc::ioctl(0, libc::TIOCSTI, &c as *const u8) };
             expect_fail("ioctl(TIOCSTI)", sys(r as libc::c_long), &[libc::EPERM])
         }
+        "terminal" => {
+            // With --tty: 0, 1 and 2 are a terminal of the sandbox's own
+            // devpts (not the host's, whose device is ARG), the command
+            // leads its session, no descriptor reaches a host terminal,
+            // and TIOCSTI is refused on its own terminal too.
+            let host_pts: u64 = arg.and_then(|a| a.parse().ok()).unwrap_or(u64::MAX);
+            let dev_of = |fd: i32| {
+                // SAFETY: fstat into a zeroed stat we own.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_mode))
+            };
+            for fd in 0..3 {
+                // SAFETY: isatty on a descriptor number.
+                if unsafe { libc::isatty(fd) } != 1 {
+                    return escaped(format!("fd {fd} is not a terminal"));
+                }
+            }
+            let mut host_terms = Vec::new();
+            for e in std::fs::read_dir("/proc/self/fd")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                if let Some((dev, mode)) = dev_of(fd) {
+                    if mode & libc::S_IFMT == libc::S_IFCHR && dev == host_pts {
+                        host_terms.push(fd);
+                    }
+                }
+            }
+            if !host_terms.is_empty() {
+                return escaped(format!(
+                    "descriptors {host_terms:?} are terminals of the host"
+                ));
+            }
+            // SAFETY: getsid and getpid take no pointers.
+            let (sid, pid) = unsafe { (libc::getsid(0), libc::getpid()) };
+            if sid != pid {
+                return escaped(format!("not a session leader (sid {sid}, pid {pid})"));
+            }
+            let c = b'x';
+            // SAFETY: TIOCSTI reads one byte.
+            let r = unsafe { libc::ioctl(0, libc::TIOCSTI, &c as *const u8) };
+            if r == 0 {
+                return escaped("TIOCSTI worked on the sandbox's terminal");
+            }
+            blocked(format!(
+                "own terminal {}, session leader, TIOCSTI errno {}",
+                std::fs::read_link("/proc/self/fd/0")
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                errno()
+            ))
+        }
         "init" => {
             // The sandbox's init holds the channel to the host: it must be
             // out of reach.

@@ -7,3 +7,4 @@ mod egress;
 mod newcomer;
 mod policy;
 pub mod server;
+mod tty;

@@ -3,9 +3,9 @@
 
 use super::*;
 
-pub(super) fn command_main(p: &Prepared, report: OwnedFd) -> ! {
+pub(super) fn command_main(p: &Prepared, report: OwnedFd, pty: Option<u32>) -> ! {
     let mut out = std::fs::File::from(report);
-    let err = match command_setup(p, &mut out) {
+    let err = match command_setup(p, &mut out, pty) {
         Ok(e) => e,
         Err(e) => ChildReport::Setup(e),
     };
@@ -21,6 +21,7 @@ pub(super) fn command_main(p: &Prepared, report: OwnedFd) -> ! {
 pub(super) fn command_setup(
     p: &Prepared,
     report: &mut std::fs::File,
+    pty: Option<u32>,
 ) -> Result<ChildReport, SetupError> {
     let spec = p.spec;
     // Signals: default dispositions, nothing blocked (both survive exec).
@@ -37,6 +38,9 @@ pub(super) fn command_setup(
     );
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+    if let Some(n) = pty {
+        attach_secondary(n)?;
+    }
     chdir(WORKSPACE_DIR).map_err(os(Layer::Mounts, "chdir /workspace"))?;
     // Only stdin, stdout and stderr cross the exec.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.

@@ -127,6 +127,11 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong) };
 
+    // the sandbox's own terminal, from its private devpts
+    let pty = match p.spec.stdio {
+        Stdio::Pty { rows, cols, .. } => Some(open_primary(rows, cols)?),
+        Stdio::Inherit => None,
+    };
     let (rd, wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(os(Layer::Supervisor, "pipe2"))?;
     // SAFETY: fork in a single-threaded process.
@@ -134,11 +139,16 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
         Err(e) => return Err(SetupError::os(Layer::Supervisor, "fork", e)),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(rd);
-            command_main(p, wr)
+            command_main(p, wr, pty.as_ref().map(|(_, n)| *n))
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => child,
     };
     drop(wr);
+    if let Some((primary, _)) = pty {
+        // the caller gets the only primary side; init keeps none
+        send(sock, &Report::Console, Some(primary.as_raw_fd()))
+            .map_err(|e| SetupError::os(Layer::Terminal, "handing over the terminal", e))?;
+    }
     let mut buf = Vec::new();
     let _ = std::fs::File::from(rd).read_to_end(&mut buf);
     let mut landlock_abi = 0;

@@ -36,7 +36,7 @@ use crate::cgroup::Cgroup;
 use crate::error::{ExecFailure, Layer, RunError, SetupError};
 use crate::policy::ProcRule;
 use crate::spec::{
-    Network, SandboxSpec, HOME_DIR, HOSTNAME, PROXY_ADDR, PROXY_SOCKET, WORKSPACE_DIR,
+    Network, SandboxSpec, Stdio, HOME_DIR, HOSTNAME, PROXY_ADDR, PROXY_SOCKET, WORKSPACE_DIR,
 };
 use crate::{caps, landlock_layer, seccomp};
 
@@ -44,6 +44,7 @@ mod bridge;
 mod command;
 mod init;
 mod protocol;
+mod pty;
 mod rootfs;
 mod supervisor;
 
@@ -51,6 +52,8 @@ use self::bridge::*;
 use self::command::*;
 use self::init::*;
 use self::protocol::*;
+pub use self::pty::receive_console;
+use self::pty::*;
 use self::rootfs::*;
 use self::supervisor::*;
 

@@ -11,6 +11,9 @@ pub(super) enum Report {
     Go,
     /// Sent with the upper directory's descriptor attached.
     Upper,
+    /// Sent with the primary side of the sandbox's terminal attached
+    /// (`Stdio::Pty` only).
+    Console,
     Started {
         landlock_abi: u32,
     },

@@ -28,8 +28,29 @@ pub(super) struct CloneArgs {
     cgroup: u64,
 }
 
+/// The threads of this process (from /proc/self/task).
+pub(super) fn thread_count() -> std::io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
 /// fork(2) into new namespaces. Returns 0 in the child.
+///
+/// Refused unless this process is single-threaded: the child gets only
+/// the calling thread, and a lock another thread held at that moment (the
+/// allocator's, stdout's) would stay locked in init forever, a sandbox
+/// that hangs instead of running. Callers that need a helper (the egress
+/// proxy, a terminal relay) fork it first.
 pub(super) fn clone_into(flags: u64) -> Result<i32, SetupError> {
+    match thread_count() {
+        Ok(1) => {}
+        Ok(n) => {
+            return Err(SetupError::new(
+                Layer::Supervisor,
+                format!("the sandbox must be started from a single-threaded process, and this one has {n} threads (a bug in the caller)"),
+            ))
+        }
+        Err(e) => return Err(SetupError::os(Layer::Supervisor, "counting threads", e)),
+    }
     let mut args = CloneArgs {
         flags,
         exit_signal: libc::SIGCHLD as u64,
@@ -216,6 +237,22 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
         }
         match recv(&parent_sock) {
             Ok(Some((Report::Upper, fd))) => upper = fd,
+            Ok(Some((Report::Console, fd))) => {
+                let sent = match (p.spec.stdio, &fd) {
+                    (Stdio::Pty { console, .. }, Some(fd)) => hand_over(console, fd.as_raw_fd()),
+                    _ => Err(std::io::Error::other("a terminal nobody asked for")),
+                };
+                drop(fd);
+                if let Err(e) = sent {
+                    kill_child(Signal::SIGKILL);
+                    return Err(SetupError::os(
+                        Layer::Terminal,
+                        "handing the terminal to the caller",
+                        e,
+                    )
+                    .into());
+                }
+            }
             Ok(Some((Report::Started { landlock_abi: abi }, _))) => {
                 setup_time = Some(started.elapsed());
                 landlock_abi = abi;
