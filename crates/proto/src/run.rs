@@ -266,6 +266,17 @@ impl RunRequest {
                 ));
             }
         }
+        if let Some(p) = &self.cgroup_parent {
+            if p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+                || p.as_os_str().as_encoded_bytes().contains(&0)
+            {
+                return Err(format!(
+                    "cgroup parent {}: a path inside the cgroup hierarchy, without ..",
+                    p.display()
+                ));
+            }
+        }
         if let Some(t) = &self.tty {
             if !(1..=TTY_MAX).contains(&t.rows) || !(1..=TTY_MAX).contains(&t.cols) {
                 return Err(format!(
@@ -499,7 +510,7 @@ mod tests {
             r.tty = t;
             assert!(r.check().is_err(), "{t:?} passed");
         }
-        let bad: [fn(&mut RunRequest); 11] = [
+        let bad: [fn(&mut RunRequest); 12] = [
             |r| r.limits.timeout_ms = Some(0),
             |r| r.limits.memory = Some(0),
             |r| r.limits.disk = Some(0),
@@ -511,6 +522,7 @@ mod tests {
             |r| r.limits.cpus = Some("x".into()),
             |r| r.env.push(("1A".into(), "x".into())),
             |r| r.env_pass.push("A-B".into()),
+            |r| r.cgroup_parent = Some("../../etc".into()),
         ];
         for (i, f) in bad.iter().enumerate() {
             let mut r = req();

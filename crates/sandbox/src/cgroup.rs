@@ -227,6 +227,18 @@ impl Cgroup {
                     )
                 })?;
             let rel = match parent {
+                Some(p)
+                    if p.components()
+                        .any(|c| matches!(c, std::path::Component::ParentDir)) =>
+                {
+                    return Err(SetupError::new(
+                        Layer::Cgroup,
+                        format!(
+                            "the cgroup parent {} climbs out of the hierarchy (..)",
+                            p.display()
+                        ),
+                    ))
+                }
                 Some(p) => p.strip_prefix("/").unwrap_or(p).to_path_buf(),
                 None => own_path(&h.version, ctrl),
             };
@@ -419,5 +431,28 @@ mod sweep_tests {
         ] {
             assert_eq!(owner_pid(other), None, "{other}");
         }
+    }
+
+    /// A parent that climbs out of the hierarchy is refused before any
+    /// directory is made (where no hierarchy is mounted, that is said
+    /// instead: either way nothing is created).
+    #[test]
+    fn a_parent_with_dotdot_is_refused() {
+        let limits = crate::Limits {
+            pids: Some(8),
+            ..Default::default()
+        };
+        let e = super::Cgroup::create(
+            &limits,
+            Some(std::path::Path::new("../../etc")),
+            "agentvm-t",
+        )
+        .err()
+        .unwrap_or_else(|| panic!("a parent with .. was accepted"));
+        assert!(
+            e.message.contains("climbs out") || e.message.contains("no cgroup hierarchy"),
+            "{e}"
+        );
+        assert!(!std::path::Path::new("/sys/fs/etc").exists());
     }
 }

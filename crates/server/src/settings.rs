@@ -174,6 +174,13 @@ impl Settings {
             flag_secrets.push((n.to_string(), PathBuf::from(f)));
         }
         let secrets = crate::config::resolve_secrets(&self.secrets, &flag_secrets, &agents)?;
+        if let Some(c) = &self.cgroup_parent {
+            if c.is_empty() || c.contains('\0') || c.split('/').any(|part| part == "..") {
+                return Err(format!(
+                    "--cgroup-parent {c:?} (cgroup_parent in the config): a path inside the cgroup hierarchy, without .."
+                ));
+            }
+        }
         Ok(Config {
             listen,
             data_dir: self.data_dir.unwrap_or(host.default_data_dir),
@@ -248,6 +255,7 @@ mod tests {
             ("max_output = \"lots\"", "max_output:"),
             ("shutdown_grace = \"soon\"", "shutdown_grace:"),
             ("listen = \"nowhere\"", "listen \"nowhere\""),
+            ("cgroup_parent = \"../../etc\"", "--cgroup-parent"),
         ] {
             let s: Settings = toml::from_str(toml_text).unwrap();
             let e = s.resolve(host()).unwrap_err();

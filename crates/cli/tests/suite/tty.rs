@@ -91,10 +91,12 @@ fn the_terminal_is_the_sandboxs_own_never_the_hosts() {
             code, 99,
             "{who:?}: the probe is NOT inside a sandbox: {out}"
         );
+        // the report is the last line holding one; what the terminal
+        // echoed of the (closed) input may come before it on that line
         let line = out
             .lines()
             .rev()
-            .find(|l| l.starts_with('{'))
+            .find_map(|l| l.find("{\"").map(|i| &l[i..]))
             .unwrap_or_else(|| panic!("{who:?}: no report: {out}"));
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(v["blocked"], true, "{who:?}: {out}");
