@@ -17,6 +17,7 @@ pub mod recording;
 pub mod redact;
 pub mod runner;
 pub mod service;
+pub mod session;
 pub mod settings;
 pub mod verdict;
 pub use agentvm_proto::units;

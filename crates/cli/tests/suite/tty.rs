@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
+use std::sync::Arc;
 
 use crate::common::*;
 
@@ -251,5 +252,106 @@ fn a_console_socket_receives_the_terminal() {
         assert_eq!(o.status.code(), Some(125), "{fd}: {o:?}");
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(says), "{fd}: {e}");
+    }
+}
+
+/// The session path end to end, as the server will drive it: the runner
+/// with a console socket, the terminal it sends taken over by
+/// `session::Terminal`, a writer typing into the sandbox's shell, the
+/// output redacted on the screen and in a recording that asciinema's own
+/// parser accepts.
+#[test]
+fn a_sandbox_terminal_drives_a_session_screen_and_recording() {
+    use agentvm_server::redact::Redactor;
+    use agentvm_server::session::screen::{Frame, Screen};
+    use agentvm_server::session::terminal::{Recording, Terminal};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+    const TOKEN: &str = "sk-agentvm-session-test-9876543210";
+    let dir = tempdir();
+    let f = dir.path().join("request.json");
+    let req = serde_json::json!({
+        "command": ["sh", "-c", "read line; echo \"got $line $TOKEN\"; exit 6"],
+        "tty": {"rows": 24, "cols": 80, "console_fd": 5},
+        "env": [["TOKEN", TOKEN]],
+        "limits": {"timeout_ms": 30000},
+    });
+    std::fs::write(&f, req.to_string()).unwrap();
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(bin_dir().join("agentvm-run"));
+    cmd.arg("run-request")
+        .arg(&f)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(theirs);
+    let primary = agentvm_sandbox::receive_console(ours.as_fd())
+        .unwrap()
+        .unwrap_or_else(|| panic!("no terminal"));
+    let cast = dir.path().join("session.cast");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen = rt.block_on(async {
+        let screen = Arc::new(Screen::new(64 * 1024, 256, 4));
+        let rec = Recording::create(&cast, 24, 80, "agentvm session test").unwrap();
+        let term =
+            Terminal::new(primary, screen.clone(), Redactor::new([TOKEN]), Some(rec)).unwrap();
+        let (mut me, writes) = screen.attach("test", true).unwrap();
+        assert!(writes);
+        let pump = tokio::spawn(term.clone().pump());
+        term.input(me.id, b"hello\n").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(30), pump)
+            .await
+            .unwrap()
+            .unwrap();
+        screen.end(Some(6));
+        let mut seen = Vec::new();
+        while let Some(f) = me.frames.recv().await {
+            match f {
+                Frame::Output(b) => seen.extend_from_slice(&b),
+                Frame::End(s) => assert_eq!(s, Some(6)),
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(6));
+    assert!(seen.contains("got hello [REDACTED]"), "{seen:?}");
+    assert!(!seen.contains(TOKEN), "{seen:?}");
+    let text = std::fs::read_to_string(&cast).unwrap();
+    assert!(!text.contains(TOKEN), "{text}");
+    match std::process::Command::new("asciinema")
+        .arg("cat")
+        .arg(&cast)
+        .output()
+    {
+        Ok(o) => {
+            assert!(o.status.success(), "{o:?}");
+            assert!(String::from_utf8_lossy(&o.stdout).contains("got hello [REDACTED]"));
+        }
+        Err(e) => skip_part(
+            &format!("asciinema's own parser on a session's recording ({e})"),
+            "pip install asciinema==2.4.0 (scripts/install-test-tools.sh does)",
+        ),
     }
 }
