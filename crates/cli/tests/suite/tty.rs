@@ -180,9 +180,7 @@ fn the_terminal_has_the_callers_size() {
 /// anything runs.
 #[test]
 fn a_console_socket_receives_the_terminal() {
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    use std::os::fd::{AsFd, AsRawFd};
-    use std::os::unix::process::CommandExt;
+    use std::os::fd::AsRawFd;
     let dir = tempdir();
     let slim = bin_dir().join("agentvm-run");
     let f = dir.path().join("request.json");
@@ -192,35 +190,7 @@ fn a_console_socket_receives_the_terminal() {
         "limits": {"timeout_ms": 30000},
     });
     std::fs::write(&f, req.to_string()).unwrap();
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    let raw = theirs.as_raw_fd();
-    let mut cmd = std::process::Command::new(&slim);
-    cmd.arg("run-request")
-        .arg(&f)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: dup2 is async-signal-safe; it gives the child the socket at 5
-    // without close-on-exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(raw, 5) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
-    drop(theirs);
-    let primary = agentvm_sandbox::receive_console(ours.as_fd())
-        .unwrap()
-        .unwrap_or_else(|| panic!("no terminal arrived"));
+    let (child, primary) = runner_with_console(&f);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -265,9 +235,6 @@ fn a_sandbox_terminal_drives_a_session_screen_and_recording() {
     use agentvm_server::redact::Redactor;
     use agentvm_server::session::screen::{Frame, Screen};
     use agentvm_server::session::terminal::{Recording, Terminal};
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    use std::os::fd::{AsFd, AsRawFd};
-    use std::os::unix::process::CommandExt;
     const TOKEN: &str = "sk-agentvm-session-test-9876543210";
     let dir = tempdir();
     let f = dir.path().join("request.json");
@@ -278,34 +245,7 @@ fn a_sandbox_terminal_drives_a_session_screen_and_recording() {
         "limits": {"timeout_ms": 30000},
     });
     std::fs::write(&f, req.to_string()).unwrap();
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .unwrap();
-    let raw = theirs.as_raw_fd();
-    let mut cmd = std::process::Command::new(bin_dir().join("agentvm-run"));
-    cmd.arg("run-request")
-        .arg(&f)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
-    // SAFETY: dup2 is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::dup2(raw, 5) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
-    drop(theirs);
-    let primary = agentvm_sandbox::receive_console(ours.as_fd())
-        .unwrap()
-        .unwrap_or_else(|| panic!("no terminal"));
+    let (mut child, primary) = runner_with_console(&f);
     let cast = dir.path().join("session.cast");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -354,4 +294,43 @@ fn a_sandbox_terminal_drives_a_session_screen_and_recording() {
             "pip install asciinema==2.4.0 (scripts/install-test-tools.sh does)",
         ),
     }
+}
+
+/// `agentvm-run run-request FILE` with a console socket at fd 5, as the
+/// server starts a session; returns the process and the terminal's primary
+/// side once the sandbox sent it.
+fn runner_with_console(request: &std::path::Path) -> (std::process::Child, std::os::fd::OwnedFd) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::process::CommandExt;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(bin_dir().join("agentvm-run"));
+    cmd.arg("run-request")
+        .arg(request)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; it gives the child the socket at 5
+    // without close-on-exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(theirs);
+    let primary = agentvm_sandbox::receive_console(ours.as_fd())
+        .unwrap()
+        .unwrap_or_else(|| panic!("no terminal arrived"));
+    (child, primary)
 }
