@@ -56,6 +56,12 @@ pub struct RunRequest {
     /// Die when the process that started the runner dies.
     #[serde(default)]
     pub die_with_parent: bool,
+    /// With `die_with_parent`: the pid of that process. A runner whose
+    /// parent is already someone else when it arms the death signal (the
+    /// server died between starting it and then) exits instead of running
+    /// a job nobody waits for.
+    #[serde(default)]
+    pub parent_pid: Option<u32>,
     /// What isolates the command.
     #[serde(default)]
     pub backend: BackendKind,
@@ -234,6 +240,7 @@ impl RunRequest {
             patch: PatchLimits::default(),
             layers: Layers::default(),
             die_with_parent: false,
+            parent_pid: None,
             backend: BackendKind::Ns,
             tty: None,
         }

@@ -376,6 +376,14 @@ pub fn execute(args: RunRequest) -> ExitCode {
     if args.die_with_parent {
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+        // armed only now: a parent that died before this never sends it
+        let parent = nix::unistd::getppid().as_raw();
+        if args
+            .parent_pid
+            .is_some_and(|p| i64::from(p) != i64::from(parent))
+        {
+            return fail("the process that started this runner is gone; nothing was run");
+        }
     }
     // --- validate everything before anything runs
     // The repo is opened once; the sandbox's lower layer and the capture both

@@ -98,6 +98,41 @@ fn the_runner_takes_one_typed_request() {
     assert!(stderr(&o).contains("reading the request"), "{}", stderr(&o));
 }
 
+/// A runner started for a parent that is already gone when it arms its
+/// death signal (the server died in between) exits without running
+/// anything; started by the parent the request names, it runs.
+#[test]
+fn a_runner_whose_parent_is_gone_runs_nothing() {
+    let dir = tempdir();
+    let slim = bin_dir().join("agentvm-run");
+    let result = dir.path().join("result.json");
+    let go = |parent: u32| {
+        let f = dir.path().join("request.json");
+        let req = serde_json::json!({
+            "command": ["sh", "-c", "echo ran"],
+            "result_json": result,
+            "die_with_parent": true,
+            "parent_pid": parent,
+        });
+        std::fs::write(&f, req.to_string()).unwrap();
+        std::process::Command::new(&slim)
+            .arg("run-request")
+            .arg(&f)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // pid 1 is not the parent: as if the server had died and the runner
+    // been handed to init
+    let o = go(1);
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(stderr(&o).contains("is gone"), "{}", stderr(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("ran"), "{o:?}");
+    let o = go(std::process::id());
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "ran\n");
+}
+
 #[test]
 fn the_slim_runner_is_agentvm_run() {
     let slim = bin_dir().join("agentvm-run");

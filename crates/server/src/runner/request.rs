@@ -111,6 +111,7 @@ impl Runner {
         command.extend(job.extra_args.iter().map(Into::into));
         let mut req = RunRequest::new(command);
         req.die_with_parent = true;
+        req.parent_pid = Some(std::process::id());
         // the directory the runner opened and checked (see execute)
         req.repo = Some(Repo::Fd(REPO_FD));
         req.patch_out = Some(dir.join("patch"));
