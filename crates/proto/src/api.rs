@@ -74,6 +74,62 @@ impl FromStr for JobStatus {
     }
 }
 
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    Running,
+    /// The command exited (`exit` in the shell).
+    Exited,
+    /// Ended by DELETE, the idle timeout or the server's shutdown.
+    Killed,
+    /// Its sandbox could not be set up.
+    Failed,
+    /// The server stopped without ending it (a crash).
+    Interrupted,
+}
+
+impl SessionStatus {
+    pub const ALL: [SessionStatus; 5] = [
+        SessionStatus::Running,
+        SessionStatus::Exited,
+        SessionStatus::Killed,
+        SessionStatus::Failed,
+        SessionStatus::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Running => "running",
+            SessionStatus::Exited => "exited",
+            SessionStatus::Killed => "killed",
+            SessionStatus::Failed => "failed",
+            SessionStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != SessionStatus::Running
+    }
+}
+
+impl fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SessionStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        SessionStatus::ALL
+            .into_iter()
+            .find(|j| j.as_str() == s)
+            .ok_or_else(|| format!("unknown session status {s:?}"))
+    }
+}
+
 /// `{"detail": "..."}`
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(ToSchema))]
@@ -336,6 +392,12 @@ mod tests {
             assert_eq!(s.as_str().parse::<JobStatus>().unwrap(), s);
         }
         assert!("done".parse::<JobStatus>().is_err());
+        for s in SessionStatus::ALL {
+            let j = serde_json::to_string(&s).unwrap();
+            assert_eq!(j, format!("\"{}\"", s.as_str()));
+            assert_eq!(s.as_str().parse::<SessionStatus>().unwrap(), s);
+            assert_eq!(s.is_final(), s != SessionStatus::Running);
+        }
     }
 
     #[test]

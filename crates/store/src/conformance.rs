@@ -30,7 +30,8 @@ where
         patches_are_stored_in_parts_and_read_back_whole,
         audit_fields_are_bounded,
         jobs_list_by_owner_and_logs_by_page,
-        hostile_strings_are_data
+        hostile_strings_are_data,
+        sessions_lifecycle_names_and_recovery
     );
 }
 
@@ -229,4 +230,112 @@ pub async fn hostile_strings_are_data(s: &Store, _scratch: &Path) {
         .unwrap_or_default();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].id, evil);
+}
+
+pub fn new_session(id: &str, owner: &str, name: &str) -> NewSession {
+    NewSession {
+        id: id.into(),
+        name: name.into(),
+        owner: owner.into(),
+        agent: None,
+        command: vec!["bash".into(), "-l".into()],
+        repo_path: Some("/srv/repo".into()),
+        network: Some(NetworkMode::None),
+        idle_timeout_s: 600,
+    }
+}
+
+/// A live name is its owner's alone until the session ends; ended
+/// sessions keep their record; a crash leaves none running.
+pub async fn sessions_lifecycle_names_and_recovery(s: &Store, _: &Path) {
+    let ok = |r: Result<Session>| r.unwrap_or_else(|e| panic!("{e}"));
+    let a = ok(s.create_session(&new_session("s1", "k1", "work")).await);
+    assert_eq!(a.status, SessionStatus::Running);
+    assert_eq!(a.command, ["bash", "-l"]);
+    assert_eq!(a.network, Some(NetworkMode::None));
+    // the same name for the same owner, while it lives: taken
+    let e = s
+        .create_session(&new_session("s2", "k1", "work"))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a live name was given twice"));
+    assert!(matches!(e, StoreError::Taken(_)), "{e}");
+    assert!(
+        s.get_session("s2").await.ok().flatten().is_none(),
+        "nothing stored"
+    );
+    // another owner may use it
+    ok(s.create_session(&new_session("s3", "k2", "work")).await);
+    let live = s.live_session("k1", "work").await.ok().flatten();
+    assert_eq!(live.map(|x| x.id), Some("s1".into()));
+    assert!(
+        !s.delete_session("s1").await.unwrap_or(true),
+        "a live session stays"
+    );
+    assert!(s
+        .end_session("s1", SessionStatus::Exited, Some(3), None)
+        .await
+        .unwrap_or(false));
+    assert!(
+        !s.end_session("s1", SessionStatus::Killed, None, None)
+            .await
+            .unwrap_or(true),
+        "ends once"
+    );
+    let ended = s
+        .get_session("s1")
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("gone"));
+    assert_eq!(
+        (ended.status, ended.exit_code),
+        (SessionStatus::Exited, Some(3))
+    );
+    assert!(ended.ended_at.is_some());
+    assert!(s.live_session("k1", "work").await.ok().flatten().is_none());
+    // the name is free again
+    ok(s.create_session(&new_session("s4", "k1", "work")).await);
+    let mine = s
+        .list_sessions(Some("k1"), None, 10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        mine.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(),
+        ["s4", "s1"],
+        "newest first, the owner's only"
+    );
+    let page = s
+        .list_sessions(None, Some(mine[0].seq), 10)
+        .await
+        .unwrap_or_default();
+    assert!(page.iter().all(|x| x.seq < mine[0].seq));
+    s.set_session_supervisor("s4", 4242, 99)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lost = s
+        .interrupt_sessions("the server stopped")
+        .await
+        .unwrap_or_default();
+    let mut ids: Vec<&str> = lost.iter().map(|x| x.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, ["s3", "s4"]);
+    assert_eq!(
+        lost.iter()
+            .find(|x| x.id == "s4")
+            .and_then(|x| x.supervisor_pid),
+        Some(4242)
+    );
+    for id in ["s3", "s4"] {
+        let x = s
+            .get_session(id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("{id}"));
+        assert_eq!(x.status, SessionStatus::Interrupted);
+        assert_eq!(x.error.as_deref(), Some("the server stopped"));
+    }
+    assert!(s.delete_session("s1").await.unwrap_or(false));
+    assert!(s.get_session("s1").await.ok().flatten().is_none());
 }

@@ -32,11 +32,14 @@ pub enum StoreError {
     /// version that knew more): refused rather than read as something else.
     #[error("the stored {what} is unreadable: {why}")]
     Corrupt { what: String, why: String },
+    /// A unique name is in use (a live session's, for its owner).
+    #[error("{0} is taken")]
+    Taken(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-pub use agentvm_proto::api::JobStatus;
+pub use agentvm_proto::api::{JobStatus, SessionStatus};
 pub use agentvm_proto::NetworkMode;
 
 /// What a client asked for.
@@ -250,6 +253,74 @@ pub trait Audit: Send + Sync {
     async fn list_audit(&self, cursor: Option<i64>, limit: i64) -> Result<Vec<AuditEvent>>;
 }
 
+/// A session as it is started.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id: String,
+    pub name: String,
+    /// The key id (or SSH identity) that owns it.
+    pub owner: String,
+    pub agent: Option<String>,
+    pub command: Vec<String>,
+    pub repo_path: Option<String>,
+    pub network: Option<NetworkMode>,
+    pub idle_timeout_s: i64,
+}
+
+/// A stored session.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub seq: i64,
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub agent: Option<String>,
+    pub command: Vec<String>,
+    pub repo_path: Option<String>,
+    pub network: Option<NetworkMode>,
+    pub idle_timeout_s: i64,
+    pub status: SessionStatus,
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    pub supervisor_pid: Option<i64>,
+    pub supervisor_start: Option<i64>,
+}
+
+/// Interactive sessions: their rows and states; a live session's name is
+/// unique for its owner.
+#[async_trait]
+pub trait Sessions: Send + Sync {
+    /// A new running session; [`StoreError::Taken`] when the owner has a
+    /// live one of that name.
+    async fn create_session(&self, s: &NewSession) -> Result<Session>;
+    async fn get_session(&self, id: &str) -> Result<Option<Session>>;
+    /// The owner's live session of that name.
+    async fn live_session(&self, owner: &str, name: &str) -> Result<Option<Session>>;
+    /// Newest first, after `cursor`; only `owner`'s when given.
+    async fn list_sessions(
+        &self,
+        owner: Option<&str>,
+        cursor: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Session>>;
+    async fn set_session_supervisor(&self, id: &str, pid: i64, start: i64) -> Result<()>;
+    /// running -> `status`; false if it had already ended.
+    async fn end_session(
+        &self,
+        id: &str,
+        status: SessionStatus,
+        exit_code: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<bool>;
+    /// After a crash: every session still running was interrupted;
+    /// returns them (with their supervisor pids) so leftovers can be killed.
+    async fn interrupt_sessions(&self, why: &str) -> Result<Vec<Session>>;
+    /// Delete an ended session; false if unknown or still running.
+    async fn delete_session(&self, id: &str) -> Result<bool>;
+}
+
 /// A consistent copy while in use, and closing.
 #[async_trait]
 pub trait Lifecycle: Send + Sync {
@@ -259,9 +330,9 @@ pub trait Lifecycle: Send + Sync {
 }
 
 /// Everything a store does.
-pub trait Backend: Jobs + Output + Keys + Audit + Lifecycle {}
+pub trait Backend: Jobs + Output + Keys + Audit + Sessions + Lifecycle {}
 
-impl<T: Jobs + Output + Keys + Audit + Lifecycle> Backend for T {}
+impl<T: Jobs + Output + Keys + Audit + Sessions + Lifecycle> Backend for T {}
 
 /// The store the server holds: any [`Backend`], shared. Its methods are
 /// the backend's (`store.get_job(id).await`).

@@ -483,6 +483,166 @@ impl Audit for SqliteStore {
     }
 }
 
+const SESSION_COLS: &str = "seq, id, name, owner, agent, command, repo_path, network, idle_timeout_s, status, created_at, ended_at, exit_code, error, supervisor_pid, supervisor_start";
+
+fn session_from(row: &sqlx::sqlite::SqliteRow) -> Result<Session> {
+    let status: String = row.try_get("status")?;
+    let command: String = row.try_get("command")?;
+    let id: String = row.try_get("id")?;
+    Ok(Session {
+        seq: row.try_get("seq")?,
+        name: row.try_get("name")?,
+        owner: row.try_get("owner")?,
+        agent: row.try_get("agent")?,
+        command: serde_json::from_str(&command).map_err(|e| StoreError::Corrupt {
+            what: format!("command of session {}", bounded(&id, 64)),
+            why: e.to_string(),
+        })?,
+        repo_path: row.try_get("repo_path")?,
+        network: network_from(row, "a session")?,
+        idle_timeout_s: row.try_get("idle_timeout_s")?,
+        status: status.parse().map_err(|why| StoreError::Corrupt {
+            what: format!("status of session {}", bounded(&id, 64)),
+            why,
+        })?,
+        created_at: row.try_get("created_at")?,
+        ended_at: row.try_get("ended_at")?,
+        exit_code: row.try_get("exit_code")?,
+        error: row.try_get("error")?,
+        supervisor_pid: row.try_get("supervisor_pid")?,
+        supervisor_start: row.try_get("supervisor_start")?,
+        id,
+    })
+}
+
+#[async_trait]
+impl Sessions for SqliteStore {
+    async fn create_session(&self, n: &NewSession) -> Result<Session> {
+        let command = serde_json::to_string(&n.command).unwrap_or_else(|_| "[]".into());
+        let row = sqlx::query(&format!(
+            "INSERT INTO sessions (id, name, owner, agent, command, repo_path, network, idle_timeout_s, status, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'running', ?) RETURNING {SESSION_COLS}"
+        ))
+        .bind(&n.id)
+        .bind(&n.name)
+        .bind(&n.owner)
+        .bind(&n.agent)
+        .bind(command)
+        .bind(&n.repo_path)
+        .bind(n.network.as_ref().map(|m| m.to_string()))
+        .bind(n.idle_timeout_s)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(r) => session_from(&r),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Taken(
+                format!("the session name {}", bounded(&n.name, 64)),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_session(&self, id: &str) -> Result<Option<Session>> {
+        let row = sqlx::query(&format!("SELECT {SESSION_COLS} FROM sessions WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(session_from).transpose()
+    }
+
+    async fn live_session(&self, owner: &str, name: &str) -> Result<Option<Session>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE owner = ? AND name = ? AND status = 'running'"
+        ))
+        .bind(owner)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(session_from).transpose()
+    }
+
+    async fn list_sessions(
+        &self,
+        owner: Option<&str>,
+        cursor: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Session>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE (?1 IS NULL OR owner = ?1) \
+             AND (?2 IS NULL OR seq < ?2) ORDER BY seq DESC LIMIT ?3"
+        ))
+        .bind(owner)
+        .bind(cursor)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(session_from).collect()
+    }
+
+    async fn set_session_supervisor(&self, id: &str, pid: i64, start: i64) -> Result<()> {
+        sqlx::query("UPDATE sessions SET supervisor_pid = ?, supervisor_start = ? WHERE id = ?")
+            .bind(pid)
+            .bind(start)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_session(
+        &self,
+        id: &str,
+        status: SessionStatus,
+        exit_code: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<bool> {
+        if status == SessionStatus::Running {
+            return Ok(false);
+        }
+        let r = sqlx::query(
+            "UPDATE sessions SET status = ?, exit_code = ?, error = ?, ended_at = ?, supervisor_pid = NULL \
+             WHERE id = ? AND status = 'running'",
+        )
+        .bind(status.as_str())
+        .bind(exit_code)
+        .bind(error.map(|e| bounded(e, AUDIT_DETAIL_MAX).into_owned()))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn interrupt_sessions(&self, why: &str) -> Result<Vec<Session>> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLS} FROM sessions WHERE status = 'running'"
+        ))
+        .fetch_all(&mut *tx)
+        .await?;
+        let live: Vec<Session> = rows.iter().map(session_from).collect::<Result<_>>()?;
+        sqlx::query(
+            "UPDATE sessions SET status = 'interrupted', error = ?, ended_at = ?, supervisor_pid = NULL \
+             WHERE status = 'running'",
+        )
+        .bind(why)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(live)
+    }
+
+    async fn delete_session(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM sessions WHERE id = ? AND status != 'running'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}
+
 #[async_trait]
 impl Lifecycle for SqliteStore {
     async fn backup(&self, to: &Path) -> Result<()> {
