@@ -233,10 +233,10 @@ pub struct JobRequest {
     /// This job's network policy instead of its profile's: "none",
     /// "host" or "allow:HOST[:PORT],...". It may only narrow the
     /// profile's, unless the key was granted more (admin keys may use
-    /// any).
+    /// any). At most 4096 bytes. Kept as text here: the server checks
+    /// its size before parsing it, and audits a refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
-    pub network: Option<NetworkMode>,
+    pub network: Option<String>,
 }
 
 /// A job as the API shows it.
@@ -313,9 +313,9 @@ pub struct KeyRequest {
     pub scopes: Vec<String>,
     /// What this key's jobs may use beyond their profile's network policy
     /// ("none", "host" or "allow:HOST[:PORT],..."); absent: only narrower.
+    /// At most 4096 bytes, checked before it is parsed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
-    pub network: Option<NetworkMode>,
+    pub network: Option<String>,
 }
 
 /// An API key as the API shows it (never its secret).
@@ -401,22 +401,18 @@ mod tests {
     }
 
     #[test]
-    fn a_job_request_refuses_unknown_fields_and_bad_networks() {
+    fn a_job_request_refuses_unknown_fields() {
         let ok: JobRequest = serde_json::from_str(
             r#"{"agent":"shell","prompt":"p","repo_path":"/r","network":"allow:example.com"}"#,
         )
         .unwrap();
         assert_eq!(ok.timeout, 600);
-        assert_eq!(ok.network.unwrap().to_string(), "allow:example.com");
+        assert_eq!(ok.network.as_deref(), Some("allow:example.com"));
         let e = serde_json::from_str::<JobRequest>(
             r#"{"agent":"shell","prompt":"p","repo_path":"/r","netwrok":"host"}"#,
         )
         .unwrap_err();
         assert!(e.to_string().contains("netwrok"), "{e}");
-        assert!(serde_json::from_str::<JobRequest>(
-            r#"{"agent":"shell","prompt":"p","repo_path":"/r","network":"allow:"}"#
-        )
-        .is_err());
     }
 
     #[test]

@@ -183,8 +183,19 @@ pub enum NetworkMode {
     Allow(Policy),
 }
 
+/// The longest network policy text read anywhere.
+pub const NETWORK_MAX: usize = 64 * 1024;
+
 impl NetworkMode {
     pub fn parse(s: &str) -> Result<NetworkMode, String> {
+        // every rule costs memory: a bound on the text bounds them, for
+        // every place a policy is read (requests, profiles, stored rows)
+        if s.len() > NETWORK_MAX {
+            return Err(format!(
+                "a network policy is at most {NETWORK_MAX} bytes (this one has {})",
+                s.len()
+            ));
+        }
         match s {
             "none" => Ok(NetworkMode::None),
             "host" => Ok(NetworkMode::Host),

@@ -108,6 +108,15 @@ pub fn start(
         Ok(ForkResult::Child) => {
             // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
+            // the proxy parses what the sandbox sends: it keeps only its
+            // listener and its sinks, never the runner's repo, patch,
+            // result or console descriptors
+            {
+                use std::os::fd::AsRawFd;
+                let mut keep = vec![listener.as_raw_fd(), child_log.as_raw_fd()];
+                keep.extend(events.as_ref().map(|e| e.as_raw_fd()));
+                agentvm_sandbox::fds::close_all_but(&keep);
+            }
             if root {
                 let id = agentvm_sandbox::spec::DEFAULT_ROOT_MAPS_TO;
                 let ok = nix::unistd::setgroups(&[]).is_ok()

@@ -583,15 +583,18 @@ pub fn execute(args: RunRequest) -> ExitCode {
             ))
         }
     };
-    // the relay ends when the terminal does, or at once if none was sent
     drop(console_end);
-    if let Some(r) = relay {
-        r.finish();
-    }
+    // the proxy first: a descriptor of the terminal the sandbox sent it
+    // (over its socket) would otherwise keep the relay waiting
     if let Some(p) = proxy {
         let (records, unrecorded) = p.finish();
         result.egress = Some(records);
         result.egress_unrecorded = unrecorded;
+    }
+    // the relay ends when the terminal does (or at once if none was
+    // sent), within a bound whatever still holds it
+    if let Some(r) = relay {
+        r.finish(crate::tty::DRAIN);
     }
     let code: i32 = match outcome {
         Err(RunError::Setup(e)) => {

@@ -16,9 +16,15 @@ use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-/// The relay process, waiting on its end of the console socket.
+/// How long the relay may go on draining once the sandbox has ended.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// The relay process, waiting on its end of the console socket, and the
+/// runner's terminal settings from before it, restored here too (a relay
+/// that had to be killed cannot restore them itself).
 pub struct Relay {
     pid: nix::unistd::Pid,
+    saved: Option<nix::sys::termios::Termios>,
 }
 
 /// Make the console socket pair: the backend sends the terminal on the
@@ -103,12 +109,15 @@ impl Relay {
     /// sending one. `other` is the backend's end, which the relay closes.
     /// Call only while this process is single-threaded.
     pub fn start(socket: OwnedFd, other: &OwnedFd) -> std::io::Result<Relay> {
+        let saved = nix::sys::termios::tcgetattr(std::io::stdin().as_fd()).ok();
         // SAFETY: the runner is single-threaded here (the egress proxy is
         // a process too), so the child's copy holds no lock of another
         // thread; it only relays and exits.
         match unsafe { nix::unistd::fork() }.map_err(std::io::Error::from)? {
             nix::unistd::ForkResult::Child => {
-                let _ = nix::unistd::close(other.as_raw_fd());
+                // only its end of the console socket (0, 1 and 2 stay)
+                let _ = other;
+                agentvm_sandbox::fds::close_all_but(&[socket.as_raw_fd()]);
                 // SAFETY: prctl with integer arguments.
                 unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) };
                 if let Ok(Some(primary)) = agentvm_sandbox::receive_console(socket.as_fd()) {
@@ -122,14 +131,33 @@ impl Relay {
             }
             nix::unistd::ForkResult::Parent { child } => {
                 drop(socket);
-                Ok(Relay { pid: child })
+                Ok(Relay { pid: child, saved })
             }
         }
     }
 
-    /// Wait for the relay to drain what the command printed.
-    pub fn finish(self) {
-        let _ = nix::sys::wait::waitpid(self.pid, None);
+    /// Wait for the relay to drain what the command printed, at most
+    /// `within`; then it is killed. The terminal's settings are put back.
+    pub fn finish(self, within: Duration) {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        let start = std::time::Instant::now();
+        loop {
+            match waitpid(self.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) if start.elapsed() < within => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Ok(WaitStatus::StillAlive) => {
+                    let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = waitpid(self.pid, None);
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if let Some(t) = &self.saved {
+            use nix::sys::termios::{tcsetattr, SetArg};
+            let _ = tcsetattr(std::io::stdin().as_fd(), SetArg::TCSAFLUSH, t);
+        }
     }
 }
 

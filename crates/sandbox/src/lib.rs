@@ -18,6 +18,7 @@ pub mod cgroup;
 pub mod doctor;
 pub mod error;
 pub mod etc;
+pub mod fds;
 pub mod landlock_layer;
 pub mod ns;
 pub mod policy;

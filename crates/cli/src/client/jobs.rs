@@ -281,7 +281,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 repo_path: repo.to_string_lossy().into_owned(),
                 timeout,
                 extra_args,
-                network,
+                network: network.map(|n| n.to_string()),
             };
             let job: JobView = c.call(c.req(Method::POST, "/v1/jobs").json(&body)).await?;
             let id = job.id.clone();

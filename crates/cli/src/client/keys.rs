@@ -100,7 +100,7 @@ async fn keys_inner(c: &Client, cmd: KeysCmd) -> Result<ExitCode, String> {
             let body = KeyRequest {
                 name,
                 scopes,
-                network,
+                network: network.map(|n| n.to_string()),
             };
             let k: NewKey = c.call(c.req(Method::POST, "/v1/keys").json(&body)).await?;
             if c.json {

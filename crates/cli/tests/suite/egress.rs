@@ -246,3 +246,65 @@ fn bad_allowlists_are_a_clear_125() {
         assert_eq!(o.status.code(), Some(125), "{bad}: {o:?}");
     }
 }
+
+/// The egress proxy is a fork of the runner that parses what the sandbox
+/// sends: it holds none of the runner's other descriptors (the repo, the
+/// patch and result files), so a proxy the sandbox subverted could not
+/// write the run's result or read the repo through them.
+#[test]
+fn the_proxy_holds_none_of_the_runners_descriptors() {
+    let repo = fixture_repo(Who::Me);
+    let out = out_dir(Who::Me);
+    let patch = out.path().join("p.diff");
+    let result = out.path().join("r.json");
+    let mut child = std::process::Command::new(bin_dir().join("agentvm-run"))
+        .args(["run", "--network", "allow:127.0.0.1:9", "--repo"])
+        .arg(repo.path())
+        .arg("--patch-out")
+        .arg(&patch)
+        .arg("--result-json")
+        .arg(&result)
+        .args(["--", "sleep", "3"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let me = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let runner = child.id();
+    let started = std::time::Instant::now();
+    let mut checked = false;
+    while started.elapsed() < std::time::Duration::from_secs(10) && !checked {
+        let kids = std::fs::read_to_string(format!("/proc/{runner}/task/{runner}/children"))
+            .unwrap_or_default();
+        for pid in kids.split_whitespace() {
+            // the proxy shares our pid namespace; the sandbox's init does not
+            if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&me)
+            {
+                continue;
+            }
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            let targets: Vec<std::path::PathBuf> = fds
+                .flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .collect();
+            for t in &targets {
+                assert!(
+                    *t != patch && *t != result && !t.starts_with(repo.path()),
+                    "the proxy holds {}: {targets:?}",
+                    t.display()
+                );
+            }
+            checked = !targets.is_empty();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(checked, "the proxy was never seen");
+}

@@ -19,6 +19,9 @@ pub(super) fn start_bridge(p: &Prepared) -> Result<(), SetupError> {
         )),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(rd);
+            // nothing of init's: not its channel to the supervisor, not
+            // the caller's console socket
+            crate::fds::close_all_but(&[wr.as_raw_fd()]);
             let code = match bridge_main(p, wr) {
                 Ok(()) => 0,
                 Err(_) => 1,

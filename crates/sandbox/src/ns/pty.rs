@@ -93,6 +93,11 @@ pub fn receive_console(console: std::os::fd::BorrowedFd<'_>) -> std::io::Result<
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
     .map_err(std::io::Error::from)?;
+    let said = msg
+        .iovs()
+        .next()
+        .map(|b| b.get(..msg.bytes).unwrap_or(b).to_vec())
+        .unwrap_or_default();
     let mut got = None;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = c {
@@ -105,7 +110,18 @@ pub fn receive_console(console: std::os::fd::BorrowedFd<'_>) -> std::io::Result<
             }
         }
     }
-    Ok(got)
+    let Some(fd) = got else { return Ok(None) };
+    // the message the backend sends, with a terminal's primary side
+    // attached, and nothing else
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes an unsigned int into a local.
+    let is_primary = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGPTN, &mut n) } == 0;
+    if said != b"pty" || !is_primary {
+        return Err(std::io::Error::other(
+            "the console socket sent something other than a terminal",
+        ));
+    }
+    Ok(Some(fd))
 }
 
 fn last(layer: Layer, what: &str) -> SetupError {

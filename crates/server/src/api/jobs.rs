@@ -41,7 +41,7 @@ pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResu
         repo_path: &req.repo_path,
         timeout: req.timeout,
         extra: &req.extra_args,
-        network: req.network.as_ref(),
+        network: req.network.as_deref(),
     };
     let job = st.submit(&caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);

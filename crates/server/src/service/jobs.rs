@@ -25,7 +25,8 @@ pub struct Ask<'a> {
     pub repo_path: &'a str,
     pub timeout: i64,
     pub extra: &'a [String],
-    pub network: Option<&'a NetworkMode>,
+    /// As the request gave it: checked for size, then parsed, here.
+    pub network: Option<&'a str>,
 }
 
 /// What every job request carries, once validated.
@@ -304,24 +305,30 @@ impl Service {
 fn check_network(
     profile: &crate::config::Profile,
     agent: &str,
-    want: &NetworkMode,
+    n: &str,
     p: &Principal,
 ) -> Result<NetworkMode> {
-    if want.to_string().len() > MAX_NETWORK {
+    let want = parse_network(n)?;
+    let base = &profile.network;
+    let grant = p.key.network.as_ref();
+    if p.is_admin() || base.covers(&want) || grant.is_some_and(|g| g.covers(&want)) {
+        return Ok(want);
+    }
+    Err(Error::Forbidden(format!(
+        "network {want} is wider than the {agent} profile's ({base}): a request may only narrow it; an admin can grant a key more (agentvm keys create --network)"
+    )))
+}
+
+/// A request's network policy: its size checked before it is parsed.
+pub(super) fn parse_network(n: &str) -> Result<NetworkMode> {
+    if n.len() > MAX_NETWORK {
         return Err(Error::invalid(
             "body",
             "network",
             format!("network must be at most {MAX_NETWORK} bytes"),
         ));
     }
-    let base = &profile.network;
-    let grant = p.key.network.as_ref();
-    if p.is_admin() || base.covers(want) || grant.is_some_and(|g| g.covers(want)) {
-        return Ok(want.clone());
-    }
-    Err(Error::Forbidden(format!(
-        "network {want} is wider than the {agent} profile's ({base}): a request may only narrow it; an admin can grant a key more (agentvm keys create --network)"
-    )))
+    NetworkMode::parse(n).map_err(|e| Error::invalid("body", "network", e))
 }
 
 /// `repo_path` must be an absolute path to a directory inside an allowed

@@ -3,7 +3,6 @@
 use agentvm_proto::api::{KeyRequest, NewKey};
 use agentvm_store::{ApiKey, AuditEvent};
 
-use super::jobs::MAX_NETWORK;
 use super::{paged, Error, Principal, Result, Service};
 use crate::auth::{self, Scope};
 
@@ -37,17 +36,11 @@ impl Service {
         if scopes.is_empty() {
             return Err(Error::invalid("body", "scopes", "give at least one scope"));
         }
-        let network = req.network.clone();
-        if network
-            .as_ref()
-            .is_some_and(|n| n.to_string().len() > MAX_NETWORK)
-        {
-            return Err(Error::invalid(
-                "body",
-                "network",
-                format!("network must be at most {MAX_NETWORK} bytes"),
-            ));
-        }
+        let network = req
+            .network
+            .as_deref()
+            .map(super::jobs::parse_network)
+            .transpose()?;
         let secret = auth::new_secret();
         let key = ApiKey {
             id: auth::new_key_id(),

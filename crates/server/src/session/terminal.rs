@@ -40,16 +40,27 @@ pub enum InputError {
     BadSize,
 }
 
-/// The asciicast v2 file of a session, written as it runs.
+/// The asciicast v2 file of a session, written as it runs (flushed
+/// whenever output pauses, and at the end), up to a size: past it one
+/// last event says so and the recording stops, the session going on.
 pub struct Recording {
     out: std::io::BufWriter<std::fs::File>,
     start: Instant,
     utf8: Utf8,
+    written: u64,
+    max: u64,
+    full: bool,
 }
 
 impl Recording {
     /// Create `path` (0600, never an existing file) and write the header.
-    pub fn create(path: &Path, rows: u16, cols: u16, title: &str) -> std::io::Result<Recording> {
+    pub fn create(
+        path: &Path,
+        rows: u16,
+        cols: u16,
+        title: &str,
+        max: u64,
+    ) -> std::io::Result<Recording> {
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -61,6 +72,9 @@ impl Recording {
             out: std::io::BufWriter::new(f),
             start: Instant::now(),
             utf8: Utf8::default(),
+            written: 0,
+            max,
+            full: false,
         };
         let header = json!({
             "version": 2,
@@ -76,12 +90,26 @@ impl Recording {
     }
 
     fn event(&mut self, kind: &str, text: &str) -> std::io::Result<()> {
-        if text.is_empty() {
+        if text.is_empty() || self.full {
             return Ok(());
         }
         let t = self.start.elapsed().as_secs_f64();
-        writeln!(self.out, "{}", json!([t, kind, text]))?;
-        // written as it runs: a crash keeps everything up to here
+        let line = format!("{}\n", json!([t, kind, text]));
+        if self.written + line.len() as u64 > self.max {
+            self.full = true;
+            let note = format!(
+                "\r\n[agentvm: the recording stops here, at its limit of {} bytes; the session goes on]\r\n",
+                self.max
+            );
+            writeln!(self.out, "{}", json!([t, "o", note]))?;
+            return self.out.flush();
+        }
+        self.written += line.len() as u64;
+        self.out.write_all(line.as_bytes())
+    }
+
+    /// Everything written so far, on disk: a crash keeps it.
+    pub fn flush(&mut self) -> std::io::Result<()> {
         self.out.flush()
     }
 
@@ -169,8 +197,10 @@ impl Terminal {
         loop {
             let ready = match tokio::time::timeout(IDLE_FLUSH, self.primary.readable()).await {
                 Err(_) => {
-                    // output paused: let out what the redactor holds
+                    // output paused: let out what the redactor holds, and
+                    // put the recording on disk
                     self.emit(&red.finish(), false);
+                    self.record(|r| r.flush());
                     continue;
                 }
                 Ok(Err(_)) => break,
@@ -193,6 +223,7 @@ impl Terminal {
             }
         }
         self.emit(&red.finish(), true);
+        self.record(|r| r.flush());
     }
 
     /// Input from viewer `id`: written only if it is the writer, never
@@ -272,7 +303,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let rec_path = dir.path().join("s.cast");
-        let rec = Recording::create(&rec_path, 24, 80, "agentvm test").unwrap();
+        let rec = Recording::create(&rec_path, 24, 80, "agentvm test", 1 << 20).unwrap();
         let screen = Arc::new(Screen::new(4096, 64, 4));
         let term =
             Terminal::new(primary, screen.clone(), Redactor::new([SECRET]), Some(rec)).unwrap();
@@ -351,11 +382,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.cast");
         std::fs::write(&p, "keep").unwrap();
-        assert!(Recording::create(&p, 24, 80, "t").is_err());
+        assert!(Recording::create(&p, 24, 80, "t", 1 << 20).is_err());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "keep");
         let l = dir.path().join("link.cast");
         std::os::unix::fs::symlink("/tmp/agentvm-nowhere", &l).unwrap();
-        assert!(Recording::create(&l, 24, 80, "t").is_err());
+        assert!(Recording::create(&l, 24, 80, "t", 1 << 20).is_err());
         assert!(!Path::new("/tmp/agentvm-nowhere").exists());
+    }
+
+    /// Past its limit a recording says so once and stops; it stays valid
+    /// asciicast, and the session's output goes on reaching viewers.
+    #[tokio::test]
+    async fn a_recording_stops_at_its_limit() {
+        let (primary, secondary) = pair();
+        let dir = tempfile::tempdir().unwrap();
+        let rec_path = dir.path().join("big.cast");
+        let rec = Recording::create(&rec_path, 24, 80, "t", 4096).unwrap();
+        let screen = Arc::new(Screen::new(4096, 1024, 4));
+        let term = Terminal::new(primary, screen.clone(), Redactor::new([]), Some(rec)).unwrap();
+        let (mut me, _) = screen.attach("me", true).unwrap();
+        let pump = tokio::spawn(term.clone().pump());
+        let line = "0123456789".repeat(10);
+        for _ in 0..200 {
+            write_all(&secondary, format!("{line}\r\n").as_bytes());
+            tokio::task::yield_now().await;
+            while me.frames.try_recv().is_ok() {}
+        }
+        drop(secondary);
+        tokio::time::timeout(Duration::from_secs(10), pump)
+            .await
+            .unwrap()
+            .unwrap();
+        let cast = std::fs::read_to_string(&rec_path).unwrap();
+        assert!(cast.len() < 4096 + 1024, "{} bytes", cast.len());
+        assert!(cast.contains("the recording stops here"), "{cast}");
+        for l in cast.lines() {
+            serde_json::from_str::<serde_json::Value>(l).unwrap();
+        }
+        assert!(!me.lagged(), "the viewer kept up and was kept");
     }
 }

@@ -67,6 +67,23 @@ fn a_job_may_carry_its_own_egress_policy() {
     let (code, v) = s.json("POST", "/v1/jobs", Some(bad));
     assert_eq!(code, 422);
     assert!(v["detail"][0]["loc"].to_string().contains("network"), "{v}");
+    // too long is refused before it is parsed (each rule costs memory)
+    let mut long = shell(&repo, "true");
+    long["network"] = json!(format!("allow:{}", vec!["a.example"; 2000].join(",")));
+    let (code, v) = s.json("POST", "/v1/jobs", Some(long));
+    assert_eq!(code, 422, "{v}");
+    assert!(v.to_string().contains("at most 4096 bytes"), "{v}");
+    // and both refusals are in the audit trail
+    let (_, audit) = s.json("GET", "/v1/audit?limit=50", None);
+    let refused = audit["events"]
+        .as_array()
+        .map(|e| {
+            e.iter()
+                .filter(|x| x["action"] == "job.create" && x["outcome"] == "rejected 422")
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(refused >= 2, "{audit}");
 }
 
 #[test]
