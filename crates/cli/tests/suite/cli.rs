@@ -39,16 +39,7 @@ fn the_runner_takes_one_typed_request() {
     let repo = fixture_repo(Who::Me);
     let dir = tempdir();
     let slim = bin_dir().join("agentvm-run");
-    let go = |req: &str| {
-        let f = dir.path().join("request.json");
-        std::fs::write(&f, req).unwrap();
-        std::process::Command::new(&slim)
-            .arg("run-request")
-            .arg(&f)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
-    };
+    let go = |req: &str| run_request(dir.path(), req);
     let patch = dir.path().join("patch");
     let result = dir.path().join("result.json");
     let good = serde_json::json!({
@@ -104,23 +95,15 @@ fn the_runner_takes_one_typed_request() {
 #[test]
 fn a_runner_whose_parent_is_gone_runs_nothing() {
     let dir = tempdir();
-    let slim = bin_dir().join("agentvm-run");
     let result = dir.path().join("result.json");
     let go = |parent: u32| {
-        let f = dir.path().join("request.json");
         let req = serde_json::json!({
             "command": ["sh", "-c", "echo ran"],
             "result_json": result,
             "die_with_parent": true,
             "parent_pid": parent,
         });
-        std::fs::write(&f, req.to_string()).unwrap();
-        std::process::Command::new(&slim)
-            .arg("run-request")
-            .arg(&f)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap()
+        run_request(dir.path(), &req.to_string())
     };
     // pid 1 is not the parent: as if the server had died and the runner
     // been handed to init
@@ -677,4 +660,16 @@ fn agent_row(v: &serde_json::Value, name: &str) -> serde_json::Value {
         .and_then(|r| r.iter().find(|r| r["name"] == name))
         .cloned()
         .unwrap_or_default()
+}
+
+/// `agentvm-run run-request FILE` with `req` written to FILE in `dir`.
+pub fn run_request(dir: &std::path::Path, req: &str) -> std::process::Output {
+    let f = dir.join("request.json");
+    std::fs::write(&f, req).unwrap();
+    std::process::Command::new(bin_dir().join("agentvm-run"))
+        .arg("run-request")
+        .arg(&f)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
 }

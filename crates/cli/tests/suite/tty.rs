@@ -182,7 +182,6 @@ fn the_terminal_has_the_callers_size() {
 fn a_console_socket_receives_the_terminal() {
     use std::os::fd::AsRawFd;
     let dir = tempdir();
-    let slim = bin_dir().join("agentvm-run");
     let f = dir.path().join("request.json");
     let req = serde_json::json!({
         "command": ["sh", "-c", "echo \"on $(tty)\"; exit 4"],
@@ -212,13 +211,7 @@ fn a_console_socket_receives_the_terminal() {
 
     for (fd, says) in [(1, "console fd"), (9, "the console fd 9")] {
         let bad = serde_json::json!({"command": ["true"], "tty": {"rows": 24, "cols": 80, "console_fd": fd}});
-        std::fs::write(&f, bad.to_string()).unwrap();
-        let o = std::process::Command::new(&slim)
-            .arg("run-request")
-            .arg(&f)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+        let o = super::cli::run_request(dir.path(), &bad.to_string());
         assert_eq!(o.status.code(), Some(125), "{fd}: {o:?}");
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(says), "{fd}: {e}");
