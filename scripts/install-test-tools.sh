@@ -9,6 +9,7 @@ set -euo pipefail
 need=()
 command -v git >/dev/null 2>&1 || need+=(git)
 command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v script >/dev/null 2>&1 || need+=(bsdutils)
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
