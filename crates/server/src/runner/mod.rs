@@ -138,6 +138,27 @@ impl Runner {
             }
             let _ = std::fs::remove_dir_all(self.job_dir(&j.id));
         }
+        // sessions live only as long as the server that runs them: each
+        // still marked running was interrupted (its recording stays)
+        let lost = self
+            .store
+            .interrupt_sessions("interrupted: the server stopped while the session was running")
+            .await?;
+        for s in &lost {
+            if let (Some(pid), Some(start)) = (s.supervisor_pid, s.supervisor_start) {
+                let pid = pid as i32;
+                if start_time(pid) == Some(start) {
+                    // SAFETY: kill with a pid we recorded and just verified.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        if !lost.is_empty() {
+            tracing::info!(
+                sessions = lost.len(),
+                "sessions interrupted by the previous stop"
+            );
+        }
         let queued = self.store.queued_jobs().await?;
         {
             let mut q = lock(&self.queue);

@@ -200,3 +200,65 @@ fn sigterm_at_the_moment_a_job_starts_loses_nothing() {
         assert_eq!(done["status"], "succeeded", "round {round}: {done}");
     }
 }
+
+/// A session still marked running when the server starts was interrupted
+/// by the previous stop: it is marked so (its record kept), and a
+/// supervisor it left behind, checked by pid and start time, is killed.
+#[test]
+fn sessions_left_running_are_interrupted_at_start() {
+    let t = tempdir();
+    let data = t.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // a leftover supervisor: a process of ours, recorded with its start time
+    let mut leftover = Command::new("sleep").arg("300").spawn().unwrap();
+    let pid = leftover.id() as i64;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start: i64 = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.split_whitespace().nth(19))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = agentvm_store::Store::open(&data.join("agentvm.db"))
+            .await
+            .unwrap();
+        let n = agentvm_store::NewSession {
+            id: "s_live".into(),
+            name: "work".into(),
+            owner: "key_x".into(),
+            agent: None,
+            command: vec!["bash".into()],
+            repo_path: None,
+            network: None,
+            idle_timeout_s: 600,
+        };
+        s.create_session(&n).await.unwrap();
+        s.set_session_supervisor("s_live", pid, start)
+            .await
+            .unwrap();
+        s.close().await;
+    });
+    let server = Server::start(&data, &[]);
+    let waited = Instant::now();
+    while leftover.try_wait().unwrap().is_none() && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        leftover.try_wait().unwrap().is_some(),
+        "the leftover supervisor was not killed"
+    );
+    drop(server);
+    rt.block_on(async {
+        let s = agentvm_store::Store::open(&data.join("agentvm.db"))
+            .await
+            .unwrap();
+        let x = s.get_session("s_live").await.unwrap().unwrap();
+        assert_eq!(x.status, agentvm_store::SessionStatus::Interrupted);
+        assert!(x.error.unwrap_or_default().contains("server stopped"));
+        s.close().await;
+    });
+}
