@@ -11,7 +11,6 @@
 use std::path::Path;
 
 use async_trait::async_trait;
-use serde::Serialize;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -57,9 +56,8 @@ pub struct NewJob {
 }
 
 /// A stored job (without its patch and output, which are fetched apart).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct Job {
-    #[serde(skip)]
     pub seq: i64,
     pub id: String,
     pub agent: String,
@@ -76,14 +74,12 @@ pub struct Job {
     pub exit_code: Option<i64>,
     pub error: Option<String>,
     pub result: Option<serde_json::Value>,
-    #[serde(skip)]
     pub supervisor_pid: Option<i64>,
-    #[serde(skip)]
     pub supervisor_start: Option<i64>,
 }
 
 /// One piece of output, in arrival order.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct LogChunk {
     pub seq: i64,
     pub stream: String,
@@ -91,11 +87,10 @@ pub struct LogChunk {
     pub data: Vec<u8>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct ApiKey {
     pub id: String,
     pub name: String,
-    #[serde(skip)]
     pub hash: Vec<u8>,
     pub scopes: Vec<String>,
     pub source: String,
@@ -106,7 +101,7 @@ pub struct ApiKey {
     pub network: Option<NetworkMode>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct AuditEvent {
     pub seq: i64,
     pub ts: i64,
