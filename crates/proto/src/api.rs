@@ -16,118 +16,76 @@ use utoipa::ToSchema;
 
 use crate::NetworkMode;
 
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum JobStatus {
-    Queued,
-    Running,
-    Succeeded,
-    Failed,
-    TimedOut,
-    Cancelled,
-    Interrupted,
-}
-
-impl JobStatus {
-    pub const ALL: [JobStatus; 7] = [
-        JobStatus::Queued,
-        JobStatus::Running,
-        JobStatus::Succeeded,
-        JobStatus::Failed,
-        JobStatus::TimedOut,
-        JobStatus::Cancelled,
-        JobStatus::Interrupted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Queued => "queued",
-            JobStatus::Running => "running",
-            JobStatus::Succeeded => "succeeded",
-            JobStatus::Failed => "failed",
-            JobStatus::TimedOut => "timed_out",
-            JobStatus::Cancelled => "cancelled",
-            JobStatus::Interrupted => "interrupted",
+/// A status enum: its names on the wire (snake_case, as `as_str` gives
+/// them), `ALL`, `Display` and `FromStr`, written once for each.
+macro_rules! status {
+    ($(#[$m:meta])* $name:ident, $what:literal, live: $($live:ident)|+;
+     $($(#[$vm:meta])* $v:ident = $s:literal),+ $(,)?) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "schema", derive(ToSchema))]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name {
+            $($(#[$vm])* $v),+
         }
-    }
 
-    pub fn is_final(self) -> bool {
-        !matches!(self, JobStatus::Queued | JobStatus::Running)
-    }
+        impl $name {
+            pub const ALL: [$name; [$($s),+].len()] = [$($name::$v),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$v => $s),+
+                }
+            }
+
+            /// Has it ended?
+            pub fn is_final(self) -> bool {
+                !matches!(self, $($name::$live)|+)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                $name::ALL
+                    .into_iter()
+                    .find(|j| j.as_str() == s)
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " status {:?}"), s))
+            }
+        }
+    };
 }
 
-impl fmt::Display for JobStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
+status! {
+    /// Where a job is in its life.
+    JobStatus, "job", live: Queued | Running;
+    Queued = "queued",
+    Running = "running",
+    Succeeded = "succeeded",
+    Failed = "failed",
+    TimedOut = "timed_out",
+    Cancelled = "cancelled",
+    Interrupted = "interrupted",
 }
 
-impl FromStr for JobStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        JobStatus::ALL
-            .into_iter()
-            .find(|j| j.as_str() == s)
-            .ok_or_else(|| format!("unknown job status {s:?}"))
-    }
-}
-
-/// Where a session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "schema", derive(ToSchema))]
-#[serde(rename_all = "snake_case")]
-pub enum SessionStatus {
-    Running,
+status! {
+    /// Where a session is in its life.
+    SessionStatus, "session", live: Running;
+    Running = "running",
     /// The command exited (`exit` in the shell).
-    Exited,
+    Exited = "exited",
     /// Ended by DELETE, the idle timeout or the server's shutdown.
-    Killed,
+    Killed = "killed",
     /// Its sandbox could not be set up.
-    Failed,
+    Failed = "failed",
     /// The server stopped without ending it (a crash).
-    Interrupted,
-}
-
-impl SessionStatus {
-    pub const ALL: [SessionStatus; 5] = [
-        SessionStatus::Running,
-        SessionStatus::Exited,
-        SessionStatus::Killed,
-        SessionStatus::Failed,
-        SessionStatus::Interrupted,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionStatus::Running => "running",
-            SessionStatus::Exited => "exited",
-            SessionStatus::Killed => "killed",
-            SessionStatus::Failed => "failed",
-            SessionStatus::Interrupted => "interrupted",
-        }
-    }
-
-    pub fn is_final(self) -> bool {
-        self != SessionStatus::Running
-    }
-}
-
-impl fmt::Display for SessionStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SessionStatus {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        SessionStatus::ALL
-            .into_iter()
-            .find(|j| j.as_str() == s)
-            .ok_or_else(|| format!("unknown session status {s:?}"))
-    }
+    Interrupted = "interrupted",
 }
 
 /// `{"detail": "..."}`
