@@ -2,6 +2,16 @@
 
 use super::*;
 
+/// The allowed root `setup` gives the server: the repo's parent.
+fn root_of(repo: &Path) -> String {
+    repo.parent().unwrap_or(repo).to_string_lossy().into_owned()
+}
+
+/// The server again, on the data directory under `t` that `setup` made.
+fn restart(t: &Path, repo: &Path) -> Server {
+    Server::start(&t.join("data"), &["--allowed-root", &root_of(repo)])
+}
+
 #[test]
 fn kill_9_mid_job_then_restart_loses_nothing() {
     let (t, repo, mut s) = setup(&["--max-concurrent", "1"]);
@@ -47,12 +57,7 @@ fn kill_9_mid_job_then_restart_loses_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!alive(), "a sandbox process survived the server's kill -9");
-    let root = repo
-        .parent()
-        .unwrap_or(&repo)
-        .to_string_lossy()
-        .into_owned();
-    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let s2 = restart(t.path(), &repo);
     let ja = s2.wait(&a);
     assert_eq!(ja["status"], "interrupted", "{ja}");
     assert_eq!(
@@ -81,12 +86,7 @@ fn sigterm_drains_gracefully() {
     s.signal(libc::SIGTERM);
     let st = s.wait_exit(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "{st:?}");
-    let root = repo
-        .parent()
-        .unwrap_or(&repo)
-        .to_string_lossy()
-        .into_owned();
-    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let s2 = restart(t.path(), &repo);
     let j = s2.wait(&id);
     assert_eq!(
         j["status"], "succeeded",
@@ -99,14 +99,14 @@ fn sigterm_drains_gracefully() {
     drop(s2);
     let mut s3 = Server::start(
         &t.path().join("data"),
-        &["--allowed-root", &root, "--shutdown-grace", "1s"],
+        &["--allowed-root", &root_of(&repo), "--shutdown-grace", "1s"],
     );
     let (_, long) = s3.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 60")));
     let lid3 = long["id"].as_str().unwrap_or("").to_string();
     s3.wait_running(&lid3);
     s3.signal(libc::SIGTERM);
     assert!(s3.wait_exit(Duration::from_secs(30)).is_some());
-    let s4 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let s4 = restart(t.path(), &repo);
     let j = s4.json("GET", &format!("/v1/jobs/{lid3}"), None).1;
     assert_eq!(j["status"], "interrupted", "{j}");
     let _ = lid;
@@ -154,12 +154,7 @@ fn backup_and_restore_round_trip() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");
-    let root = repo
-        .parent()
-        .unwrap_or(&repo)
-        .to_string_lossy()
-        .into_owned();
-    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    let s2 = restart(t.path(), &repo);
     let (code, j) = s2.json("GET", &format!("/v1/jobs/{id}"), None);
     assert_eq!(code, 200, "{j}");
     assert_eq!(
@@ -175,11 +170,7 @@ fn backup_and_restore_round_trip() {
 #[test]
 fn sigterm_at_the_moment_a_job_starts_loses_nothing() {
     let (t, repo, s) = setup(&["--shutdown-grace", "20s"]);
-    let root = repo
-        .parent()
-        .unwrap_or(&repo)
-        .to_string_lossy()
-        .into_owned();
+    let root = root_of(&repo);
     drop(s);
     for round in 0..4 {
         let mut s = Server::start(
@@ -195,7 +186,7 @@ fn sigterm_at_the_moment_a_job_starts_loses_nothing() {
                 .is_some_and(|st| st.success()),
             "round {round}"
         );
-        let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+        let s2 = restart(t.path(), &repo);
         let done = s2.wait(&id);
         assert_eq!(done["status"], "succeeded", "round {round}: {done}");
     }
