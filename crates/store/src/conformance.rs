@@ -111,6 +111,35 @@ pub async fn job_lifecycle_and_recovery(s: &Store, d: &Path) {
     );
     assert!(s.delete_job("b").await.unwrap_or(false));
     assert!(s.get_job("b").await.ok().flatten().is_none());
+    // retention: the output of ended jobs goes, oldest first, the
+    // records stay; a running job's output is kept whatever its age
+    let c = s
+        .create_job(&new_job("c"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s.mark_running("c").await.unwrap_or(false));
+    s.append_log(c.seq, 1, "stdout", b"live")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(s
+        .drop_logs_before(0, 10)
+        .await
+        .unwrap_or_default()
+        .is_empty());
+    assert_eq!(
+        s.drop_logs_before(i64::MAX, 10).await.unwrap_or_default(),
+        vec!["a".to_string()]
+    );
+    assert!(s.logs(a.seq, 0).await.unwrap_or_default().is_empty());
+    assert_eq!(s.logs(c.seq, 0).await.unwrap_or_default().len(), 1);
+    assert!(
+        s.drop_logs_before(i64::MAX, 10)
+            .await
+            .unwrap_or_default()
+            .is_empty(),
+        "once"
+    );
+    assert!(s.get_job("a").await.ok().flatten().is_some(), "record kept");
     // backup is a consistent, openable copy
     let bk = d.join("backup.sqlite");
     s.backup(&bk).await.unwrap_or_else(|e| panic!("{e}"));
@@ -266,7 +295,7 @@ pub async fn sessions_lifecycle_names_and_recovery(s: &Store, _: &Path) {
     );
     // another owner may use it
     ok(s.create_session(&new_session("s3", "k2", "work")).await);
-    let live = s.live_session("k1", "work").await.ok().flatten();
+    let live = s.session_named("k1", "work").await.ok().flatten();
     assert_eq!(live.map(|x| x.id), Some("s1".into()));
     assert!(
         !s.delete_session("s1").await.unwrap_or(true),
@@ -293,9 +322,16 @@ pub async fn sessions_lifecycle_names_and_recovery(s: &Store, _: &Path) {
         (SessionStatus::Exited, Some(3))
     );
     assert!(ended.ended_at.is_some());
-    assert!(s.live_session("k1", "work").await.ok().flatten().is_none());
-    // the name is free again
+    let named = s.session_named("k1", "work").await.ok().flatten();
+    assert_eq!(
+        named.map(|x| x.id),
+        Some("s1".into()),
+        "the ended one, when no live one"
+    );
+    // the name is free again, and finds the live one first
     ok(s.create_session(&new_session("s4", "k1", "work")).await);
+    let named = s.session_named("k1", "work").await.ok().flatten();
+    assert_eq!(named.map(|x| x.id), Some("s4".into()));
     let mine = s
         .list_sessions(Some("k1"), None, 10)
         .await
@@ -336,6 +372,22 @@ pub async fn sessions_lifecycle_names_and_recovery(s: &Store, _: &Path) {
         assert_eq!(x.status, SessionStatus::Interrupted);
         assert_eq!(x.error.as_deref(), Some("the server stopped"));
     }
+    // a patch is kept for an ended session only
+    assert_eq!(s.session_patch("s1").await.ok().flatten(), Some(None));
+    s.set_session_patch("s1", b"diff --git a/x b/x\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        s.session_patch("s1")
+            .await
+            .ok()
+            .flatten()
+            .flatten()
+            .as_deref(),
+        Some(&b"diff --git a/x b/x\n"[..])
+    );
+    s.set_session_patch("s4", b"x").await.ok();
+    assert_eq!(s.session_patch("nope").await.ok().flatten(), None);
     assert!(s.delete_session("s1").await.unwrap_or(false));
     assert!(s.get_session("s1").await.ok().flatten().is_none());
 }

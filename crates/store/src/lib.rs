@@ -219,6 +219,11 @@ pub trait Output: Send + Sync {
     async fn patch_size(&self, id: &str) -> Result<Option<(i64, Option<i64>)>>;
     /// Part `part` (from 0) of a job's patch, or `None` past the last.
     async fn patch_part(&self, job_seq: i64, part: i64) -> Result<Option<Vec<u8>>>;
+    /// Recording retention: remove the output (logs, and so the recording
+    /// built from it) of at most `limit` ended jobs that finished before
+    /// `before` (ms since the epoch) and still have some, oldest first;
+    /// their records, results and patches stay. Returns their ids.
+    async fn drop_logs_before(&self, before: i64, limit: i64) -> Result<Vec<String>>;
 }
 
 /// API keys: their SHA-256 hashes and scopes, never a secret.
@@ -291,8 +296,8 @@ pub trait Sessions: Send + Sync {
     /// live one of that name.
     async fn create_session(&self, s: &NewSession) -> Result<Session>;
     async fn get_session(&self, id: &str) -> Result<Option<Session>>;
-    /// The owner's live session of that name.
-    async fn live_session(&self, owner: &str, name: &str) -> Result<Option<Session>>;
+    /// The owner's session of that name: the live one, else the newest.
+    async fn session_named(&self, owner: &str, name: &str) -> Result<Option<Session>>;
     /// Newest first, after `cursor`; only `owner`'s when given.
     async fn list_sessions(
         &self,
@@ -314,6 +319,11 @@ pub trait Sessions: Send + Sync {
     async fn interrupt_sessions(&self, why: &str) -> Result<Vec<Session>>;
     /// Delete an ended session; false if unknown or still running.
     async fn delete_session(&self, id: &str) -> Result<bool>;
+    /// Store the patch of what a session changed (once it has ended).
+    async fn set_session_patch(&self, id: &str, patch: &[u8]) -> Result<()>;
+    /// The session's patch: `None` for an unknown session, `Some(None)`
+    /// when none was captured.
+    async fn session_patch(&self, id: &str) -> Result<Option<Option<Vec<u8>>>>;
 }
 
 /// A consistent copy while in use, and closing.

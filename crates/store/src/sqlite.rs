@@ -306,6 +306,28 @@ impl Output for SqliteStore {
         Ok(())
     }
 
+    async fn drop_logs_before(&self, before: i64, limit: i64) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, id FROM jobs WHERE status NOT IN ('queued', 'running') \
+             AND finished_at IS NOT NULL AND finished_at < ? \
+             AND EXISTS (SELECT 1 FROM job_logs WHERE job_seq = jobs.seq) \
+             ORDER BY finished_at LIMIT ?",
+        )
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (seq, _) in &rows {
+            sqlx::query("DELETE FROM job_logs WHERE job_seq = ?")
+                .bind(seq)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.into_iter().map(|(_, id)| id).collect())
+    }
+
     async fn logs(&self, job_seq: i64, after: i64) -> Result<Vec<LogChunk>> {
         self.logs_page(job_seq, after, Streams::All, i64::MAX).await
     }
@@ -551,9 +573,10 @@ impl Sessions for SqliteStore {
         row.as_ref().map(session_from).transpose()
     }
 
-    async fn live_session(&self, owner: &str, name: &str) -> Result<Option<Session>> {
+    async fn session_named(&self, owner: &str, name: &str) -> Result<Option<Session>> {
         let row = sqlx::query(&format!(
-            "SELECT {SESSION_COLS} FROM sessions WHERE owner = ? AND name = ? AND status = 'running'"
+            "SELECT {SESSION_COLS} FROM sessions WHERE owner = ? AND name = ? \
+             ORDER BY status = 'running' DESC, seq DESC LIMIT 1"
         ))
         .bind(owner)
         .bind(name)
@@ -640,6 +663,26 @@ impl Sessions for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn set_session_patch(&self, id: &str, patch: &[u8]) -> Result<()> {
+        sqlx::query("UPDATE sessions SET patch = ? WHERE id = ? AND status != 'running'")
+            .bind(patch)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn session_patch(&self, id: &str) -> Result<Option<Option<Vec<u8>>>> {
+        let row = sqlx::query("SELECT patch FROM sessions WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            None => None,
+            Some(r) => Some(r.try_get::<Option<Vec<u8>>, _>("patch")?),
+        })
     }
 }
 
