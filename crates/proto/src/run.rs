@@ -68,6 +68,14 @@ pub struct RunRequest {
     /// A terminal for the command instead of the runner's own 0, 1 and 2.
     #[serde(default)]
     pub tty: Option<Tty>,
+    /// A SEQPACKET Unix socket the runner inherited at this number: a
+    /// forwarder inside the sandbox reads forward requests from it (a
+    /// port, two bytes big-endian, with a stream socket attached) and
+    /// connects each to that port on the sandbox's own loopback, answering
+    /// one byte on the stream (0 open, 1 refused). Not with the host's
+    /// network.
+    #[serde(default)]
+    pub ports_fd: Option<i32>,
 }
 
 /// The most rows or columns a terminal may have.
@@ -243,6 +251,7 @@ impl RunRequest {
             parent_pid: None,
             backend: BackendKind::Ns,
             tty: None,
+            ports_fd: None,
         }
     }
 
@@ -283,6 +292,14 @@ impl RunRequest {
                     p.display()
                 ));
             }
+        }
+        if self.ports_fd.is_some_and(|n| n < 3) {
+            return Err("ports fd: not a descriptor the runner may take over".into());
+        }
+        if self.ports_fd.is_some() && self.network == NetworkMode::Host {
+            return Err(
+                "ports fd: port forwarding needs the sandbox's own network, not the host's".into(),
+            );
         }
         if let Some(t) = &self.tty {
             if !(1..=TTY_MAX).contains(&t.rows) || !(1..=TTY_MAX).contains(&t.cols) {

@@ -518,6 +518,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: args.cgroup_parent.clone(),
         proxy_socket: None,
+        ports_listener: None,
         protected: scan.paths,
     };
     let mut result = RunResult::setup_failed(&args, EXIT_SETUP as i32);
@@ -573,6 +574,12 @@ pub fn execute(args: RunRequest) -> ExitCode {
             rows: t.rows,
             cols: t.cols,
         };
+    }
+    if let Some(n) = args.ports_fd {
+        match crate::tty::is_seqpacket_socket(n) {
+            Ok(()) => spec.ports_listener = Some(n),
+            Err(e) => return fail(&format!("the ports fd {n}: {e}")),
+        }
     }
     let outcome = match agentvm_sandbox::backend::by_name(args.backend.name()) {
         Some(b) => b.run(&spec),

@@ -55,6 +55,32 @@ pub fn is_socket(n: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// Descriptor `n` is a SEQPACKET socket; it is made close-on-exec, so
+/// only the sandbox's forwarder (which inherits it by fork) holds it.
+pub fn is_seqpacket_socket(n: i32) -> Result<(), String> {
+    is_socket(n)?;
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one int into a local of that size.
+    let r = unsafe {
+        libc::getsockopt(
+            n,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || ty != libc::SOCK_SEQPACKET {
+        return Err("not a SEQPACKET socket".into());
+    }
+    // SAFETY: fcntl with integer arguments on a descriptor we were given.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
 /// The size of the runner's own terminal, if stdin is one.
 pub fn own_size() -> Option<(u16, u16)> {
     size_of(std::io::stdin().as_fd())

@@ -79,6 +79,7 @@ mod tests {
             root_maps_to: crate::spec::DEFAULT_ROOT_MAPS_TO,
             protected: vec![],
             proxy_socket: None,
+            ports_listener: None,
             cgroup_parent: None,
         };
         let e = Namespaces.run(&spec).err().map(|e| e.to_string());

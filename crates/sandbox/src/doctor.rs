@@ -167,6 +167,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: None,
         proxy_socket: None,
+        ports_listener: None,
         protected: Vec::new(),
     };
     let (sandbox_ok, detail) = match crate::backend::Namespaces.run(&spec) {

@@ -136,6 +136,12 @@ pub struct SandboxSpec {
     pub protected: Vec<PathBuf>,
     /// With `Network::Proxied`: the host path of the proxy's Unix socket.
     pub proxy_socket: Option<PathBuf>,
+    /// One end of the caller's SEQPACKET socket pair (close-on-exec): a
+    /// forwarder inside the sandbox's network namespace reads forward
+    /// requests from it, each reaching a TCP port on the sandbox's own
+    /// loopback (see `ns::ports`). Refused with `Network::Host`, where
+    /// that loopback is the host's.
+    pub ports_listener: Option<std::os::fd::RawFd>,
     /// Cgroup parent (relative to each hierarchy's root) under which the
     /// sandbox's cgroup is created; `None` uses the caller's own cgroup.
     pub cgroup_parent: Option<PathBuf>,

@@ -123,6 +123,10 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
     if p.spec.network == Network::Proxied {
         start_bridge(p)?;
     }
+    if let Some(l) = p.spec.ports_listener {
+        // checked before the clone: never with the host's network
+        start_ports(p, l)?;
+    }
     // Nothing inside may trace or read init.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong) };

@@ -44,6 +44,7 @@ mod bridge;
 mod command;
 mod init;
 mod mounts;
+mod ports;
 mod protocol;
 mod pty;
 mod rootfs;
@@ -53,6 +54,8 @@ use self::bridge::*;
 use self::command::*;
 use self::init::*;
 use self::mounts::*;
+use self::ports::*;
+pub use self::ports::{PORT_OPEN, PORT_REFUSED};
 use self::protocol::*;
 pub use self::pty::receive_console;
 use self::pty::*;
@@ -204,6 +207,13 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if spec.ports_listener.is_some() && spec.network == Network::Host {
+        return Err(SetupError::new(
+            Layer::Network,
+            "port forwarding needs the sandbox's own network: with the host's, its loopback is the host's",
+        )
+        .into());
+    }
     let filters = if spec.layers.seccomp {
         Some(seccomp::compile()?)
     } else {
