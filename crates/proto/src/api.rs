@@ -260,6 +260,128 @@ pub struct JobEnd {
     pub status: JobStatus,
 }
 
+/// A new session (`POST /v1/sessions`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SessionRequest {
+    /// The repository shown copy-on-write at /workspace (inside an allowed
+    /// root); absent: an empty /workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_path: Option<String>,
+    /// A name for people and for `ssh NAME@host`: 1 to 64 of A-Z a-z 0-9
+    /// . _ -, not starting with - (default: generated). Unique among the
+    /// owner's live sessions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Run this agent's interactive mode (its profile's limits, network
+    /// and secrets rules). Without `agent` and `command`: a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Run this command (argv, no shell interpolation) under the shell
+    /// profile instead; not with `agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Narrower than the profile's only: "none", "host" or
+    /// "allow:HOST[:PORT],..." (as for jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Seconds with no input and no viewer before it ends (default and
+    /// most: the server's --session-idle-timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<i64>,
+    /// Memory limit ("512M", "2G"), at most the profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Process limit, at most the profile's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// The terminal's first size (default 24 x 80; 1 to 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cols: Option<u16>,
+    /// Record input too ("i" events, redacted). Off by default: input
+    /// holds what people type at password prompts.
+    #[serde(default)]
+    pub record_input: bool,
+}
+
+/// Someone attached to a live session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct ViewerView {
+    /// The key id or SSH identity, and the door ("ws", "ssh").
+    pub who: String,
+    /// Its input reaches the terminal.
+    pub writer: bool,
+}
+
+/// A session as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct SessionView {
+    pub id: String,
+    pub name: String,
+    /// The key id (or `ssh:IDENTITY`) that made it.
+    pub owner: String,
+    pub agent: Option<String>,
+    pub command: Vec<String>,
+    pub repo_path: Option<String>,
+    #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
+    pub network: Option<NetworkMode>,
+    pub idle_timeout_s: i64,
+    pub status: SessionStatus,
+    /// Unix time in milliseconds.
+    pub created_at: i64,
+    pub ended_at: Option<i64>,
+    pub exit_code: Option<i64>,
+    pub error: Option<String>,
+    /// Who is attached now (live sessions only).
+    #[serde(default)]
+    pub viewers: Vec<ViewerView>,
+    /// Bytes of recording on disk (null: none kept).
+    pub recording_bytes: Option<u64>,
+}
+
+/// One page of sessions, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct SessionPage {
+    pub sessions: Vec<SessionView>,
+    pub next_cursor: Option<String>,
+}
+
+/// A text message on the attach WebSocket (terminal bytes travel as
+/// binary messages, both ways). See docs/API.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AttachMessage {
+    /// Server first: which session, and whether this viewer writes.
+    Hello {
+        session: String,
+        name: String,
+        writer: bool,
+    },
+    /// Server: this viewer's right to write changed.
+    Writer { writer: bool },
+    /// Server: the session ended (the socket closes next).
+    Exit {
+        status: SessionStatus,
+        exit_code: Option<i64>,
+    },
+    /// Server: something the viewer should know (dropped input, being
+    /// dropped for falling behind).
+    Notice { detail: String },
+    /// Client: the terminal's new size (the writer's only).
+    Resize { rows: u16, cols: u16 },
+    /// Client: become the writer (the previous one reads only).
+    TakeOver,
+    /// Client: leave; the session goes on.
+    Detach,
+}
+
 /// A new API key (`POST /v1/keys`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(ToSchema))]

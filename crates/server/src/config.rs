@@ -50,6 +50,11 @@ pub struct Profile {
     /// exists is used for a bare argv[0] (see [`find_installed`]).
     #[serde(default)]
     pub search: Vec<String>,
+    /// The whole command line a session runs for this agent (its
+    /// interactive mode); empty: the profile's program alone. Its first
+    /// element is found through `search` like argv's when they are the same.
+    #[serde(default)]
+    pub interactive: Vec<String>,
 }
 
 /// A profile table's network setting, parsed, the error naming the agent.
@@ -95,6 +100,7 @@ pub struct ProfileConfig {
     pub refused_args: Option<Vec<String>>,
     pub allowed_args: Option<Vec<String>>,
     pub search: Option<Vec<String>>,
+    pub interactive: Option<Vec<String>>,
 }
 
 /// The built-in profiles with the config file's `[agents.*]` tables
@@ -128,6 +134,7 @@ pub fn profiles(
                     refused_args: t.refused_args.unwrap_or_default(),
                     allowed_args: t.allowed_args.unwrap_or_default(),
                     search: t.search.unwrap_or_default(),
+                    interactive: t.interactive.unwrap_or_default(),
                 }
             }
             None => {
@@ -153,6 +160,7 @@ pub fn profiles(
                 p.refused_args = t.refused_args.unwrap_or(p.refused_args);
                 p.allowed_args = t.allowed_args.unwrap_or(p.allowed_args);
                 p.search = t.search.unwrap_or(p.search);
+                p.interactive = t.interactive.unwrap_or(p.interactive);
                 p
             }
         };
@@ -177,7 +185,19 @@ impl Profile {
         })
     }
 
+    /// What a session of this agent runs.
+    pub fn interactive_argv(&self) -> Vec<String> {
+        if self.interactive.is_empty() {
+            self.argv.iter().take(1).cloned().collect()
+        } else {
+            self.interactive.clone()
+        }
+    }
+
     pub fn validate(&self, name: &str) -> Result<(), String> {
+        if self.interactive.iter().any(|a| a.contains('\0')) {
+            return Err(format!("agent {name}: interactive holds a NUL byte"));
+        }
         if self.argv.is_empty() {
             return Err(format!("agent {name}: argv is empty"));
         }
@@ -251,6 +271,9 @@ pub fn find_installed(agents: &mut BTreeMap<String, Profile>) -> Vec<(String, St
             .cloned()
         {
             p.argv[0] = c.clone();
+            if p.interactive.first() == Some(&first) {
+                p.interactive[0] = c.clone();
+            }
             found.push((name.clone(), c));
         }
     }
@@ -309,6 +332,22 @@ pub struct Config {
     /// Secrets by name (provider keys): given to a job only when its profile
     /// lists the name, and redacted from everything jobs produce.
     pub secrets: Vec<(String, String)>,
+    pub sessions: SessionLimits,
+    /// Recordings of what ended more than this many days ago are removed.
+    pub recording_retention_days: Option<u32>,
+    pub ssh_listen: Option<SocketAddr>,
+    pub ssh_authorized_keys: Option<PathBuf>,
+}
+
+/// How many sessions, for how long, recorded how far.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub max_total: usize,
+    pub max_per_key: usize,
+    /// The default (and longest) idle timeout, in seconds.
+    pub idle_timeout_s: u64,
+    /// Bytes of recording kept per session.
+    pub max_recording: u64,
 }
 
 /// Where a secret comes from: the server's environment or a file.

@@ -189,6 +189,15 @@ mod tests {
             sandbox_bin: "/nonexistent".into(),
             cgroup_parent: None,
             secrets: Vec::new(),
+            sessions: crate::config::SessionLimits {
+                max_total: 1,
+                max_per_key: 1,
+                idle_timeout_s: 60,
+                max_recording: 1 << 20,
+            },
+            recording_retention_days: None,
+            ssh_listen: None,
+            ssh_authorized_keys: None,
         }
     }
 

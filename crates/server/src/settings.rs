@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use crate::config::{Config, ProfileConfig, SecretSource};
 
+/// The longest idle timeout a session may have.
+pub const MAX_IDLE_S: u64 = 7 * 24 * 3600;
+
 /// Every setting, each optional: from the config file, or from flags and
 /// the environment.
 #[derive(Debug, Default, Clone, Deserialize, clap::Args)]
@@ -84,6 +87,33 @@ pub struct Settings {
     /// counted [default: 10000].
     #[arg(long, value_name = "N", env = "AGENTVM_EGRESS_RECORD_LIMIT")]
     pub egress_record_limit: Option<u64>,
+    /// Sessions live at once, all keys together; beyond, 429 [default: 16].
+    #[arg(long, value_name = "N", env = "AGENTVM_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
+    /// Sessions live at once per key (or SSH identity) [default: 4].
+    #[arg(long, value_name = "N", env = "AGENTVM_MAX_SESSIONS_PER_KEY")]
+    pub max_sessions_per_key: Option<usize>,
+    /// A session with no input and no viewer for this long ends; a
+    /// request may ask for less [default: 1h, at most 7d].
+    #[arg(long, value_name = "DURATION", env = "AGENTVM_SESSION_IDLE_TIMEOUT")]
+    pub session_idle_timeout: Option<String>,
+    /// Largest recording kept per session; past it the recording stops,
+    /// the session goes on [default: 256M].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_RECORDING")]
+    pub max_recording: Option<String>,
+    /// Remove the recordings of sessions and jobs that ended more than
+    /// DAYS ago, each removal audited (checked hourly; off by default).
+    #[arg(long, value_name = "DAYS", env = "AGENTVM_RECORDING_RETENTION")]
+    pub recording_retention: Option<u32>,
+    /// Serve SSH on ADDR:PORT (public keys only; off unless given, and
+    /// only with --ssh-authorized-keys). Not in this build yet: serve
+    /// refuses to start with it, saying so.
+    #[arg(long, value_name = "ADDR:PORT", env = "AGENTVM_SSH_LISTEN")]
+    pub ssh_listen: Option<String>,
+    /// The keys SSH accepts, in OpenSSH authorized_keys format; each key's
+    /// comment is the identity its sessions and audit events carry.
+    #[arg(long, value_name = "FILE", env = "AGENTVM_SSH_AUTHORIZED_KEYS")]
+    pub ssh_authorized_keys: Option<PathBuf>,
     /// `[agents.NAME]` profiles (the file only).
     #[arg(skip)]
     #[serde(default)]
@@ -133,6 +163,13 @@ impl Settings {
             secret_files: flags.secret_files,
             cgroup_parent: flags.cgroup_parent.or(self.cgroup_parent),
             egress_record_limit: flags.egress_record_limit.or(self.egress_record_limit),
+            max_sessions: flags.max_sessions.or(self.max_sessions),
+            max_sessions_per_key: flags.max_sessions_per_key.or(self.max_sessions_per_key),
+            session_idle_timeout: flags.session_idle_timeout.or(self.session_idle_timeout),
+            max_recording: flags.max_recording.or(self.max_recording),
+            recording_retention: flags.recording_retention.or(self.recording_retention),
+            ssh_listen: flags.ssh_listen.or(self.ssh_listen),
+            ssh_authorized_keys: flags.ssh_authorized_keys.or(self.ssh_authorized_keys),
             agents: self.agents,
             secrets: self.secrets,
         }
@@ -181,7 +218,45 @@ impl Settings {
                 ));
             }
         }
+        let idle = match &self.session_idle_timeout {
+            Some(s) => units::parse_duration(s)
+                .map_err(|e| format!("session_idle_timeout: {e}"))?
+                .as_secs(),
+            None => 3600,
+        };
+        if !(1..=MAX_IDLE_S).contains(&idle) {
+            return Err(format!(
+                "session_idle_timeout: between 1 second and 7 days, not {idle} s"
+            ));
+        }
+        let ssh_listen = match &self.ssh_listen {
+            None => None,
+            Some(s) => Some(
+                s.parse::<SocketAddr>()
+                    .map_err(|e| format!("ssh_listen {s:?}: {e}"))?,
+            ),
+        };
+        if ssh_listen.is_some() != self.ssh_authorized_keys.is_some() {
+            return Err(
+                "ssh_listen and ssh_authorized_keys go together: SSH accepts only the keys that file lists".into(),
+            );
+        }
+        if self.recording_retention == Some(0) {
+            return Err(
+                "recording_retention: at least 1 day (leave it out to keep every recording)".into(),
+            );
+        }
+        let sessions = crate::config::SessionLimits {
+            max_total: self.max_sessions.unwrap_or(16).clamp(1, 10_000),
+            max_per_key: self.max_sessions_per_key.unwrap_or(4).clamp(1, 10_000),
+            idle_timeout_s: idle,
+            max_recording: size("max_recording", &self.max_recording, 256 << 20)?,
+        };
         Ok(Config {
+            sessions,
+            recording_retention_days: self.recording_retention,
+            ssh_listen,
+            ssh_authorized_keys: self.ssh_authorized_keys,
             listen,
             data_dir: self.data_dir.unwrap_or(host.default_data_dir),
             allowed_roots: self.allowed_roots,
@@ -256,6 +331,9 @@ mod tests {
             ("shutdown_grace = \"soon\"", "shutdown_grace:"),
             ("listen = \"nowhere\"", "listen \"nowhere\""),
             ("cgroup_parent = \"../../etc\"", "--cgroup-parent"),
+            ("session_idle_timeout = \"30d\"", "session_idle_timeout:"),
+            ("ssh_listen = \"127.0.0.1:2222\"", "ssh_listen and"),
+            ("recording_retention = 0", "recording_retention:"),
         ] {
             let s: Settings = toml::from_str(toml_text).unwrap();
             let e = s.resolve(host()).unwrap_err();

@@ -246,7 +246,7 @@ fn a_sandbox_terminal_drives_a_session_screen_and_recording() {
         .unwrap();
     let seen = rt.block_on(async {
         let screen = Arc::new(Screen::new(64 * 1024, 256, 4));
-        let rec = Recording::create(&cast, 24, 80, "agentvm session test", 1 << 20).unwrap();
+        let rec = Recording::create(&cast, 24, 80, "agentvm session test", "sh", 1 << 20).unwrap();
         let term =
             Terminal::new(primary, screen.clone(), Redactor::new([TOKEN]), Some(rec)).unwrap();
         let (mut me, writes) = screen.attach("test", true).unwrap();

@@ -27,6 +27,9 @@ use crate::redact::Redactor;
 
 mod record;
 mod request;
+mod session;
+
+pub use session::{SessionLimits as SessionAsk, SessionSandbox};
 
 /// A started runner: the process, the read end of its egress event pipe,
 /// and the job's directory.

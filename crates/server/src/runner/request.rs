@@ -45,16 +45,25 @@ impl Runner {
     /// policy is the profile's or narrower: the secrets are bound to the
     /// profile's hosts, and a job a key's grant let go further (or a
     /// profile that changed since) gets none.
-    pub(super) fn gets_secrets(&self, job: &Job, p: &crate::config::Profile) -> bool {
-        match &job.network {
+    pub(super) fn gets_secrets(
+        &self,
+        network: Option<&NetworkMode>,
+        p: &crate::config::Profile,
+    ) -> bool {
+        match network {
             None => true,
             Some(want) => p.network.covers(want),
         }
     }
 
     /// The supervisor's environment: nearly empty, plus exactly the
-    /// variables this job's profile may receive.
-    pub(super) fn child_env(&self, job: &Job) -> Vec<(String, String)> {
+    /// variables `agent`'s profile may receive under `network` (a job's
+    /// or a session's own policy; `None`: the profile's).
+    pub(super) fn child_env(
+        &self,
+        agent: &str,
+        network: Option<&NetworkMode>,
+    ) -> Vec<(String, String)> {
         let mut env = vec![(
             "PATH".to_string(),
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -67,8 +76,8 @@ impl Runner {
         if let Some(p) = self
             .cfg
             .agents
-            .get(&job.agent)
-            .filter(|p| self.gets_secrets(job, p))
+            .get(agent)
+            .filter(|p| self.gets_secrets(network, p))
         {
             for k in &p.env {
                 if let Some(v) = self
@@ -141,7 +150,7 @@ impl Runner {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        if self.gets_secrets(job, p) {
+        if self.gets_secrets(job.network.as_ref(), p) {
             req.env_pass = p
                 .env
                 .iter()
@@ -229,23 +238,13 @@ impl Runner {
         // it puts the checked repo descriptor at fd 3 and the event pipe at
         // fd 4, both without close-on-exec (their sources are >= 10).
         unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(repo_raw, REPO_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(w) = ev_raw {
-                    if libc::dup2(w, EVENTS_FD) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || dup_into(&[(Some(repo_raw), REPO_FD), (ev_raw, EVENTS_FD)]));
         }
         let spawned = cmd
             .arg("run-request")
             .arg(&request_file)
             .env_clear()
-            .envs(self.child_env(job))
+            .envs(self.child_env(&job.agent, job.network.as_ref()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -286,5 +285,21 @@ pub(super) fn write_private(
         .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)?;
     f.write_all(&serde_json::to_vec(v).map_err(std::io::Error::other)?)?;
+    Ok(())
+}
+
+/// In the child between fork and exec: put each descriptor given at its
+/// number (dup2 only, which is async-signal-safe).
+pub(super) fn dup_into(
+    pairs: &[(Option<std::os::fd::RawFd>, std::os::fd::RawFd)],
+) -> std::io::Result<()> {
+    for (from, to) in pairs {
+        if let Some(f) = from {
+            // SAFETY: dup2 on descriptors this process holds.
+            if unsafe { libc::dup2(*f, *to) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
     Ok(())
 }

@@ -255,6 +255,24 @@ impl Service {
         let patch = self.store.patch(id).await?.flatten().unwrap_or_default();
         let branch = format!("agentvm/{id}");
         let message = format!("{}\n\nAgentVM-Job: {id}\n", job.prompt.trim_end());
+        self.apply_patch(p, A, id, repo, patch, branch, message)
+            .await
+    }
+
+    /// Commit `patch` on a new branch of `repo` (see
+    /// `agentvm_workspace::apply_to_branch` for the rules), audited under
+    /// `action` for `target`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn apply_patch(
+        &self,
+        p: &Principal,
+        action: &str,
+        target: &str,
+        repo: PathBuf,
+        patch: Vec<u8>,
+        branch: String,
+        message: String,
+    ) -> Result<Applied> {
         let b2 = branch.clone();
         let res = tokio::task::spawn_blocking(move || {
             agentvm_workspace::apply_to_branch(&repo, &patch, &b2, &message)
@@ -263,19 +281,20 @@ impl Service {
         .map_err(|_| Error::Internal("internal error while applying".into()))?;
         match res {
             Ok(commit) => {
-                self.record(p, A, Some(id), "ok", Some(&branch)).await;
+                self.record(p, action, Some(target), "ok", Some(&branch))
+                    .await;
                 Ok(Applied { branch, commit })
             }
             Err(e) => {
                 use agentvm_workspace::ApplyError as E;
                 let err = match e {
                     E::Git(_) => {
-                        tracing::error!(job = %id, error = %e, "apply failed");
+                        tracing::error!(target = %target, error = %e, "apply failed");
                         Error::Internal(e.to_string())
                     }
                     _ => Error::Conflict(e.to_string()),
                 };
-                self.rejected(p, A, Some(id), err).await
+                self.rejected(p, action, Some(target), err).await
             }
         }
     }
@@ -302,7 +321,7 @@ impl Service {
 /// (its `network`), and admin keys may use any policy. Loopback, private
 /// and metadata addresses are reachable only when named, so only an
 /// admin-set profile or grant can open them.
-fn check_network(
+pub(super) fn check_network(
     profile: &crate::config::Profile,
     agent: &str,
     n: &str,

@@ -19,12 +19,15 @@ use agentvm_store::{ApiKey, Job, Store};
 use crate::auth::{self, Scope};
 use crate::config::Config;
 use crate::runner::Runner;
+use crate::session::host::SessionHost;
 
 mod jobs;
 mod keys;
+pub mod sessions;
 mod streams;
 
 pub use jobs::{check_repo, Ask, JobFilter};
+pub use sessions::{valid_name, Viewer, SHELL};
 pub use streams::{Slot, StreamSlots, STREAMS_PER_KEY};
 
 /// Who is calling: a key that was checked, and the client's address (or
@@ -150,11 +153,15 @@ pub struct Service {
     /// Canonical allowed roots.
     pub roots: Vec<PathBuf>,
     pub streams: StreamSlots,
+    /// The live sessions.
+    pub sessions: Arc<SessionHost>,
 }
 
 impl Service {
     pub fn new(runner: Arc<Runner>, store: Store, cfg: Arc<Config>, roots: Vec<PathBuf>) -> Self {
+        let sessions = SessionHost::new(runner.clone(), store.clone(), cfg.clone());
         Service {
+            sessions,
             runner,
             store,
             cfg,

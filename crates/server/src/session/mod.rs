@@ -1,6 +1,8 @@
-//! Interactive sessions (issue 10; design and threat model in
-//! docs/SESSIONS.md). What exists so far: the screen every door attaches
-//! to ([`screen`]).
+//! Interactive sessions (design and threat model in docs/SESSIONS.md):
+//! the screen every door attaches to ([`screen`]), the server's side of a
+//! sandbox's terminal ([`terminal`]), and the live sessions themselves
+//! ([`host`]).
 
+pub mod host;
 pub mod screen;
 pub mod terminal;

@@ -50,6 +50,7 @@ pub struct Recording {
     written: u64,
     max: u64,
     full: bool,
+    inputs: bool,
 }
 
 impl Recording {
@@ -59,6 +60,7 @@ impl Recording {
         rows: u16,
         cols: u16,
         title: &str,
+        command: &str,
         max: u64,
     ) -> std::io::Result<Recording> {
         use std::os::unix::fs::OpenOptionsExt;
@@ -75,6 +77,7 @@ impl Recording {
             written: 0,
             max,
             full: false,
+            inputs: false,
         };
         let header = json!({
             "version": 2,
@@ -82,6 +85,7 @@ impl Recording {
             "height": rows,
             "timestamp": agentvm_store::now_ms() / 1000,
             "title": title,
+            "command": command,
             "env": {"TERM": "xterm-256color", "SHELL": "/bin/sh"},
         });
         writeln!(r.out, "{header}")?;
@@ -116,6 +120,21 @@ impl Recording {
     fn output(&mut self, bytes: &[u8], last: bool) -> std::io::Result<()> {
         let text = self.utf8.take(bytes, last);
         self.event("o", &text)
+    }
+
+    /// Record input too ("i" events, redacted): off unless asked for,
+    /// because input holds what people type at password prompts.
+    pub fn with_input(mut self) -> Recording {
+        self.inputs = true;
+        self
+    }
+
+    fn input(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        if !self.inputs {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        self.event("i", &text)
     }
 
     fn resize(&mut self, rows: u16, cols: u16) -> std::io::Result<()> {
@@ -232,6 +251,7 @@ impl Terminal {
         if !self.screen.may_write(id) {
             return Err(InputError::ReadOnly);
         }
+        self.record(|r| r.input(&self.redactor.redact(bytes)));
         let mut rest = bytes;
         while !rest.is_empty() {
             match nix::unistd::write(self.primary.get_ref(), rest) {
@@ -303,7 +323,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let rec_path = dir.path().join("s.cast");
-        let rec = Recording::create(&rec_path, 24, 80, "agentvm test", 1 << 20).unwrap();
+        let rec = Recording::create(&rec_path, 24, 80, "agentvm test", "sh", 1 << 20).unwrap();
         let screen = Arc::new(Screen::new(4096, 64, 4));
         let term =
             Terminal::new(primary, screen.clone(), Redactor::new([SECRET]), Some(rec)).unwrap();
@@ -382,11 +402,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("x.cast");
         std::fs::write(&p, "keep").unwrap();
-        assert!(Recording::create(&p, 24, 80, "t", 1 << 20).is_err());
+        assert!(Recording::create(&p, 24, 80, "t", "sh", 1 << 20).is_err());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), "keep");
         let l = dir.path().join("link.cast");
         std::os::unix::fs::symlink("/tmp/agentvm-nowhere", &l).unwrap();
-        assert!(Recording::create(&l, 24, 80, "t", 1 << 20).is_err());
+        assert!(Recording::create(&l, 24, 80, "t", "sh", 1 << 20).is_err());
         assert!(!Path::new("/tmp/agentvm-nowhere").exists());
     }
 
@@ -397,7 +417,7 @@ mod tests {
         let (primary, secondary) = pair();
         let dir = tempfile::tempdir().unwrap();
         let rec_path = dir.path().join("big.cast");
-        let rec = Recording::create(&rec_path, 24, 80, "t", 4096).unwrap();
+        let rec = Recording::create(&rec_path, 24, 80, "t", "sh", 4096).unwrap();
         let screen = Arc::new(Screen::new(4096, 1024, 4));
         let term = Terminal::new(primary, screen.clone(), Redactor::new([]), Some(rec)).unwrap();
         let (mut me, _) = screen.attach("me", true).unwrap();
