@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod output;
 pub mod recording;
 pub mod redact;
+pub mod retention;
 pub mod runner;
 pub mod service;
 pub mod session;
@@ -33,7 +34,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
@@ -229,6 +230,24 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/jobs/{id}/recording", get(api::job_recording))
         .route("/v1/jobs/{id}/cancel", post(api::cancel_job))
         .route("/v1/jobs/{id}/apply", post(api::apply_job))
+        .route(
+            "/v1/sessions",
+            post(api::create_session).get(api::list_sessions),
+        )
+        .route(
+            "/v1/sessions/{id}",
+            get(api::get_session).delete(api::delete_session),
+        )
+        .route("/v1/sessions/{id}/attach", get(api::attach_session))
+        .route("/v1/sessions/{id}/patch", get(api::session_patch))
+        .route("/v1/sessions/{id}/apply", post(api::apply_session))
+        .route("/v1/sessions/{id}/recording", get(api::session_recording))
+        .route("/v1/sessions/{id}/ports/{port}", any(api::session_port))
+        .route("/v1/sessions/{id}/ports/{port}/", any(api::session_port))
+        .route(
+            "/v1/sessions/{id}/ports/{port}/{*path}",
+            any(api::session_port),
+        )
         .route("/v1/keys", post(api::create_key).get(api::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/v1/audit", get(api::list_audit))
@@ -291,6 +310,11 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     for (name, p) in &cfg.agents {
         p.validate(name).map_err(ServeError::Config)?;
     }
+    if let Some(a) = cfg.ssh_listen {
+        return Err(ServeError::Config(format!(
+            "--ssh-listen {a}: the SSH front door is not in this build yet; attach with `agentvm shell` or the /v1/sessions/{{id}}/attach WebSocket"
+        )));
+    }
     // the address first: a port in use must fail before a database and a
     // key are made
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(|e| {
@@ -347,6 +371,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         cfg.clone(),
         roots,
     ));
+    tokio::spawn(retention::run(svc.clone()));
+    let sessions = svc.sessions.clone();
     let st = Arc::new(api::AppState {
         svc,
         metrics,
@@ -374,7 +400,7 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         );
         // stop accepting connections but let in-flight requests finish
         h2.graceful_shutdown(Some(grace + Duration::from_secs(5)));
-        r2.shutdown(grace).await;
+        tokio::join!(r2.shutdown(grace), sessions.shutdown(grace));
     });
     let scheme = if tls { "https" } else { "http" };
     let h3 = handle.clone();

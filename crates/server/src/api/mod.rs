@@ -54,6 +54,7 @@ mod gate;
 mod jobs;
 mod keys;
 mod ops;
+mod sessions;
 
 pub use self::audit::*;
 pub use self::compat::*;
@@ -61,6 +62,7 @@ pub use self::gate::*;
 pub use self::jobs::*;
 pub use self::keys::*;
 pub use self::ops::*;
+pub use self::sessions::*;
 
 // ------------------------------------------------------------- errors
 
@@ -170,8 +172,8 @@ impl utoipa::Modify for SecurityAddon {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "AgentVM", description = "Run coding agents in sandboxes. Every route but /health, /openapi.json and /docs needs an API key (X-API-Key or Authorization: Bearer)."),
-    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics),
-    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobStatus, JobPage, JobEnd, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage)),
+    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics, create_session, list_sessions, get_session, delete_session, attach_session, session_patch, apply_session, session_recording, session_port),
+    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobStatus, JobPage, JobEnd, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage, SessionRequest, SessionView, SessionPage, ViewerView, AttachMessage, SessionStatus)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;
