@@ -49,6 +49,21 @@ enum Command {
         #[command(subcommand)]
         cmd: client::JobsCmd,
     },
+    /// Start a session on a server and attach this terminal to it, or
+    /// attach to one of yours (--attach NAME). Detach with Enter ~ . ; the
+    /// session goes on until its command exits, `agentvm sessions kill`,
+    /// its idle timeout or the server's shutdown.
+    ///
+    /// Exit status: the session's command's when it ends while attached;
+    /// 0 on detach.
+    Shell(Box<client::ShellArgs>),
+    /// List, show, end, delete, download and apply sessions on a server.
+    Sessions {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::SessionsCmd,
+    },
     /// Create, list and revoke API keys on a server (admin).
     Keys {
         #[command(flatten)]
@@ -124,6 +139,8 @@ fn main() -> ExitCode {
         Command::Agents(a) => agents::main(a),
         Command::EgressProxy { allow, listen } => egress::standalone(&allow, listen),
         Command::Keys { conn, cmd } => client::keys(conn, cmd),
+        Command::Shell(a) => client::shell(*a),
+        Command::Sessions { conn, cmd } => client::sessions(conn, cmd),
         Command::Audit { conn, limit, job } => client::audit(conn, limit, job),
         Command::Backup(args) => serve::backup(args),
         Command::Restore(args) => serve::restore(args),

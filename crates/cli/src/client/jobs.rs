@@ -217,8 +217,9 @@ pub fn jobs(conn: Conn, cmd: JobsCmd) -> ExitCode {
 
 /// GET /v1/jobs/{id}/{what} to `output`, or to stdout (as {"id", what}
 /// with --json). Written as it arrives: memory does not follow its size.
-async fn download(
+pub(super) async fn download(
     c: &Client,
+    kind: &str,
     id: &str,
     what: &str,
     output: Option<PathBuf>,
@@ -226,7 +227,7 @@ async fn download(
     let resp = c
         .send(c.req(
             reqwest::Method::GET,
-            &api_path(&["v1", "jobs", id, what], &[])?,
+            &api_path(&["v1", kind, id, what], &[])?,
         ))
         .await?;
     if c.json && output.is_none() {
@@ -406,10 +407,10 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 let st = follow(c, &id, egress).await?;
                 return Ok(status_exit(st));
             }
-            download(c, &id, "logs", None).await
+            download(c, "jobs", &id, "logs", None).await
         }
-        JobsCmd::Patch { id, output } => download(c, &id, "patch", output).await,
-        JobsCmd::Recording { id, output } => download(c, &id, "recording", output).await,
+        JobsCmd::Patch { id, output } => download(c, "jobs", &id, "patch", output).await,
+        JobsCmd::Recording { id, output } => download(c, "jobs", &id, "recording", output).await,
         JobsCmd::Cancel { id } => {
             let j: JobView = c
                 .call(c.req(

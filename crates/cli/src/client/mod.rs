@@ -1,4 +1,5 @@
-//! The CLI as a client of `agentvm serve`: `agentvm jobs ...`, `agentvm keys ...`.
+//! The CLI as a client of `agentvm serve`: `agentvm jobs ...`, `agentvm
+//! shell`, `agentvm sessions ...`, `agentvm keys ...`.
 //!
 //! The server URL and key come from flags, else AGENTVM_URL / AGENTVM_API_KEY
 //! (or AGENTVM_API_KEY_FILE), else ~/.config/agentvm/client.toml
@@ -29,11 +30,14 @@ pub struct Conn {
     json: bool,
 }
 
+mod attach;
 mod jobs;
 mod keys;
+mod sessions;
 
 pub use jobs::{jobs, JobsCmd};
 pub use keys::{audit, keys, KeysCmd};
+pub use sessions::{sessions, shell, SessionsCmd, ShellArgs};
 
 struct Client {
     url: String,
@@ -177,6 +181,11 @@ impl Client {
                 _ => break resp,
             }
         };
+        self.send_checked(resp).await
+    }
+
+    /// A non-2xx answer as one clear line.
+    async fn send_checked(&self, resp: reqwest::Response) -> Result<reqwest::Response, String> {
         if resp.status().is_success() {
             return Ok(resp);
         }

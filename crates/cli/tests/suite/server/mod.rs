@@ -17,6 +17,7 @@ mod keys;
 mod lifecycle;
 mod recovery;
 mod secrets;
+mod sessions;
 mod tls;
 
 pub struct Server {
