@@ -109,9 +109,9 @@ pub struct AttachQuery {
 /// (server: hello, writer, exit, notice; client: resize, take_over,
 /// detach). The server sends `hello`, then the replay of recent output
 /// (at most 64 KiB), then live output. One viewer writes at a time: the
-/// first, until it detaches or another sends `take_over`. A viewer that
-/// falls 256 messages behind gets a notice and is closed; the session
-/// goes on.
+/// first, until it detaches or another sends `take_over`. Output waits
+/// for a viewer 256 messages behind; one that takes nothing for 2 s gets
+/// a notice and is closed; the session goes on.
 #[utoipa::path(get, path = "/v1/sessions/{id}/attach", params(("id" = String, Path), AttachQuery),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
         (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),

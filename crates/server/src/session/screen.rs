@@ -55,6 +55,13 @@ impl Attached {
     }
 }
 
+/// A viewer whose queue was full, with the frame it still needs.
+struct Late {
+    id: u64,
+    tx: mpsc::Sender<Frame>,
+    frame: Frame,
+}
+
 struct Viewer {
     tx: mpsc::Sender<Frame>,
     lagged: Arc<AtomicBool>,
@@ -101,30 +108,68 @@ impl Screen {
     }
 
     /// Output from the session: kept for the replay and sent to every
-    /// viewer that keeps up; one that does not is dropped.
+    /// viewer; one whose queue is full is dropped at once (see [`offer`]
+    /// for the grace the terminal gives).
+    ///
+    /// [`offer`]: Screen::offer
     pub fn push(&self, bytes: &[u8]) {
+        for l in self.fan_out(bytes) {
+            self.drop_lagged(l.id);
+        }
+    }
+
+    /// Output from the session, as the terminal sends it: a viewer whose
+    /// queue is full is waited for, up to `grace`, while nothing more is
+    /// read from the session (its program blocks on its terminal, as
+    /// with a slow ssh client); one that takes no frame within `grace` is
+    /// dropped and the rest go on. A viewer that reads steadily, however
+    /// slowly, is never dropped; one that stops reading costs the
+    /// session at most `grace`.
+    pub async fn offer(&self, bytes: &[u8], grace: std::time::Duration) {
+        for l in self.fan_out(bytes) {
+            let sent = tokio::time::timeout(grace, l.tx.send(l.frame)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                self.drop_lagged(l.id);
+            }
+        }
+    }
+
+    fn drop_lagged(&self, id: u64) {
+        let mut g = self.lock();
+        if let Some(v) = g.viewers.get(&id) {
+            v.lagged.store(true, Ordering::SeqCst);
+        }
+        Self::remove(&mut g, id);
+    }
+
+    /// Keep `bytes` for the replay and queue them for every viewer with
+    /// room; the ones without are returned with their frame.
+    fn fan_out(&self, bytes: &[u8]) -> Vec<Late> {
         if bytes.is_empty() {
-            return;
+            return Vec::new();
         }
         let mut g = self.lock();
         if g.ended.is_some() {
-            return;
+            return Vec::new();
         }
         let keep = bytes.len().min(self.replay_cap);
         let over = (g.replay.len() + keep).saturating_sub(self.replay_cap);
         g.replay.drain(..over);
         g.replay.extend(&bytes[bytes.len() - keep..]);
         let piece: Arc<[u8]> = Arc::from(bytes);
-        let mut dropped = Vec::new();
+        let mut late = Vec::new();
         for (id, v) in &g.viewers {
-            if v.tx.try_send(Frame::Output(piece.clone())).is_err() {
-                v.lagged.store(true, Ordering::SeqCst);
-                dropped.push(*id);
+            if let Err(mpsc::error::TrySendError::Full(frame)) =
+                v.tx.try_send(Frame::Output(piece.clone()))
+            {
+                late.push(Late {
+                    id: *id,
+                    tx: v.tx.clone(),
+                    frame,
+                });
             }
         }
-        for id in dropped {
-            Self::remove(&mut g, id);
-        }
+        late
     }
 
     /// Attach `who`: the replay and the live frames after it, with no
@@ -300,6 +345,36 @@ mod tests {
             n += 1;
         }
         assert!(n <= 4, "{n} frames held for a viewer that did not read");
+    }
+
+    #[tokio::test]
+    async fn a_slow_viewer_is_waited_for_and_one_that_stops_is_dropped() {
+        use std::time::Duration;
+        let s = Arc::new(Screen::new(64, 2, 4));
+        let (mut slow, _) = s.attach("slow", true).unwrap();
+        let (stuck, _) = s.attach("stuck", false).unwrap();
+        // the slow one reads a frame every few milliseconds
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(Frame::Output(b)) = slow.frames.recv().await {
+                got.extend_from_slice(&b);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (got, slow.lagged())
+        });
+        let mut want = Vec::new();
+        for i in 0..50 {
+            let piece = format!("{i};");
+            want.extend_from_slice(piece.as_bytes());
+            s.offer(piece.as_bytes(), Duration::from_millis(300)).await;
+        }
+        let names: Vec<String> = s.viewers().into_iter().map(|v| v.1).collect();
+        assert_eq!(names, ["slow"], "the one that stopped reading is dropped");
+        assert!(stuck.lagged());
+        s.end(Some(0));
+        let (got, lagged) = reader.await.unwrap();
+        assert!(!lagged, "a viewer that keeps reading is not dropped");
+        assert_eq!(got, want, "every byte, in order");
     }
 
     #[test]

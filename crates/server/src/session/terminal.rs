@@ -26,6 +26,9 @@ use crate::redact::Redactor;
 
 /// How long output may pause before held-back bytes are let out.
 pub const IDLE_FLUSH: Duration = Duration::from_millis(25);
+/// How long a viewer whose queue is full is waited for before it is
+/// dropped (the session's output waits meanwhile).
+pub const VIEWER_GRACE: Duration = Duration::from_secs(2);
 
 /// Why input or a resize did not reach the terminal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,9 +203,9 @@ impl Terminal {
         }
     }
 
-    fn emit(&self, bytes: &[u8], last: bool) {
+    async fn emit(&self, bytes: &[u8], last: bool) {
         if !bytes.is_empty() {
-            self.screen.push(bytes);
+            self.screen.offer(bytes, VIEWER_GRACE).await;
         }
         self.record(|r| r.output(bytes, last));
     }
@@ -218,7 +221,7 @@ impl Terminal {
                 Err(_) => {
                     // output paused: let out what the redactor holds, and
                     // put the recording on disk
-                    self.emit(&red.finish(), false);
+                    self.emit(&red.finish(), false).await;
                     self.record(|r| r.flush());
                     continue;
                 }
@@ -234,14 +237,14 @@ impl Terminal {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
                     let out = red.push(&buf[..n]);
-                    self.emit(&out, false);
+                    self.emit(&out, false).await;
                 }
                 // EIO: the last holder of the command's side closed it
                 Ok(Err(_)) => break,
                 Err(_would_block) => continue,
             }
         }
-        self.emit(&red.finish(), true);
+        self.emit(&red.finish(), true).await;
         self.record(|r| r.flush());
     }
 
