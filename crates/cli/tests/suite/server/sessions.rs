@@ -424,7 +424,7 @@ fn idle_sessions_end_and_slow_viewers_are_dropped() {
 #[test]
 fn a_restart_interrupts_live_sessions_and_keeps_their_recordings() {
     let (t, _repo, mut s) = setup(&[]);
-    let v = create(&s, json!({"name": "r"}));
+    let v = create(&s, json!({"name": "r", "record_input": true}));
     let id = v["id"].as_str().unwrap_or("").to_string();
     let mut w = ws(&s, &s.key, &id, "").unwrap();
     next_text(&mut w, &mut Vec::new());
@@ -441,6 +441,14 @@ fn a_restart_interrupts_live_sessions_and_keeps_their_recordings() {
     assert_eq!(v["status"], "interrupted", "{v}");
     let cast = s2.text(&format!("/v1/sessions/{id}/recording"));
     assert!(cast.contains("before-2"), "{cast}");
+    // asked for, input is recorded too ("i" events)
+    let typed = cast
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e[1] == "i")
+        .filter_map(|e| e[2].as_str().map(String::from))
+        .collect::<String>();
+    assert!(typed.contains("echo before-$((1+1))"), "{typed:?}");
 }
 
 #[test]
@@ -577,5 +585,41 @@ fn the_cli_starts_detaches_reattaches_and_lists() {
     assert!(
         !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("no live session nope"),
         "{o:?}"
+    );
+}
+
+/// From a real terminal (script(1) makes one): the session starts at the
+/// terminal's size, follows a resize (SIGWINCH), and the terminal is left
+/// as it was found (raw mode undone).
+#[test]
+fn the_cli_shell_follows_the_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        return skip(
+            "agentvm shell at a terminal",
+            "install script(1) (bsdutils)",
+        );
+    }
+    let (_t, repo, s) = setup(&[]);
+    let line = format!(
+        "stty rows 33 cols 101; (sleep 2.5; stty rows 40 cols 120 < /dev/tty) & \
+         AGENTVM_URL={} AGENTVM_API_KEY_FILE={} {} shell --repo {} -- sh -c 'echo size $(stty size); sleep 5; echo size $(stty size)'; \
+         echo rc=$?; stty -a | grep -o -- '-*icanon'",
+        s.url,
+        s.data.join("admin.key").display(),
+        agentvm_path().display(),
+        repo.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    assert!(out.contains("size 33 101"), "the first size: {out}");
+    assert!(out.contains("size 40 120"), "the resize: {out}");
+    assert!(out.contains("rc=0"), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "icanon"),
+        "the terminal is restored: {out}"
     );
 }
