@@ -93,6 +93,11 @@ pub struct Tty {
     /// relays between its own stdin and stdout and the terminal.
     #[serde(default)]
     pub console_fd: Option<i32>,
+    /// No line discipline (cfmakeraw) from the start: no echo, no line
+    /// editing, no signals from keys, output bytes unchanged. What an
+    /// `ssh HOST COMMAND` without a terminal expects of its bytes.
+    #[serde(default)]
+    pub raw: bool,
 }
 
 /// The sandbox backends a request may name.
@@ -519,6 +524,7 @@ mod tests {
                 rows,
                 cols,
                 console_fd,
+                raw: false,
             })
         };
         let mut ok = req();

@@ -158,6 +158,7 @@ impl RunArgs {
                 rows,
                 cols,
                 console_fd: None,
+                raw: false,
             }
         });
         req
@@ -573,6 +574,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
             console,
             rows: t.rows,
             cols: t.cols,
+            raw: t.raw,
         };
     }
     if let Some(n) = args.ports_fd {

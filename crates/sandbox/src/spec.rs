@@ -93,6 +93,9 @@ pub enum Stdio {
         console: std::os::fd::RawFd,
         rows: u16,
         cols: u16,
+        /// Raw from the start (cfmakeraw, before the command runs): bytes
+        /// pass both ways unchanged, nothing echoes.
+        raw: bool,
     },
 }
 

@@ -133,7 +133,9 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
 
     // the sandbox's own terminal, from its private devpts
     let pty = match p.spec.stdio {
-        Stdio::Pty { rows, cols, .. } => Some(open_primary(rows, cols)?),
+        Stdio::Pty {
+            rows, cols, raw, ..
+        } => Some(open_primary(rows, cols, raw)?),
         Stdio::Inherit => None,
     };
     let (rd, wr) =

@@ -8,8 +8,8 @@ use super::*;
 
 /// Open a new terminal's primary side (close-on-exec, so the command
 /// never inherits it) at `rows` x `cols`; returns it and its number under
-/// /dev/pts.
-pub(super) fn open_primary(rows: u16, cols: u16) -> Result<(OwnedFd, u32), SetupError> {
+/// /dev/pts. `raw`: without a line discipline from the start.
+pub(super) fn open_primary(rows: u16, cols: u16, raw: bool) -> Result<(OwnedFd, u32), SetupError> {
     use nix::fcntl::{open, OFlag};
     let fd = open(
         "/dev/ptmx",
@@ -39,6 +39,14 @@ pub(super) fn open_primary(rows: u16, cols: u16) -> Result<(OwnedFd, u32), Setup
         if libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) < 0 {
             return Err(last(Layer::Terminal, "setting the terminal's size"));
         }
+    }
+    if raw {
+        // termios requests on the primary side act on the terminal itself
+        // (the kernel's tty_mode_ioctl follows the pty's link)
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let mut t = tcgetattr(&fd).map_err(os(Layer::Terminal, "tcgetattr"))?;
+        cfmakeraw(&mut t);
+        tcsetattr(&fd, SetArg::TCSANOW, &t).map_err(os(Layer::Terminal, "tcsetattr"))?;
     }
     Ok((fd, n))
 }

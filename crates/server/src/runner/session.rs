@@ -24,6 +24,8 @@ pub struct SessionLimits {
     pub memory: Option<u64>,
     pub pids: Option<u64>,
     pub disk: Option<u64>,
+    /// A terminal with no line discipline (`ssh HOST COMMAND` without -t).
+    pub raw: bool,
 }
 
 /// A started session sandbox.
@@ -121,6 +123,7 @@ impl Runner {
             rows,
             cols,
             console_fd: Some(CONSOLE_FD),
+            raw: limits.raw,
         });
         if ports {
             req.ports_fd = Some(PORTS_FD);

@@ -35,6 +35,16 @@ fn new_session_id() -> String {
     format!("ses_{}", hex::encode(b))
 }
 
+/// How a door opens a session.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Opening<'a> {
+    /// Attach the caller as its writer from the first byte, through this
+    /// door ("ssh").
+    pub door: Option<&'a str>,
+    /// A terminal with no line discipline (`ssh HOST COMMAND`).
+    pub raw: bool,
+}
+
 /// A viewer attached through a door.
 pub struct Viewer {
     pub live: Arc<Live>,
@@ -60,28 +70,50 @@ impl Drop for Viewer {
 impl Service {
     /// Validate a session request, start it, audit the outcome.
     pub async fn create_session(&self, p: &Principal, r: &SessionRequest) -> Result<Session> {
+        Ok(self.open_session(p, r, Opening::default()).await?.0)
+    }
+
+    /// [`Self::create_session`], the way a door that attaches at once
+    /// wants it: `open.door` attaches the caller as the writer before any
+    /// output is read; `open.raw` gives the command a terminal with no line
+    /// discipline. The viewer is `None` when the session failed to start.
+    pub async fn open_session(
+        &self,
+        p: &Principal,
+        r: &SessionRequest,
+        open: Opening<'_>,
+    ) -> Result<(Session, Option<Viewer>)> {
         const A: &str = "session.create";
         self.need_mut(p, Scope::Run, A, None).await?;
-        let (new, ask, rows, cols) = match self.judge_session(p, r) {
+        let (new, mut ask, rows, cols) = match self.judge_session(p, r) {
             Ok(v) => v,
             Err(e) => return self.rejected(p, A, None, e).await,
         };
+        ask.raw = open.raw;
         let id = new.id.clone();
+        let who = open.door.map(|d| format!("{} ({d})", p.key.id));
         match self
             .sessions
-            .start(new, ask, rows, cols, r.record_input)
+            .start(new, ask, rows, cols, r.record_input, who.as_deref())
             .await
         {
-            Ok(_) => {
+            Ok((live, attached)) => {
                 self.record(p, A, Some(&id), "accepted", None).await;
-                Ok(self.store.get_session(&id).await?.ok_or_else(|| {
+                let s = self.store.get_session(&id).await?.ok_or_else(|| {
                     Error::Internal("internal error: the session was not stored".into())
-                })?)
+                })?;
+                let viewer = attached.map(|attached| Viewer {
+                    live,
+                    attached,
+                    writer: true,
+                    read_only: false,
+                });
+                Ok((s, viewer))
             }
             Err(StartError::Setup(s)) => {
                 self.record(p, A, Some(&id), "failed", s.error.as_deref())
                     .await;
-                Ok(*s)
+                Ok((*s, None))
             }
             Err(e) => {
                 let e = match e {
@@ -233,6 +265,7 @@ impl Service {
                 memory,
                 pids,
                 disk: None,
+                raw: false,
             },
             rows,
             cols,

@@ -14,7 +14,7 @@ use agentvm_proto::RunResult;
 use agentvm_store::{NewSession, Session, SessionStatus, Store, StoreError};
 use tokio::io::AsyncReadExt;
 
-use super::screen::{Screen, REPLAY, VIEWER_QUEUE};
+use super::screen::{Attached, Screen, REPLAY, VIEWER_QUEUE};
 use super::terminal::{Recording, Terminal};
 use crate::config::Config;
 use crate::runner::{Runner, SessionAsk};
@@ -102,6 +102,20 @@ impl Live {
         // reaped only by this session's task, which removes it from the
         // live map first.
         unsafe { libc::kill(pid, libc::SIGHUP) };
+    }
+
+    /// A signal from the writer for the command: INT, TERM, HUP or QUIT,
+    /// which the runner forwards (anything else would hit the runner
+    /// itself and lose the session's patch). False if not passed.
+    pub fn signal(&self, sig: i32) -> bool {
+        if ![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+            || self.pid <= 0
+            || lock(&self.ending).is_some()
+        {
+            return false;
+        }
+        // SAFETY: signalling our own child (see `end`).
+        unsafe { libc::kill(self.pid, sig) == 0 }
     }
 
     /// A stream connected to `port` on the sandbox's own loopback, or why
@@ -237,7 +251,10 @@ impl SessionHost {
     }
 
     /// Start a session: stored as running, its sandbox started, its
-    /// terminal taken; it then runs on its own until it ends.
+    /// terminal taken; it then runs on its own until it ends. `first`
+    /// attaches a viewer (the writer) before any output is read, so it
+    /// misses none of it, however much comes at once.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         self: &Arc<Self>,
         new: NewSession,
@@ -245,7 +262,8 @@ impl SessionHost {
         rows: u16,
         cols: u16,
         record_input: bool,
-    ) -> Result<Arc<Live>, StartError> {
+        first: Option<&str>,
+    ) -> Result<(Arc<Live>, Option<Attached>), StartError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(StartError::Draining);
         }
@@ -317,6 +335,7 @@ impl SessionHost {
             active: Mutex::new(Instant::now()),
             ending: Mutex::new(None),
         });
+        let first = first.and_then(|who| live.screen().attach(who, true).ok().map(|(a, _)| a));
         lock(&self.live).insert(s.id.clone(), live.clone());
         slot.kept = true;
         self.tasks.fetch_add(1, Ordering::SeqCst);
@@ -327,7 +346,7 @@ impl SessionHost {
             me.run(l2, child, stderr, dir).await;
             me.tasks.fetch_sub(1, Ordering::SeqCst);
         });
-        Ok(live)
+        Ok((live, first))
     }
 
     /// A session from its start to its record in the store.

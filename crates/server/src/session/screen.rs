@@ -224,6 +224,11 @@ impl Screen {
         Self::remove(&mut self.lock(), id);
     }
 
+    /// Does anyone write now?
+    pub fn has_writer(&self) -> bool {
+        self.lock().writer.is_some()
+    }
+
     /// May viewer `id`'s input reach the session?
     pub fn may_write(&self, id: u64) -> bool {
         self.lock().writer == Some(id)
