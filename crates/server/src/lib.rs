@@ -20,6 +20,7 @@ pub mod runner;
 pub mod service;
 pub mod session;
 pub mod settings;
+pub mod ssh;
 pub mod verdict;
 pub use agentvm_proto::units;
 
@@ -310,13 +311,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     for (name, p) in &cfg.agents {
         p.validate(name).map_err(ServeError::Config)?;
     }
-    if let Some(a) = cfg.ssh_listen {
-        return Err(ServeError::Config(format!(
-            "--ssh-listen {a}: the SSH front door is not in this build yet; attach with `agentvm shell` or the /v1/sessions/{{id}}/attach WebSocket"
-        )));
-    }
-    // the address first: a port in use must fail before a database and a
-    // key are made
+    // the addresses first: a port in use must fail before a database and
+    // a key are made
     let listener = std::net::TcpListener::bind(cfg.listen).map_err(|e| {
         ServeError::Config(format!(
             "cannot listen on {}: {e} (is another server running? choose another address with --listen)",
@@ -326,6 +322,24 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     listener
         .set_nonblocking(true)
         .map_err(io("preparing the listener"))?;
+    let ssh_listener = match cfg.ssh_listen {
+        None => None,
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a).map_err(|e| {
+                ServeError::Config(format!(
+                    "cannot listen for SSH on {a}: {e} (choose another address with --ssh-listen)"
+                ))
+            })?;
+            l.set_nonblocking(true)
+                .map_err(io("preparing the SSH listener"))?;
+            // a wrong keys file is refused before anything is stored
+            if let Some(k) = &cfg.ssh_authorized_keys {
+                ssh::AuthorizedKeys::load(k)
+                    .map_err(|e| ServeError::Config(format!("--ssh-authorized-keys {e}")))?;
+            }
+            Some(l)
+        }
+    };
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(io(format!("creating {}", cfg.data_dir.display())))?;
     {
@@ -372,6 +386,19 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         roots,
     ));
     tokio::spawn(retention::run(svc.clone()));
+    let ssh_task = match (ssh_listener, &cfg.ssh_authorized_keys) {
+        (Some(l), Some(keys)) => {
+            let key = ssh::host_key(&cfg.data_dir).map_err(ServeError::Config)?;
+            let fp = ssh::fingerprint(key.public_key());
+            let (door, n) = ssh::Door::new(svc.clone(), key, keys.clone())
+                .map_err(|e| ServeError::Config(format!("--ssh-authorized-keys {e}")))?;
+            let addr = l.local_addr().map_err(io("the SSH listener"))?;
+            let l = tokio::net::TcpListener::from_std(l).map_err(io("the SSH listener"))?;
+            eprintln!("agentvm: SSH on {addr}, host key {fp}, {n} authorized keys");
+            Some(tokio::spawn(Arc::new(door).serve(l)))
+        }
+        _ => None,
+    };
     let sessions = svc.sessions.clone();
     let st = Arc::new(api::AppState {
         svc,
@@ -400,6 +427,9 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         );
         // stop accepting connections but let in-flight requests finish
         h2.graceful_shutdown(Some(grace + Duration::from_secs(5)));
+        if let Some(t) = ssh_task {
+            t.abort();
+        }
         tokio::join!(r2.shutdown(grace), sessions.shutdown(grace));
     });
     let scheme = if tls { "https" } else { "http" };

@@ -105,9 +105,10 @@ pub struct Settings {
     /// DAYS ago, each removal audited (checked hourly; off by default).
     #[arg(long, value_name = "DAYS", env = "AGENTVM_RECORDING_RETENTION")]
     pub recording_retention: Option<u32>,
-    /// Serve SSH on ADDR:PORT (public keys only; off unless given, and
-    /// only with --ssh-authorized-keys). Not in this build yet: serve
-    /// refuses to start with it, saying so.
+    /// Serve SSH on ADDR:PORT: `ssh -p PORT NAME@HOST` attaches to or
+    /// starts session NAME (public keys only; off unless given, and only
+    /// with --ssh-authorized-keys). The host key is made once in the data
+    /// directory.
     #[arg(long, value_name = "ADDR:PORT", env = "AGENTVM_SSH_LISTEN")]
     pub ssh_listen: Option<String>,
     /// The keys SSH accepts, in OpenSSH authorized_keys format; each key's

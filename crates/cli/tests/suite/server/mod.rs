@@ -18,6 +18,7 @@ mod lifecycle;
 mod recovery;
 mod secrets;
 mod sessions;
+mod ssh;
 mod tls;
 
 pub struct Server {
@@ -26,6 +27,9 @@ pub struct Server {
     pub data: PathBuf,
     pub key: String,
     pub http: Client,
+    /// With --ssh-listen: the address and the host key's fingerprint it
+    /// printed.
+    pub ssh: Option<(String, String)>,
 }
 
 impl Server {
@@ -44,13 +48,21 @@ impl Server {
         let err = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut ssh = None;
             for line in BufReader::new(err).lines().map_while(Result::ok) {
+                // "agentvm: SSH on ADDR, host key FP, N authorized keys"
+                if let Some(rest) = line.strip_prefix("agentvm: SSH on ") {
+                    let mut parts = rest.split(", ");
+                    let addr = parts.next().unwrap_or("").to_string();
+                    let fp = parts.next().unwrap_or("").trim_start_matches("host key ");
+                    ssh = Some((addr, fp.to_string()));
+                }
                 if let Some(u) = line.strip_prefix("agentvm: listening on ") {
-                    let _ = tx.send(u.to_string());
+                    let _ = tx.send((u.to_string(), ssh.take()));
                 }
             }
         });
-        let url = rx
+        let (url, ssh) = rx
             .recv_timeout(Duration::from_secs(30))
             .unwrap_or_else(|_| panic!("the server did not start: {:?}", child.try_wait()));
         let key = std::fs::read_to_string(data.join("admin.key"))
@@ -67,6 +79,7 @@ impl Server {
             data: data.to_path_buf(),
             key,
             http,
+            ssh,
         }
     }
 
