@@ -104,10 +104,10 @@ pub(super) async fn session(
                     "the {} subsystem is not offered: a session's files leave it as its patch (agentvm sessions patch NAME)",
                     agentvm_store::bounded(&name, 32)
                 );
-                let line = format!("agentvm: {}\r\n", one_line(&why));
-                let _ = wr.extended_data_bytes(1, line.into_bytes()).await;
+                // said before the failure: sftp closes on it
+                say(&wr, &why).await;
                 let _ = h.channel_failure(id).await;
-                fail(&wr, &why).await;
+                end(&wr, 1).await;
                 return;
             }
             ChannelMsg::RequestX11 { .. } | ChannelMsg::AgentForward { .. } => {
@@ -227,9 +227,19 @@ async fn open(
 
 /// One line on the client's stderr, status 1, and the channel closed.
 async fn fail(wr: &ChannelWriteHalf<Msg>, why: &str) {
+    say(wr, why).await;
+    end(wr, 1).await;
+}
+
+/// One line on the client's stderr.
+async fn say(wr: &ChannelWriteHalf<Msg>, why: &str) {
     let line = format!("agentvm: {}\r\n", one_line(why));
     let _ = wr.extended_data_bytes(1, line.into_bytes()).await;
-    let _ = wr.exit_status(1).await;
+}
+
+/// The exit status, and the channel closed.
+async fn end(wr: &ChannelWriteHalf<Msg>, status: u32) {
+    let _ = wr.exit_status(status).await;
     let _ = wr.eof().await;
     let _ = wr.close().await;
 }

@@ -249,6 +249,16 @@ fn principal(identity: &str, peer: SocketAddr) -> Principal {
     }
 }
 
+impl Conn {
+    /// Who may open a channel now, and one of the connection's channel
+    /// slots: none before login or past the limit.
+    fn channel_slot(&self) -> Option<(Principal, tokio::sync::OwnedSemaphorePermit)> {
+        let p = self.who.clone()?;
+        let permit = self.channels.clone().try_acquire_owned().ok()?;
+        Some((p, permit))
+    }
+}
+
 impl Handler for Conn {
     type Error = russh::Error;
 
@@ -295,8 +305,7 @@ impl Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(p), Ok(permit)) = (self.who.clone(), self.channels.clone().try_acquire_owned())
-        else {
+        let Some((p, permit)) = self.channel_slot() else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
@@ -319,8 +328,7 @@ impl Handler for Conn {
         reply: russh::server::ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (Some(p), Ok(permit)) = (self.who.clone(), self.channels.clone().try_acquire_owned())
-        else {
+        let Some((p, permit)) = self.channel_slot() else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
