@@ -372,15 +372,15 @@ try:
         else:
             line += "; sshd not run (install openssh-server and run as root)"
         print(line)
-        # three rounds, alternating, so that a noisy moment hits both sides
+        # five rounds, alternating, so that a noisy moment hits both sides
         door_t, sshd_t = [], []
-        for _ in range(3):
+        for _ in range(5):
             dn, ddt = throughput_ssh(SSH_PORT, "bench@127.0.0.1")
             door_t.append(dn / ddt / 1e6)
             if sshd:
                 sn, sdt = throughput_ssh(sshd_port, "root@127.0.0.1")
                 sshd_t.append(sn / sdt / 1e6)
-        line = (f"output 100 MB over ssh, 3 rounds: agentvm door {' '.join(f'{x:.1f}' for x in door_t)} MB/s "
+        line = (f"output 100 MB over ssh, 5 rounds: agentvm door {' '.join(f'{x:.1f}' for x in door_t)} MB/s "
                 f"(median {pct(door_t, .5):.1f})")
         if sshd:
             ratios = [a / b for a, b in zip(door_t, sshd_t)]

@@ -7,6 +7,8 @@
 //! line feeds become CR LF as a terminal's output processing would make
 //! them, and stdout and stderr are both terminal output ("o").
 
+use std::borrow::Cow;
+
 use agentvm_store::{Job, LogChunk};
 use serde_json::json;
 
@@ -27,7 +29,18 @@ pub(crate) struct Utf8 {
 }
 
 impl Utf8 {
-    pub(crate) fn take(&mut self, bytes: &[u8], last: bool) -> String {
+    /// The text of `bytes` after what was held; borrowed when nothing
+    /// was held and `bytes` are whole UTF-8 (the common case, no copy).
+    pub(crate) fn take<'a>(&mut self, bytes: &'a [u8], last: bool) -> Cow<'a, str> {
+        if self.pending.is_empty() {
+            if let Ok(s) = std::str::from_utf8(bytes) {
+                return Cow::Borrowed(s);
+            }
+        }
+        Cow::Owned(self.take_slow(bytes, last))
+    }
+
+    fn take_slow(&mut self, bytes: &[u8], last: bool) -> String {
         self.pending.extend_from_slice(bytes);
         let mut out = String::new();
         let mut rest: &[u8] = &self.pending;
@@ -63,6 +76,80 @@ impl Utf8 {
         self.pending = rest.to_vec();
         out
     }
+}
+
+/// Append one asciicast event line, `[t, "kind", "text"]` and a line
+/// feed, to `out`: the JSON written by hand because every byte of a
+/// session's output passes here (runs of plain bytes are copied whole,
+/// eight bytes tested at a time).
+pub(crate) fn event_line(out: &mut Vec<u8>, t: f64, kind: &str, text: &str) {
+    out.push(b'[');
+    // a time is finite and never negative; serde_json writes it as json! did
+    if serde_json::to_writer(&mut *out, &t).is_err() {
+        out.push(b'0');
+    }
+    out.extend_from_slice(b",");
+    json_str(out, kind);
+    out.push(b',');
+    json_str(out, text);
+    out.extend_from_slice(b"]\n");
+}
+
+/// Whether any of the eight bytes of `w` is below 0x20, `"` or `\`.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let below_space = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    (below_space | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\')))) != 0
+}
+
+/// `s` as a JSON string, quotes included.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    let b = s.as_bytes();
+    out.reserve(b.len() + 2);
+    out.push(b'"');
+    let (mut run, mut i) = (0, 0);
+    while i < b.len() {
+        if let Some(w) = b.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            if !word_needs_escape(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
+            }
+        }
+        let end = (i + 8).min(b.len());
+        while i < end {
+            let c = b[i];
+            let short = match c {
+                b'"' => Some(b'"'),
+                b'\\' => Some(b'\\'),
+                b'\n' => Some(b'n'),
+                b'\r' => Some(b'r'),
+                b'\t' => Some(b't'),
+                0x08 => Some(b'b'),
+                0x0c => Some(b'f'),
+                _ => None,
+            };
+            if c < 0x20 || short.is_some() {
+                out.extend_from_slice(&b[run..i]);
+                match short {
+                    Some(e) => out.extend_from_slice(&[b'\\', e]),
+                    None => {
+                        const HEX: &[u8; 16] = b"0123456789abcdef";
+                        out.extend_from_slice(b"\\u00");
+                        out.push(HEX[usize::from(c >> 4)]);
+                        out.push(HEX[usize::from(c & 15)]);
+                    }
+                }
+                run = i + 1;
+            }
+            i += 1;
+        }
+    }
+    out.extend_from_slice(&b[run..]);
+    out.push(b'"');
 }
 
 /// LF to CR LF, except where the CR is already there (also across chunks).
@@ -110,12 +197,14 @@ impl Cast {
         (cast, format!("{header}\n"))
     }
 
-    fn event(&self, text: String) -> String {
+    fn event(&self, text: &str) -> String {
         if text.is_empty() {
-            String::new()
-        } else {
-            format!("{}\n", json!([self.t, "o", text]))
+            return String::new();
         }
+        let mut line = Vec::with_capacity(text.len() + 32);
+        event_line(&mut line, self.t, "o", text);
+        // written from a &str and ASCII escapes: always UTF-8
+        String::from_utf8(line).unwrap_or_default()
     }
 
     /// The event lines for one stored chunk (none for egress decisions).
@@ -127,14 +216,14 @@ impl Cast {
         self.t = self.t.max((c.ts - self.start) as f64 / 1000.0);
         let bytes = onlcr(&self.red.push(&c.data), &mut self.prev_cr);
         let text = self.utf8.take(&bytes, false);
-        self.event(text)
+        self.event(&text)
     }
 
     /// Whatever the redactor and the UTF-8 decoder still hold.
     pub fn finish(mut self) -> String {
         let bytes = onlcr(&self.red.finish(), &mut self.prev_cr);
         let text = self.utf8.take(&bytes, true);
-        self.event(text)
+        self.event(&text)
     }
 }
 
@@ -231,5 +320,46 @@ mod tests {
         assert!(!cast.contains(secret), "{cast}");
         assert!(!cast.contains(b), "{cast}");
         assert!(cast.contains("[REDACTED]"), "{cast}");
+    }
+
+    #[test]
+    fn event_lines_are_the_json_serde_would_read_back() {
+        // every byte value at every offset from a word's start, runs of
+        // plain text around them, multi-byte characters across words
+        let mut texts: Vec<String> = Vec::new();
+        for c in 0u8..0x80 {
+            for pad in 0..10 {
+                let mut t = "a".repeat(pad);
+                t.push(char::from(c));
+                t.push_str(&"bcdefghijk"[..(pad % 10)]);
+                texts.push(t);
+            }
+        }
+        texts.push("é\"日本\\\u{1}x\u{7f}€\r\n\t\u{8}\u{c}".repeat(5));
+        texts.push(String::new());
+        for t in &texts {
+            let mut line = Vec::new();
+            event_line(&mut line, 12.5, "o", t);
+            let s = String::from_utf8(line).unwrap();
+            assert!(s.ends_with("]\n"), "{s:?}");
+            let v: serde_json::Value =
+                serde_json::from_str(&s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            assert_eq!(v, json!([12.5, "o", t]), "{s:?}");
+            // the same bytes serde_json writes, so recordings read as before
+            assert_eq!(s, format!("{}\n", json!([12.5, "o", t])), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn whole_utf8_is_borrowed_and_a_cut_sequence_waits() {
+        let mut u = Utf8::default();
+        assert!(matches!(
+            u.take("héllo".as_bytes(), false),
+            Cow::Borrowed("héllo")
+        ));
+        let e = "é".as_bytes();
+        assert_eq!(u.take(&e[..1], false), "");
+        assert!(matches!(u.take(&e[1..], false), Cow::Owned(ref s) if s == "é"));
+        assert_eq!(u.take(&e[..1], true), "\u{fffd}");
     }
 }

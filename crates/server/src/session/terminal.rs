@@ -54,7 +54,15 @@ pub struct Recording {
     max: u64,
     full: bool,
     inputs: bool,
+    /// The event being written, kept between events (up to [`LINE_KEEP`]).
+    line: Vec<u8>,
 }
+
+/// Bytes of the recording's file buffer: several pieces of output per
+/// write when output runs fast.
+const RECORDING_BUFFER: usize = 64 * 1024;
+/// The largest event buffer kept for the next event.
+const LINE_KEEP: usize = 64 * 1024;
 
 impl Recording {
     /// Create `path` (0600, never an existing file) and write the header.
@@ -74,13 +82,14 @@ impl Recording {
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
         let mut r = Recording {
-            out: std::io::BufWriter::new(f),
+            out: std::io::BufWriter::with_capacity(RECORDING_BUFFER, f),
             start: Instant::now(),
             utf8: Utf8::default(),
             written: 0,
             max,
             full: false,
             inputs: false,
+            line: Vec::new(),
         };
         let header = json!({
             "version": 2,
@@ -101,7 +110,17 @@ impl Recording {
             return Ok(());
         }
         let t = self.start.elapsed().as_secs_f64();
-        let line = format!("{}\n", json!([t, kind, text]));
+        let mut line = std::mem::take(&mut self.line);
+        line.clear();
+        crate::recording::event_line(&mut line, t, kind, text);
+        let r = self.put(t, &line);
+        if line.capacity() <= LINE_KEEP {
+            self.line = line;
+        }
+        r
+    }
+
+    fn put(&mut self, t: f64, line: &[u8]) -> std::io::Result<()> {
         if self.written + line.len() as u64 > self.max {
             self.full = true;
             let note = format!(
@@ -112,7 +131,7 @@ impl Recording {
             return self.out.flush();
         }
         self.written += line.len() as u64;
-        self.out.write_all(line.as_bytes())
+        self.out.write_all(line)
     }
 
     /// Everything written so far, on disk: a crash keeps it.
@@ -229,9 +248,19 @@ impl Terminal {
                 Ok(Ok(g)) => g,
             };
             let mut ready = ready;
+            // drain what is there (a terminal hands out at most 4 KiB per
+            // read) into one piece: fewer, larger frames to every viewer
             match ready.try_io(|fd| {
-                let n = nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf)
-                    .map_err(std::io::Error::from)?;
+                let mut n = 0;
+                while n < buf.len() {
+                    match nix::unistd::read(fd.get_ref().as_raw_fd(), &mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(_) if n > 0 => break,
+                        Err(e) => return Err(std::io::Error::from(e)),
+                    }
+                }
                 Ok(n)
             }) {
                 Ok(Ok(0)) => break,

@@ -363,6 +363,10 @@ async fn run(
     }
 }
 
+/// Bytes of queued output sent to a client as one message, at most (a
+/// piece more than this is never split; OpenSSH's largest packet is 32 KiB).
+const SEND_BATCH: usize = 32 * 1024;
+
 /// The session's output to the client, then its exit status.
 async fn output(
     mut v: Viewer,
@@ -375,10 +379,27 @@ async fn output(
     if !replay.is_empty() && wr.data_bytes(replay).await.is_err() {
         return;
     }
+    let mut held = None;
     loop {
-        match v.attached.frames.recv().await {
+        let frame = match held.take() {
+            Some(f) => Some(f),
+            None => v.attached.frames.recv().await,
+        };
+        match frame {
             Some(Frame::Output(b)) => {
-                if wr.data_bytes(b.to_vec()).await.is_err() {
+                // what else is already queued goes in the same message
+                let mut data = b.to_vec();
+                while data.len() < SEND_BATCH {
+                    match v.attached.frames.try_recv() {
+                        Ok(Frame::Output(more)) => data.extend_from_slice(&more),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if wr.data_bytes(data).await.is_err() {
                     return;
                 }
                 let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
