@@ -153,10 +153,11 @@ pub fn agentvm(who: Who, args: &[&str]) -> Output {
     agentvm_with(who, args, &[], None)
 }
 
-pub fn agentvm_with(who: Who, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
-    let bin = agentvm_path();
-    let mut cmd = match who {
-        Who::Me => Command::new(&bin),
+/// The program `bin` run as `who` (for uid 65534, through setpriv with no
+/// supplementary groups; `bin` must be one `bin_dir` holds).
+pub fn command_as(who: Who, bin: &Path) -> Command {
+    match who {
+        Who::Me => Command::new(bin),
         Who::Nobody => {
             let mut c = Command::new("setpriv");
             c.args([
@@ -165,10 +166,14 @@ pub fn agentvm_with(who: Who, args: &[&str], env: &[(&str, &str)], stdin: Option
                 "--clear-groups".into(),
                 "--".into(),
             ]);
-            c.arg(&bin);
+            c.arg(bin);
             c
         }
-    };
+    }
+}
+
+pub fn agentvm_with(who: Who, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = command_as(who, &agentvm_path());
     cmd.args(args).current_dir(bin_dir());
     for (k, v) in env {
         cmd.env(k, v);
@@ -302,4 +307,38 @@ pub fn out_dir(who: Who) -> tempfile::TempDir {
             .status();
     }
     d
+}
+
+/// The real asciinema reads the recording `cast` (saved to `file`):
+/// `asciinema cat` and `asciinema play` (sped up, idle time cut) both
+/// succeed, and each prints what `cat` does; returns that text. Without
+/// asciinema the part is listed as not run.
+pub fn asciinema_accepts(file: &Path, cast: &str, what: &str) -> Option<String> {
+    std::fs::write(file, cast).unwrap();
+    let mut text = None;
+    for args in [&["cat"][..], &["play", "-s", "1000", "-i", "0.01"][..]] {
+        match Command::new("asciinema")
+            .args(args)
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) => {
+                assert!(o.status.success(), "asciinema {args:?} on {what}: {o:?}");
+                let out = String::from_utf8_lossy(&o.stdout).into_owned();
+                match &text {
+                    None => text = Some(out),
+                    Some(cat) => assert_eq!(&out, cat, "asciinema play and cat on {what}"),
+                }
+            }
+            Err(e) => {
+                skip_part(
+                    &format!("asciinema's own parser on {what} ({e})"),
+                    "pip install asciinema==2.4.0 (scripts/install-test-tools.sh does)",
+                );
+                return None;
+            }
+        }
+    }
+    text
 }

@@ -444,15 +444,7 @@ fn sparse_files_cost_the_host_no_memory() {
 /// Run agentvm as `who` and return its exit code and the largest resident
 /// size of it and everything it waited for (KiB).
 fn run_measured(who: Who, args: &[&str]) -> (Option<i32>, i64) {
-    let mut cmd = match who {
-        Who::Me => std::process::Command::new(agentvm_path()),
-        Who::Nobody => {
-            let mut c = std::process::Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-                .arg(agentvm_path());
-            c
-        }
-    };
+    let mut cmd = command_as(who, &agentvm_path());
     cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

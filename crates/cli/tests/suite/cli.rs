@@ -250,9 +250,7 @@ fn rootless_without_delegation_names_the_cgroup_layer() {
         return;
     }
     // no AGENTVM_CGROUP_PARENT: nobody cannot create cgroups on this host
-    let o = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(agentvm_path())
+    let o = command_as(Who::Nobody, &agentvm_path())
         .args(["run", "--memory", "64M", "--", "true"])
         .env_remove("AGENTVM_CGROUP_PARENT")
         .current_dir(bin_dir())

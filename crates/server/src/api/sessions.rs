@@ -333,14 +333,28 @@ pub async fn session_recording(
     let s = st.find_session(&caller, &id).await?;
     let file = tokio::fs::File::open(st.recording_path(&s.id))
         .await
-        .map_err(|_| {
-            ApiError::new(
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound if s.status == SessionStatus::Failed => ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "Session {} has no recording: its sandbox could not be set up (see its error)",
+                    s.name
+                ),
+            ),
+            std::io::ErrorKind::NotFound => ApiError::new(
                 StatusCode::NOT_FOUND,
                 format!(
                     "Session {} has no recording (removed after the retention period)",
                     s.name
                 ),
-            )
+            ),
+            _ => {
+                tracing::error!(session = %s.id, error = %e, "opening a session's recording failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("Session {}'s recording could not be read", s.name),
+                )
+            }
         })?;
     let body = streamed(|tx| async move {
         use tokio::io::AsyncReadExt;

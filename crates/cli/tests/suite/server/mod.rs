@@ -35,7 +35,13 @@ pub struct Server {
 impl Server {
     /// Start `agentvm serve` on an ephemeral loopback port.
     pub fn start(data: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(agentvm_path())
+        Server::start_as(Who::Me, data, extra)
+    }
+
+    /// The same, as `who` (uid 65534: the copies in `bin_dir`, through
+    /// setpriv, so the server and its sandboxes run rootless).
+    pub fn start_as(who: Who, data: &Path, extra: &[&str]) -> Server {
+        let mut child = command_as(who, &agentvm_path())
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data)
             .args(extra)
@@ -255,38 +261,4 @@ pub fn sse_live(
         }
     });
     rx
-}
-
-/// The real asciinema reads the recording `cast` (saved to `file`):
-/// `asciinema cat` and `asciinema play` (sped up, idle time cut) both
-/// succeed, and each prints what `cat` does; returns that text. Without
-/// asciinema the part is listed as not run.
-pub fn asciinema_accepts(file: &Path, cast: &str, what: &str) -> Option<String> {
-    std::fs::write(file, cast).unwrap();
-    let mut text = None;
-    for args in [&["cat"][..], &["play", "-s", "1000", "-i", "0.01"][..]] {
-        match Command::new("asciinema")
-            .args(args)
-            .arg(file)
-            .stdin(Stdio::null())
-            .output()
-        {
-            Ok(o) => {
-                assert!(o.status.success(), "asciinema {args:?} on {what}: {o:?}");
-                let out = String::from_utf8_lossy(&o.stdout).into_owned();
-                match &text {
-                    None => text = Some(out),
-                    Some(cat) => assert_eq!(&out, cat, "asciinema play and cat on {what}"),
-                }
-            }
-            Err(e) => {
-                skip_part(
-                    &format!("asciinema's own parser on {what} ({e})"),
-                    "pip install asciinema==2.4.0 (scripts/install-test-tools.sh does)",
-                );
-                return None;
-            }
-        }
-    }
-    text
 }

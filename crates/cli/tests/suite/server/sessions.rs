@@ -461,6 +461,92 @@ fn a_restart_interrupts_live_sessions_and_keeps_their_recordings() {
     );
 }
 
+/// The server run as an unprivileged user (uid 65534): without a cgroup
+/// it may use, a session fails with the reason and how to fix it; with a
+/// delegated one, it runs, is recorded and has its patch.
+#[test]
+fn sessions_run_rootless() {
+    if !is_root() {
+        return skip(
+            "sessions from a server run as uid 65534",
+            "switching to uid 65534 needs root: run ./test.sh as root",
+        );
+    }
+    let t = tempdir();
+    let root = t.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let repo = fixture_repo(Who::Nobody);
+    let r = root.join("repo");
+    assert!(sh(
+        t.path(),
+        &format!(
+            "cp -R {}/. {} && chown -R {NOBODY}:{NOBODY} {}",
+            repo.path().display(),
+            r.display(),
+            t.path().display()
+        ),
+    )
+    .status
+    .success());
+    let data = t.path().join("data");
+    let root_s = root.to_string_lossy().into_owned();
+    let repo_s = r.to_string_lossy().into_owned();
+    let cmd = json!(["sh", "-c", "echo made > new.txt; echo rootless-$((6*7))"]);
+
+    let s = Server::start_as(Who::Nobody, &data, &["--allowed-root", &root_s]);
+    let (code, v) = s.json(
+        "POST",
+        "/v1/sessions",
+        Some(json!({"repo_path": repo_s, "name": "nocg", "command": cmd})),
+    );
+    assert_eq!(code, 201, "{v}");
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--cgroup-parent"),
+        "{v}"
+    );
+    let id = v["id"].as_str().unwrap_or("").to_string();
+    let (code, _, body) = s.req(
+        "GET",
+        &format!("/v1/sessions/{id}/recording"),
+        Some(&s.key),
+        None,
+    );
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("could not be set up"), "{body}");
+    drop(s);
+
+    let s = Server::start_as(
+        Who::Nobody,
+        &data,
+        &[
+            "--allowed-root",
+            &root_s,
+            "--cgroup-parent",
+            delegated_cgroup(),
+        ],
+    );
+    let v = create(
+        &s,
+        json!({"repo_path": repo_s, "name": "rl", "command": cmd}),
+    );
+    let id = v["id"].as_str().unwrap_or("").to_string();
+    let v = wait_ended(&s, &id, Duration::from_secs(60));
+    assert_eq!(v["status"], "exited", "{v}");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let cast = s.text(&format!("/v1/sessions/{id}/recording"));
+    assert!(cast.contains("rootless-42"), "{cast}");
+    let patch = s.text(&format!("/v1/sessions/{id}/patch"));
+    assert!(
+        patch.contains("+++ b/new.txt") && patch.contains("+made"),
+        "{patch}"
+    );
+    assert!(!r.join("new.txt").exists(), "the repo itself is untouched");
+}
+
 #[test]
 fn http_reaches_a_port_inside_and_nothing_else() {
     let (_t, repo, s) = setup(&[]);
