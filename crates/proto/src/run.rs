@@ -22,6 +22,16 @@ pub struct RunRequest {
     /// What /workspace is a copy-on-write view of.
     #[serde(default)]
     pub repo: Option<Repo>,
+    /// A workspace's layers laid over `repo`, newest first (absolute
+    /// paths of directories made by `agentvm_workspace::layer`), at most
+    /// [`MAX_STACK`]. The patch is of what this run changed over them.
+    #[serde(default)]
+    pub stack: Vec<PathBuf>,
+    /// Save what this run changed as a new layer here (an absolute path
+    /// that does not exist yet; its name is the layer's id, its parent the
+    /// layer store). Written once the command has ended.
+    #[serde(default)]
+    pub layer_out: Option<PathBuf>,
     /// Where every change goes as a git-style patch.
     #[serde(default)]
     pub patch_out: Option<PathBuf>,
@@ -117,6 +127,9 @@ impl BackendKind {
         }
     }
 }
+
+/// The most layers a run may lay over its repo (the sandbox's limit).
+pub const MAX_STACK: usize = 64;
 
 /// The directory /workspace shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -241,6 +254,8 @@ impl RunRequest {
         RunRequest {
             command,
             repo: None,
+            stack: Vec::new(),
+            layer_out: None,
             patch_out: None,
             result_json: None,
             network: NetworkMode::None,
@@ -295,6 +310,25 @@ impl RunRequest {
                 return Err(format!(
                     "cgroup parent {}: a path inside the cgroup hierarchy, without ..",
                     p.display()
+                ));
+            }
+        }
+        if self.stack.len() > MAX_STACK {
+            return Err(format!(
+                "{} layers over the repo: at most {MAX_STACK}",
+                self.stack.len()
+            ));
+        }
+        for l in self.stack.iter().chain(&self.layer_out) {
+            let plain = l.is_absolute()
+                && !l
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                && !l.as_os_str().as_encoded_bytes().contains(&0);
+            if !plain {
+                return Err(format!(
+                    "layer {}: an absolute path without ..",
+                    l.display()
                 ));
             }
         }

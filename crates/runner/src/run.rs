@@ -507,6 +507,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
         env,
         repo: repo.clone(),
         repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
+        stack: args.stack.clone(),
         ro_binds,
         stdio: agentvm_sandbox::Stdio::Inherit,
         network: match args.network {
@@ -656,15 +657,23 @@ pub fn execute(args: RunRequest) -> ExitCode {
                 // in memory, processes and CPU
                 result.layers_disabled.push("cgroup".into());
             }
+            if let Some(out) = &args.layer_out {
+                if let Err(e) = save_layer(&o.upper, out) {
+                    eprintln!("agentvm: saving the workspace's changes failed: {e}");
+                    result.status = RunStatus::Error;
+                    result.error = Some(RunErrorInfo {
+                        layer: "workspace".into(),
+                        message: e,
+                    });
+                    return finish(&mut outs, &result, EXIT_SETUP as i32);
+                }
+            }
             if outs.patch.is_some() || outs.result.is_some() {
-                if let Err(e) = capture(
-                    &args,
-                    &o.upper,
-                    repo_dir.as_ref(),
-                    &protected,
-                    &mut outs,
-                    &mut result,
-                ) {
+                // with layers over the repo, the changes are of what the
+                // sandbox showed before the command: the base, not the repo
+                let before = o.base.as_ref().or(repo_dir.as_ref());
+                if let Err(e) = capture(&args, &o.upper, before, &protected, &mut outs, &mut result)
+                {
                     eprintln!("agentvm: capturing the changes failed: {e}");
                     result.status = RunStatus::Error;
                     result.error = Some(RunErrorInfo {
@@ -688,6 +697,23 @@ pub fn execute(args: RunRequest) -> ExitCode {
         }
     };
     finish(&mut outs, &result, code)
+}
+
+// the runner checks a request against the sandbox's own limit
+const _: () = assert!(agentvm_proto::run::MAX_STACK == agentvm_sandbox::MAX_STACK);
+
+/// Save the upper directory as the layer `out` (its parent is the store).
+fn save_layer(upper: &std::os::fd::OwnedFd, out: &std::path::Path) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let (Some(store), Some(id)) = (out.parent(), out.file_name().and_then(|n| n.to_str())) else {
+        return Err(format!(
+            "layer {}: not a path in a layer store",
+            out.display()
+        ));
+    };
+    agentvm_workspace::layer::save(upper.as_fd(), store, id)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Write the result (whatever happened, there is one) and exit.

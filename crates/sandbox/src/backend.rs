@@ -81,6 +81,7 @@ mod tests {
             proxy_socket: None,
             ports_listener: None,
             cgroup_parent: None,
+            stack: Vec::new(),
         };
         let e = Namespaces.run(&spec).err().map(|e| e.to_string());
         let _ = tx.send(());

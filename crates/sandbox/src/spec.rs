@@ -123,6 +123,10 @@ pub struct SandboxSpec {
     /// `repo` only if it is still this very directory (same device and
     /// inode), so a path swapped after the caller's checks changes nothing.
     pub repo_fd: Option<std::os::fd::RawFd>,
+    /// Layer directories laid over `repo` at /workspace, newest first (a
+    /// workspace's state: overlayfs upper trees frozen by
+    /// `agentvm_workspace::layer`), at most [`MAX_STACK`]. Read-only.
+    pub stack: Vec<PathBuf>,
     pub ro_binds: Vec<RoBind>,
     pub stdio: Stdio,
     pub network: Network,
@@ -153,6 +157,9 @@ pub struct SandboxSpec {
 /// The id that root inside a sandbox maps to when AgentVM runs as root:
 /// the conventional overflow/nobody id.
 pub const DEFAULT_ROOT_MAPS_TO: u32 = 65534;
+
+/// The most layers a sandbox lays over its repo.
+pub const MAX_STACK: usize = 64;
 
 /// Default scratch size for `Limits::disk`.
 pub const DEFAULT_DISK: u64 = 1 << 30;

@@ -31,7 +31,8 @@ where
         audit_fields_are_bounded,
         jobs_list_by_owner_and_logs_by_page,
         hostile_strings_are_data,
-        sessions_lifecycle_names_and_recovery
+        sessions_lifecycle_names_and_recovery,
+        workspaces_one_writer_checkpoints_and_layers
     );
 }
 
@@ -390,4 +391,78 @@ pub async fn sessions_lifecycle_names_and_recovery(s: &Store, _: &Path) {
     assert_eq!(s.session_patch("nope").await.ok().flatten(), None);
     assert!(s.delete_session("s1").await.unwrap_or(false));
     assert!(s.get_session("s1").await.ok().flatten().is_none());
+}
+
+pub async fn workspaces_one_writer_checkpoints_and_layers(s: &Store, _: &Path) {
+    fn ok<T>(r: Result<T>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+    fn some<T>(r: Result<Option<T>>) -> T {
+        ok(r).unwrap_or_else(|| panic!("not found"))
+    }
+    let nw = |id: &str, name: &str, owner: &str| NewWorkspace {
+        id: id.into(),
+        name: name.into(),
+        owner: owner.into(),
+        repo_path: "/r".into(),
+        stack: vec![],
+    };
+    let w = ok(s.create_workspace(&nw("ws_1", "main", "k1")).await);
+    assert!(w.stack.is_empty() && w.writer.is_none());
+    assert!(matches!(
+        s.create_workspace(&nw("ws_2", "main", "k1")).await,
+        Err(StoreError::Taken(_))
+    ));
+    ok(s.create_workspace(&nw("ws_3", "main", "k2")).await);
+    assert_eq!(ok(s.list_workspaces(Some("k1")).await).len(), 1);
+    assert_eq!(ok(s.list_workspaces(None).await).len(), 2);
+    assert_eq!(some(s.workspace_named("k2", "main").await).id, "ws_3");
+    // one writer
+    assert!(ok(s.take_workspace("ws_1", "job_a").await));
+    assert!(!ok(s.take_workspace("ws_1", "job_b").await));
+    assert_eq!(some(s.workspace_of_writer("job_a").await).id, "ws_1");
+    assert!(
+        !ok(s.set_workspace_stack("ws_1", &["x".into()]).await),
+        "busy"
+    );
+    assert!(!ok(s.delete_workspace("ws_1").await), "busy");
+    assert!(
+        !ok(s.release_workspace("ws_1", "job_b", None).await),
+        "not its writer"
+    );
+    let l = vec!["l1".to_string()];
+    assert!(ok(s.release_workspace("ws_1", "job_a", Some(&l)).await));
+    let w = some(s.get_workspace("ws_1").await);
+    assert_eq!((w.stack.clone(), w.writer.clone()), (l.clone(), None));
+    // a release without a stack keeps the one there
+    assert!(ok(s.take_workspace("ws_1", "job_c").await));
+    assert!(ok(s.release_workspace("ws_1", "job_c", None).await));
+    assert_eq!(some(s.get_workspace("ws_1").await).stack, l);
+    // checkpoints
+    let cp = |id: &str, name: &str, stack: &[&str]| NewCheckpoint {
+        id: id.into(),
+        workspace_id: "ws_1".into(),
+        name: name.into(),
+        stack: stack.iter().map(|x| x.to_string()).collect(),
+    };
+    ok(s.create_checkpoint(&cp("cp_1", "one", &["l1"])).await);
+    assert!(matches!(
+        s.create_checkpoint(&cp("cp_2", "one", &[])).await,
+        Err(StoreError::Taken(_))
+    ));
+    ok(s.create_checkpoint(&cp("cp_3", "two", &["l2", "l1"])).await);
+    assert_eq!(
+        some(s.checkpoint_named("ws_1", "two").await).stack,
+        ["l2", "l1"]
+    );
+    assert_eq!(ok(s.list_checkpoints("ws_1").await).len(), 2);
+    assert!(ok(s.set_workspace_stack("ws_3", &["l9".into()]).await));
+    assert_eq!(ok(s.layers_in_use().await), ["l1", "l2", "l9"]);
+    assert!(ok(s.delete_checkpoint("cp_3").await));
+    assert!(!ok(s.delete_checkpoint("cp_3").await));
+    assert_eq!(ok(s.layers_in_use().await), ["l1", "l9"]);
+    // deleting a workspace takes its checkpoints along
+    assert!(ok(s.delete_workspace("ws_1").await));
+    assert!(ok(s.get_checkpoint("cp_1").await).is_none());
+    assert_eq!(ok(s.layers_in_use().await), ["l9"]);
 }

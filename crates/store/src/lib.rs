@@ -288,6 +288,89 @@ pub struct Session {
     pub supervisor_start: Option<i64>,
 }
 
+/// A workspace as it is made.
+#[derive(Debug, Clone)]
+pub struct NewWorkspace {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub repo_path: String,
+    /// Layer ids, newest first (empty: the repo as it is).
+    pub stack: Vec<String>,
+}
+
+/// A stored workspace.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    pub seq: i64,
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub repo_path: String,
+    pub stack: Vec<String>,
+    /// The job that holds it for writing (queued or running).
+    pub writer: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A checkpoint as it is taken.
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint {
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    pub stack: Vec<String>,
+}
+
+/// A stored checkpoint: a workspace's stack, named and kept.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub seq: i64,
+    pub id: String,
+    pub workspace_id: String,
+    pub name: String,
+    pub stack: Vec<String>,
+    pub created_at: i64,
+}
+
+/// Workspaces and their checkpoints; a workspace's name is unique for its
+/// owner, a checkpoint's for its workspace. One writer at a time.
+#[async_trait]
+pub trait Workspaces: Send + Sync {
+    /// [`StoreError::Taken`] when the owner has one of that name.
+    async fn create_workspace(&self, w: &NewWorkspace) -> Result<Workspace>;
+    async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>>;
+    async fn workspace_named(&self, owner: &str, name: &str) -> Result<Option<Workspace>>;
+    /// Oldest first; `owner` `None`: everyone's.
+    async fn list_workspaces(&self, owner: Option<&str>) -> Result<Vec<Workspace>>;
+    /// The workspace job `writer` holds, if any.
+    async fn workspace_of_writer(&self, writer: &str) -> Result<Option<Workspace>>;
+    /// Hold it for `writer`; false when someone else does.
+    async fn take_workspace(&self, id: &str, writer: &str) -> Result<bool>;
+    /// Let go of it (if `writer` holds it), with its new stack if given;
+    /// false when `writer` did not hold it.
+    async fn release_workspace(
+        &self,
+        id: &str,
+        writer: &str,
+        stack: Option<&[String]>,
+    ) -> Result<bool>;
+    /// A new stack while nobody writes it (restore, squash); false when busy.
+    async fn set_workspace_stack(&self, id: &str, stack: &[String]) -> Result<bool>;
+    /// Remove it and its checkpoints, unless someone writes it.
+    async fn delete_workspace(&self, id: &str) -> Result<bool>;
+    /// [`StoreError::Taken`] when the workspace has one of that name.
+    async fn create_checkpoint(&self, c: &NewCheckpoint) -> Result<Checkpoint>;
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<Checkpoint>>;
+    async fn checkpoint_named(&self, workspace_id: &str, name: &str) -> Result<Option<Checkpoint>>;
+    /// Oldest first.
+    async fn list_checkpoints(&self, workspace_id: &str) -> Result<Vec<Checkpoint>>;
+    async fn delete_checkpoint(&self, id: &str) -> Result<bool>;
+    /// Every layer id a workspace or checkpoint names.
+    async fn layers_in_use(&self) -> Result<Vec<String>>;
+}
+
 /// Interactive sessions: their rows and states; a live session's name is
 /// unique for its owner.
 #[async_trait]
@@ -335,9 +418,9 @@ pub trait Lifecycle: Send + Sync {
 }
 
 /// Everything a store does.
-pub trait Backend: Jobs + Output + Keys + Audit + Sessions + Lifecycle {}
+pub trait Backend: Jobs + Output + Keys + Audit + Sessions + Workspaces + Lifecycle {}
 
-impl<T: Jobs + Output + Keys + Audit + Sessions + Lifecycle> Backend for T {}
+impl<T: Jobs + Output + Keys + Audit + Sessions + Workspaces + Lifecycle> Backend for T {}
 
 /// The store the server holds: any [`Backend`], shared. Its methods are
 /// the backend's (`store.get_job(id).await`).

@@ -686,6 +686,251 @@ impl Sessions for SqliteStore {
     }
 }
 
+const WORKSPACE_COLS: &str =
+    "seq, id, name, owner, repo_path, stack, writer, created_at, updated_at";
+const CHECKPOINT_COLS: &str = "seq, id, workspace_id, name, stack, created_at";
+
+fn stack_from(row: &sqlx::sqlite::SqliteRow, what: &str, id: &str) -> Result<Vec<String>> {
+    let stack: String = row.try_get("stack")?;
+    serde_json::from_str(&stack).map_err(|e| StoreError::Corrupt {
+        what: format!("layers of {what} {}", bounded(id, 64)),
+        why: e.to_string(),
+    })
+}
+
+fn stack_json(stack: &[String]) -> String {
+    serde_json::to_string(stack).unwrap_or_else(|_| "[]".into())
+}
+
+fn workspace_from(row: &sqlx::sqlite::SqliteRow) -> Result<Workspace> {
+    let id: String = row.try_get("id")?;
+    Ok(Workspace {
+        seq: row.try_get("seq")?,
+        name: row.try_get("name")?,
+        owner: row.try_get("owner")?,
+        repo_path: row.try_get("repo_path")?,
+        stack: stack_from(row, "workspace", &id)?,
+        writer: row.try_get("writer")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        id,
+    })
+}
+
+fn checkpoint_from(row: &sqlx::sqlite::SqliteRow) -> Result<Checkpoint> {
+    let id: String = row.try_get("id")?;
+    Ok(Checkpoint {
+        seq: row.try_get("seq")?,
+        workspace_id: row.try_get("workspace_id")?,
+        name: row.try_get("name")?,
+        stack: stack_from(row, "checkpoint", &id)?,
+        created_at: row.try_get("created_at")?,
+        id,
+    })
+}
+
+#[async_trait]
+impl Workspaces for SqliteStore {
+    async fn create_workspace(&self, w: &NewWorkspace) -> Result<Workspace> {
+        let now = now_ms();
+        let row = sqlx::query(&format!(
+            "INSERT INTO workspaces (id, name, owner, repo_path, stack, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {WORKSPACE_COLS}"
+        ))
+        .bind(&w.id)
+        .bind(&w.name)
+        .bind(&w.owner)
+        .bind(&w.repo_path)
+        .bind(stack_json(&w.stack))
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(r) => workspace_from(&r),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Taken(
+                format!("the workspace name {}", bounded(&w.name, 64)),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_workspace(&self, id: &str) -> Result<Option<Workspace>> {
+        let row = sqlx::query(&format!(
+            "SELECT {WORKSPACE_COLS} FROM workspaces WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(workspace_from).transpose()
+    }
+
+    async fn workspace_named(&self, owner: &str, name: &str) -> Result<Option<Workspace>> {
+        let row = sqlx::query(&format!(
+            "SELECT {WORKSPACE_COLS} FROM workspaces WHERE owner = ? AND name = ?"
+        ))
+        .bind(owner)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(workspace_from).transpose()
+    }
+
+    async fn list_workspaces(&self, owner: Option<&str>) -> Result<Vec<Workspace>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKSPACE_COLS} FROM workspaces WHERE (?1 IS NULL OR owner = ?1) ORDER BY seq"
+        ))
+        .bind(owner)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(workspace_from).collect()
+    }
+
+    async fn workspace_of_writer(&self, writer: &str) -> Result<Option<Workspace>> {
+        let row = sqlx::query(&format!(
+            "SELECT {WORKSPACE_COLS} FROM workspaces WHERE writer = ?"
+        ))
+        .bind(writer)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(workspace_from).transpose()
+    }
+
+    async fn take_workspace(&self, id: &str, writer: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE workspaces SET writer = ?, updated_at = ? WHERE id = ? AND writer IS NULL",
+        )
+        .bind(writer)
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn release_workspace(
+        &self,
+        id: &str,
+        writer: &str,
+        stack: Option<&[String]>,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE workspaces SET writer = NULL, stack = COALESCE(?, stack), updated_at = ? \
+             WHERE id = ? AND writer = ?",
+        )
+        .bind(stack.map(stack_json))
+        .bind(now_ms())
+        .bind(id)
+        .bind(writer)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn set_workspace_stack(&self, id: &str, stack: &[String]) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE workspaces SET stack = ?, updated_at = ? WHERE id = ? AND writer IS NULL",
+        )
+        .bind(stack_json(stack))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn delete_workspace(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query("DELETE FROM workspaces WHERE id = ? AND writer IS NULL")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if r.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM checkpoints WHERE workspace_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn create_checkpoint(&self, c: &NewCheckpoint) -> Result<Checkpoint> {
+        let row = sqlx::query(&format!(
+            "INSERT INTO checkpoints (id, workspace_id, name, stack, created_at) \
+             VALUES (?, ?, ?, ?, ?) RETURNING {CHECKPOINT_COLS}"
+        ))
+        .bind(&c.id)
+        .bind(&c.workspace_id)
+        .bind(&c.name)
+        .bind(stack_json(&c.stack))
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(r) => checkpoint_from(&r),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Taken(
+                format!("the checkpoint name {}", bounded(&c.name, 64)),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get_checkpoint(&self, id: &str) -> Result<Option<Checkpoint>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(checkpoint_from).transpose()
+    }
+
+    async fn checkpoint_named(&self, workspace_id: &str, name: &str) -> Result<Option<Checkpoint>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE workspace_id = ? AND name = ?"
+        ))
+        .bind(workspace_id)
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(checkpoint_from).transpose()
+    }
+
+    async fn list_checkpoints(&self, workspace_id: &str) -> Result<Vec<Checkpoint>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHECKPOINT_COLS} FROM checkpoints WHERE workspace_id = ? ORDER BY seq"
+        ))
+        .bind(workspace_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(checkpoint_from).collect()
+    }
+
+    async fn delete_checkpoint(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM checkpoints WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn layers_in_use(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id, stack FROM workspaces UNION ALL SELECT id, stack FROM checkpoints",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut all = std::collections::BTreeSet::new();
+        for r in &rows {
+            let id: String = r.try_get("id")?;
+            all.extend(stack_from(r, "workspace or checkpoint", &id)?);
+        }
+        Ok(all.into_iter().collect())
+    }
+}
+
 #[async_trait]
 impl Lifecycle for SqliteStore {
     async fn backup(&self, to: &Path) -> Result<()> {

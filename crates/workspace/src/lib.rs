@@ -21,6 +21,7 @@
 pub mod apply;
 mod capture;
 mod fsx;
+pub mod layer;
 mod patch;
 pub mod protect;
 

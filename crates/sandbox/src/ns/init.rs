@@ -111,10 +111,14 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .map_err(os(Layer::Namespaces, "unshare(CLONE_NEWCGROUP)"))?;
 
-    let upper = build_root(p)?;
-    send(sock, &Report::Upper, Some(upper.as_raw_fd()))
+    let built = build_root(p)?;
+    if let Some(base) = &built.base {
+        send(sock, &Report::Base, Some(base.as_raw_fd()))
+            .map_err(|e| SetupError::os(Layer::Supervisor, "handing over the workspace", e))?;
+    }
+    send(sock, &Report::Upper, Some(built.upper.as_raw_fd()))
         .map_err(|e| SetupError::os(Layer::Supervisor, "handing over the workspace", e))?;
-    drop(upper);
+    drop(built);
 
     nix::unistd::sethostname(HOSTNAME).map_err(os(Layer::Namespaces, "sethostname"))?;
     if p.spec.network != Network::Host {

@@ -82,6 +82,10 @@ pub struct Outcome {
     /// The overlay's upper directory: every change made under /workspace.
     /// It stays readable after the sandbox is gone.
     pub upper: OwnedFd,
+    /// With layers over the repo (`SandboxSpec::stack`): /workspace as it
+    /// was before the command ran (layers and repo, read-only), what the
+    /// changes in `upper` are changes of. `None`: that is the repo itself.
+    pub base: Option<OwnedFd>,
     pub oom_kills: u64,
     pub memory_peak: Option<u64>,
     /// Landlock ABI in force for the command (0: layer off).

@@ -11,6 +11,9 @@ pub(super) enum Report {
     Go,
     /// Sent with the upper directory's descriptor attached.
     Upper,
+    /// Sent (before `Upper`) with the base's descriptor attached: what
+    /// /workspace showed before the command, when layers lie over the repo.
+    Base,
     /// Sent with the primary side of the sandbox's terminal attached
     /// (`Stdio::Pty` only).
     Console,

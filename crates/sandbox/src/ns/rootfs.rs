@@ -350,8 +350,9 @@ pub(super) fn host(p: &Path) -> PathBuf {
 }
 
 /// Build the sandbox's root and pivot into it. Returns the overlay's upper
-/// directory, which the supervisor reads the changes from.
-pub(super) fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
+/// directory (and the base it lies over), which the supervisor reads the
+/// changes from.
+pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
     let spec = p.spec;
     let none: Option<&Path> = None;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
@@ -476,6 +477,41 @@ pub(super) fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
         bind(&via, lower, ro)?;
     }
+    // A workspace's layers over the repo, newest first, each bound from
+    // a descriptor opened without following a symlink.
+    if spec.stack.len() > crate::spec::MAX_STACK {
+        return Err(SetupError::new(
+            Layer::Mounts,
+            format!(
+                "{} layers over the repo; at most {}",
+                spec.stack.len(),
+                crate::spec::MAX_STACK
+            ),
+        ));
+    }
+    let mut lowers = String::new();
+    for (i, l) in spec.stack.iter().enumerate() {
+        let at = PathBuf::from(format!("/lower.{i}"));
+        mkdir_p(&at)?;
+        let opened = nix::fcntl::open(
+            &host(l),
+            nix::fcntl::OFlag::O_PATH
+                | nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(os(
+            Layer::Mounts,
+            format!("opening the workspace layer {}", l.display()),
+        ))?;
+        // SAFETY: open just returned this descriptor; we own it.
+        let opened = unsafe { OwnedFd::from_raw_fd(opened) };
+        let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
+        bind(&via, &at, ro)?;
+        lowers.push_str(&format!("{}:", at.display()));
+    }
+    lowers.push_str("/lower");
     let ws = root.join(WORKSPACE_DIR.trim_start_matches('/'));
     mkdir_p(&ws)?;
     do_mount(
@@ -483,8 +519,35 @@ pub(super) fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
         &ws,
         Some("overlay"),
         nosuid_nodev,
-        Some("lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work,userxattr"),
+        Some(&format!(
+            "lowerdir={lowers},upperdir=/scratch/upper,workdir=/scratch/work,userxattr"
+        )),
     )?;
+    // What /workspace showed before the command ran, for the supervisor
+    // to diff against: the layers and the repo alone, read-only.
+    let base = if spec.stack.is_empty() {
+        None
+    } else {
+        let b = Path::new("/base");
+        mkdir_p(b)?;
+        do_mount(
+            Some(Path::new("overlay")),
+            b,
+            Some("overlay"),
+            nosuid_nodev | MsFlags::MS_RDONLY,
+            Some(&format!("lowerdir={lowers},userxattr")),
+        )?;
+        let fd = nix::fcntl::open(
+            b,
+            nix::fcntl::OFlag::O_DIRECTORY
+                | nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(os(Layer::Mounts, "opening the workspace's base"))?;
+        // SAFETY: open just returned this descriptor; we own it.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
     // What a shell, an editor, git or CI would run later: read-only inside
     // (new files can still be made, but apply refuses to carry them out).
     if !spec.protected.is_empty() {
@@ -559,5 +622,13 @@ pub(super) fn build_root(p: &Prepared) -> Result<OwnedFd, SetupError> {
     umount2(".", MntFlags::MNT_DETACH).map_err(os(Layer::Mounts, "detaching the host's root"))?;
     chdir("/").map_err(os(Layer::Mounts, "chdir /"))?;
     set_attr(Path::new("/"), ro, false)?;
-    Ok(upper)
+    Ok(Built { upper, base })
+}
+
+/// What the supervisor reads the changes from once the command is done.
+pub(super) struct Built {
+    /// The overlay's upper directory.
+    pub upper: OwnedFd,
+    /// With a workspace's layers: /workspace as it was before, read-only.
+    pub base: Option<OwnedFd>,
 }

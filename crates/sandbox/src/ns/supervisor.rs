@@ -187,6 +187,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
 
     let deadline = spec.limits.timeout.map(|t| started + t);
     let mut upper: Option<OwnedFd> = None;
+    let mut base: Option<OwnedFd> = None;
     let mut setup_time = None;
     let mut landlock_abi = 0;
     let mut ended: Option<Ended> = None;
@@ -237,6 +238,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
         }
         match recv(&parent_sock) {
             Ok(Some((Report::Upper, fd))) => upper = fd,
+            Ok(Some((Report::Base, fd))) => base = fd,
             Ok(Some((Report::Console, fd))) => {
                 let sent = match (p.spec.stdio, &fd) {
                     (Stdio::Pty { console, .. }, Some(fd)) => hand_over(console, fd.as_raw_fd()),
@@ -333,6 +335,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
         duration,
         setup: setup_time.unwrap_or(duration),
         upper,
+        base,
         oom_kills,
         memory_peak: cgroup.and_then(|c| c.memory_peak()),
         landlock_abi,

@@ -1,0 +1,915 @@
+//! Layers: a workspace's state as a stack of frozen overlayfs upper trees
+//! over the untouched repo (docs/WORKSPACES.md).
+//!
+//! A layer is a directory in the layer store, made once and never written
+//! again: the upper directory a sandbox wrote (files, symlinks, whiteouts,
+//! opaque directories), copied out through directory descriptors. Beside
+//! it, `ID.manifest` lists every entry with its kind, mode, size and
+//! SHA-256, so damage on disk is found before a workspace resumes from it.
+//!
+//! A layer appears whole or not at all: it is built under `.tmp-ID`,
+//! synced, its manifest renamed into place, then the directory renamed;
+//! a crash leaves a `.tmp-` directory that [`sweep`] removes, never a half
+//! layer under its own name.
+//!
+//! Sockets, fifos and devices other than whiteouts are not kept (a patch
+//! cannot carry them either); neither are hard links (each name is a file),
+//! ownership, times, or xattrs other than the opaque mark.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use sha2::{Digest, Sha256};
+
+use crate::fsx::{type_of, Dir, Type};
+
+/// Why a layer could not be made, read or trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("layer {id}: {path}: {source}")]
+    Io {
+        id: String,
+        path: String,
+        source: std::io::Error,
+    },
+    /// What is on disk is not what the manifest says.
+    #[error("layer {id} is damaged: {path}: {why}")]
+    Damaged {
+        id: String,
+        path: String,
+        why: String,
+    },
+    #[error("not a layer id: {0:?}")]
+    BadId(String),
+}
+
+/// What a made layer holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Made {
+    /// Entries (files, directories, symlinks, whiteouts).
+    pub entries: u64,
+    /// Bytes of file contents.
+    pub bytes: u64,
+}
+
+/// A layer id: 1 to 64 of `[0-9a-z_-]`, so it is always one path component.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn check(id: &str) -> Result<(), LayerError> {
+    if valid_id(id) {
+        Ok(())
+    } else {
+        Err(LayerError::BadId(id.to_string()))
+    }
+}
+
+/// The directory of layer `id` in `store`.
+pub fn path(store: &Path, id: &str) -> PathBuf {
+    store.join(id)
+}
+
+fn manifest_path(store: &Path, id: &str) -> PathBuf {
+    store.join(format!("{id}.manifest"))
+}
+
+/// Copy the upper directory `upper` into a new layer `id` of `store`.
+pub fn save(
+    upper: std::os::fd::BorrowedFd<'_>,
+    store: &Path,
+    id: &str,
+) -> Result<Made, LayerError> {
+    check(id)?;
+    let src = Dir::from_fd(upper).map_err(io(id, ""))?;
+    build(store, id, |dst| copy_tree(&src, dst, b"", id))
+}
+
+/// A new layer `id` equal to the stack `stack` (newest first) laid over
+/// one another: what a workspace shows over its repo is the same with the
+/// one layer as with the stack. Files are hard links to the older layers'
+/// (layers are never written, so they may share them).
+pub fn squash(store: &Path, stack: &[String], id: &str) -> Result<Made, LayerError> {
+    check(id)?;
+    for l in stack {
+        check(l)?;
+    }
+    build(store, id, |dst| {
+        for l in stack.iter().rev() {
+            let src = open_layer(store, l)?;
+            let st =
+                nix::sys::stat::fstat(src.fd().as_raw_fd()).map_err(|e| io(l, "/")(e.into()))?;
+            own(dst, None, &st).map_err(io(l, "/"))?;
+            lay_over(dst, &src, b"", l)?;
+        }
+        Ok(())
+    })
+}
+
+/// Check layer `id` against its manifest: every entry there, nothing
+/// else, each with its kind, mode, size and content hash. The error names
+/// the first path that differs.
+pub fn verify(store: &Path, id: &str) -> Result<Made, LayerError> {
+    check(id)?;
+    let want = std::fs::File::open(manifest_path(store, id)).map_err(|e| LayerError::Damaged {
+        id: id.into(),
+        path: format!("{id}.manifest"),
+        why: format!("the manifest cannot be read ({e})"),
+    })?;
+    let dir = open_layer(store, id)?;
+    let mut got = Vec::new();
+    let made = manifest_of(&dir, b"", id, &mut got)?;
+    let mut text = String::new();
+    std::io::BufReader::new(want)
+        .read_to_string(&mut text)
+        .map_err(|e| LayerError::Damaged {
+            id: id.into(),
+            path: format!("{id}.manifest"),
+            why: format!("the manifest cannot be read ({e})"),
+        })?;
+    let got = String::from_utf8_lossy(&got);
+    let (w, g): (Vec<&str>, Vec<&str>) = (text.lines().collect(), got.lines().collect());
+    if w == g {
+        return Ok(made);
+    }
+    let paths = |v: &[&str]| {
+        v.iter()
+            .map(|l| line_path(l))
+            .collect::<std::collections::HashSet<_>>()
+    };
+    let (wp, gp) = (paths(&w), paths(&g));
+    // the first path that differs, in the layer's own order
+    let i = w.iter().zip(&g).take_while(|(a, b)| a == b).count();
+    let damaged = |path: String, why: &str| LayerError::Damaged {
+        id: id.into(),
+        path,
+        why: why.into(),
+    };
+    for l in g.iter().skip(i) {
+        let p = line_path(l);
+        if !wp.contains(&p) {
+            return Err(damaged(p, "not in the manifest"));
+        }
+        if !w.contains(l) {
+            return Err(damaged(p, "its kind, mode, size or content changed"));
+        }
+    }
+    for l in w.iter().skip(i) {
+        let p = line_path(l);
+        if !gp.contains(&p) {
+            return Err(damaged(p, "missing"));
+        }
+    }
+    Err(damaged(
+        format!("{id}.manifest"),
+        "the manifest's order differs",
+    ))
+}
+
+/// Bytes a layer takes (its files' contents), from its manifest.
+pub fn size(store: &Path, id: &str) -> Result<Made, LayerError> {
+    check(id)?;
+    let f = std::fs::File::open(manifest_path(store, id)).map_err(io(id, "manifest"))?;
+    let mut m = Made::default();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(io(id, "manifest"))?;
+        m.entries += 1;
+        if line.starts_with("f\t") {
+            m.bytes += line
+                .split('\t')
+                .nth(2)
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(m)
+}
+
+/// Remove layer `id` (its manifest first, so a crash halfway leaves a
+/// layer that fails verification rather than one that passes damaged).
+pub fn remove(store: &Path, id: &str) -> Result<(), LayerError> {
+    check(id)?;
+    match std::fs::remove_file(manifest_path(store, id)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(id, "manifest")(e)),
+    }
+    remove_dir_all(&path(store, id)).map_err(io(id, ""))
+}
+
+/// Remove what a crash left: half-built layers, and complete ones that
+/// `keep` does not name. Returns the ids removed.
+pub fn sweep(store: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Vec<String>, LayerError> {
+    let mut gone = Vec::new();
+    let rd = match std::fs::read_dir(store) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(gone),
+        Err(e) => return Err(io("-", "")(e)),
+    };
+    for e in rd {
+        let e = e.map_err(io("-", ""))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(t) = name.strip_prefix(".tmp-") {
+            let p = e.path();
+            let r = if p.is_dir() && !p.is_symlink() {
+                remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(io(t, ""))?;
+            continue;
+        }
+        let id = name.strip_suffix(".manifest").unwrap_or(&name);
+        if valid_id(id) && !keep(id) && !gone.iter().any(|g| g == id) {
+            remove(store, id)?;
+            gone.push(id.to_string());
+        }
+    }
+    Ok(gone)
+}
+
+fn remove_dir_all(p: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+fn io<'a>(id: &'a str, path: &'a str) -> impl Fn(std::io::Error) -> LayerError + 'a {
+    move |source| LayerError::Io {
+        id: id.into(),
+        path: path.into(),
+        source,
+    }
+}
+
+fn shown(rel: &[u8]) -> String {
+    if rel.is_empty() {
+        "/".into()
+    } else {
+        String::from_utf8_lossy(rel).into_owned()
+    }
+}
+
+fn open_layer(store: &Path, id: &str) -> Result<Dir, LayerError> {
+    let fd = nix::fcntl::open(
+        &path(store, id),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| LayerError::Damaged {
+        id: id.into(),
+        path: "/".into(),
+        why: format!("the layer cannot be opened ({e})"),
+    })?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsFd;
+    Dir::from_fd(fd.as_fd()).map_err(io(id, ""))
+}
+
+/// Build layer `id` with `fill`, then put it in place whole.
+fn build(
+    store: &Path,
+    id: &str,
+    fill: impl FnOnce(&Dir) -> Result<(), LayerError>,
+) -> Result<Made, LayerError> {
+    std::fs::create_dir_all(store).map_err(io(id, ""))?;
+    let final_dir = path(store, id);
+    if final_dir.exists() {
+        return Err(io(id, "")(std::io::Error::from_raw_os_error(libc::EEXIST)));
+    }
+    let tmp = store.join(format!(".tmp-{id}"));
+    remove_dir_all(&tmp).map_err(io(id, ""))?;
+    std::fs::create_dir(&tmp).map_err(io(id, ""))?;
+    let made = (|| {
+        let fd = nix::fcntl::open(
+            &tmp,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| io(id, "")(e.into()))?;
+        // SAFETY: open just returned this descriptor; nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        use std::os::fd::AsFd;
+        let dst = Dir::from_fd(fd.as_fd()).map_err(io(id, ""))?;
+        fill(&dst)?;
+        let mut manifest = Vec::new();
+        let made = manifest_of(&dst, b"", id, &mut manifest)?;
+        sync_tree(&dst).map_err(io(id, ""))?;
+        let mtmp = store.join(format!(".tmp-{id}.manifest"));
+        let mut f = std::fs::File::create(&mtmp).map_err(io(id, "manifest"))?;
+        f.write_all(&manifest).map_err(io(id, "manifest"))?;
+        f.sync_all().map_err(io(id, "manifest"))?;
+        std::fs::rename(&mtmp, manifest_path(store, id)).map_err(io(id, "manifest"))?;
+        Ok(made)
+    })();
+    let made = match made {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = remove_dir_all(&tmp);
+            let _ = std::fs::remove_file(store.join(format!(".tmp-{id}.manifest")));
+            let _ = std::fs::remove_file(manifest_path(store, id));
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, &final_dir).map_err(io(id, ""))?;
+    std::fs::File::open(store)
+        .and_then(|d| d.sync_all())
+        .map_err(io(id, ""))?;
+    Ok(made)
+}
+
+fn join(rel: &[u8], name: &OsStr) -> Vec<u8> {
+    let mut p = rel.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name.as_bytes());
+    p
+}
+
+const OPAQUE: &std::ffi::CStr = c"user.overlay.opaque";
+
+fn set_opaque(d: &Dir) -> std::io::Result<()> {
+    // SAFETY: a NUL-terminated name, a one-byte value, our descriptor.
+    let r = unsafe {
+        libc::fsetxattr(
+            d.fd().as_raw_fd(),
+            OPAQUE.as_ptr(),
+            b"y".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn mkdir(parent: &Dir, name: &OsStr, mode: u32) -> std::io::Result<Dir> {
+    nix::sys::stat::mkdirat(
+        Some(parent.fd().as_raw_fd()),
+        name,
+        Mode::from_bits_truncate(mode & 0o777),
+    )?;
+    // mkdir's mode passed the umask; the layer keeps the one it was given
+    nix::sys::stat::fchmodat(
+        Some(parent.fd().as_raw_fd()),
+        name,
+        Mode::from_bits_truncate(mode & 0o777),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )?;
+    parent.open_dir(name)
+}
+
+fn whiteout(parent: &Dir, name: &OsStr) -> std::io::Result<()> {
+    nix::sys::stat::mknodat(
+        Some(parent.fd().as_raw_fd()),
+        name,
+        nix::sys::stat::SFlag::S_IFCHR,
+        Mode::empty(),
+        0,
+    )?;
+    Ok(())
+}
+
+fn copy_file(src: &Dir, dst: &Dir, name: &OsStr, mode: u32) -> std::io::Result<()> {
+    let mut from = src.open_file(name)?;
+    let fd = nix::fcntl::openat(
+        Some(dst.fd().as_raw_fd()),
+        name,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )?;
+    // SAFETY: openat just returned this descriptor; nothing else owns it.
+    let mut to = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    std::io::copy(&mut from, &mut to)?;
+    use std::os::unix::fs::PermissionsExt;
+    to.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+    Ok(())
+}
+
+fn copy_symlink(src: &Dir, dst: &Dir, name: &OsStr) -> std::io::Result<()> {
+    let target = src.readlink(name)?;
+    nix::unistd::symlinkat(OsStr::from_bytes(&target), Some(dst.fd().as_raw_fd()), name)?;
+    Ok(())
+}
+
+/// Copy the tree under `src` into the empty directory `dst`.
+fn copy_tree(src: &Dir, dst: &Dir, rel: &[u8], id: &str) -> Result<(), LayerError> {
+    if rel.is_empty() {
+        let st = nix::sys::stat::fstat(src.fd().as_raw_fd()).map_err(|e| io(id, "/")(e.into()))?;
+        own(dst, None, &st).map_err(io(id, "/"))?;
+    }
+    if src.is_opaque() {
+        set_opaque(dst).map_err(io(id, &shown(rel)))?;
+    }
+    for name in src.names().map_err(io(id, &shown(rel)))? {
+        let p = join(rel, &name);
+        let at = |e| io(id, &shown(&p))(e);
+        let st = src.stat(&name).map_err(at)?;
+        match type_of(&st) {
+            Type::Dir => {
+                let sub = src.open_dir(&name).map_err(at)?;
+                let made = mkdir(dst, &name, st.st_mode).map_err(at)?;
+                copy_tree(&sub, &made, &p, id)?;
+            }
+            Type::File { .. } => copy_file(src, dst, &name, st.st_mode).map_err(at)?,
+            Type::Symlink => copy_symlink(src, dst, &name).map_err(at)?,
+            Type::Whiteout => whiteout(dst, &name).map_err(at)?,
+            Type::Other => continue,
+        }
+        own(dst, Some(&name), &st).map_err(at)?;
+    }
+    Ok(())
+}
+
+/// As root, an entry keeps its owner (the id root inside the sandbox maps
+/// to, so it is root's again when the layer lies under a later sandbox);
+/// otherwise everything is the caller's, which is root inside its own
+/// sandboxes.
+fn own(dir: &Dir, name: Option<&OsStr>, st: &nix::sys::stat::FileStat) -> std::io::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let (uid, gid) = (
+        Some(nix::unistd::Uid::from_raw(st.st_uid)),
+        Some(nix::unistd::Gid::from_raw(st.st_gid)),
+    );
+    match name {
+        Some(n) => nix::unistd::fchownat(
+            Some(dir.fd().as_raw_fd()),
+            n,
+            uid,
+            gid,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?,
+        None => nix::unistd::fchown(dir.fd().as_raw_fd(), uid, gid)?,
+    }
+    Ok(())
+}
+
+/// Remove `name` from `dir`, whatever it is (a directory with all it holds).
+fn remove_entry(dir: &Dir, name: &OsStr) -> std::io::Result<()> {
+    let Some(st) = dir.stat_opt(name)? else {
+        return Ok(());
+    };
+    if type_of(&st) == Type::Dir {
+        let sub = dir.open_dir(name)?;
+        for n in sub.names()? {
+            remove_entry(&sub, &n)?;
+        }
+        nix::unistd::unlinkat(
+            Some(dir.fd().as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        )?;
+    } else {
+        nix::unistd::unlinkat(
+            Some(dir.fd().as_raw_fd()),
+            name,
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )?;
+    }
+    Ok(())
+}
+
+/// Lay the layer tree `src` over the accumulated tree `dst` as overlayfs
+/// would show it: a whiteout deletes (and stays, to hide the repo's file),
+/// an opaque directory replaces, a plain directory merges, anything else
+/// replaces. Files are hard-linked, not copied.
+fn lay_over(dst: &Dir, src: &Dir, rel: &[u8], id: &str) -> Result<(), LayerError> {
+    for name in src.names().map_err(io(id, &shown(rel)))? {
+        let p = join(rel, &name);
+        let at = |e| io(id, &shown(&p))(e);
+        let st = src.stat(&name).map_err(at)?;
+        let below = dst.stat_opt(&name).map_err(at)?.map(|s| type_of(&s));
+        match type_of(&st) {
+            Type::Dir => {
+                let sub = src.open_dir(&name).map_err(at)?;
+                if below == Some(Type::Dir) && !sub.is_opaque() {
+                    nix::sys::stat::fchmodat(
+                        Some(dst.fd().as_raw_fd()),
+                        name.as_os_str(),
+                        Mode::from_bits_truncate(st.st_mode & 0o777),
+                        nix::sys::stat::FchmodatFlags::FollowSymlink,
+                    )
+                    .map_err(|e| at(e.into()))?;
+                    let into = dst.open_dir(&name).map_err(at)?;
+                    lay_over(&into, &sub, &p, id)?;
+                } else {
+                    // whatever was below is hidden: a directory made over
+                    // a deleted name must hide the repo's too
+                    let hides = below.is_some() || sub.is_opaque();
+                    remove_entry(dst, &name).map_err(at)?;
+                    let made = mkdir(dst, &name, st.st_mode).map_err(at)?;
+                    own(dst, Some(&name), &st).map_err(at)?;
+                    if hides {
+                        set_opaque(&made).map_err(at)?;
+                    }
+                    lay_over(&made, &sub, &p, id)?;
+                }
+            }
+            Type::File { .. } => {
+                remove_entry(dst, &name).map_err(at)?;
+                nix::unistd::linkat(
+                    Some(src.fd().as_raw_fd()),
+                    name.as_os_str(),
+                    Some(dst.fd().as_raw_fd()),
+                    name.as_os_str(),
+                    nix::fcntl::AtFlags::empty(),
+                )
+                .map_err(|e| at(e.into()))?;
+            }
+            Type::Symlink => {
+                remove_entry(dst, &name).map_err(at)?;
+                copy_symlink(src, dst, &name).map_err(at)?;
+                own(dst, Some(&name), &st).map_err(at)?;
+            }
+            Type::Whiteout => {
+                remove_entry(dst, &name).map_err(at)?;
+                whiteout(dst, &name).map_err(at)?;
+            }
+            Type::Other => {}
+        }
+    }
+    Ok(())
+}
+
+/// Escape a path for one manifest line: `%`, control bytes, space, tab
+/// and bytes past ASCII as `%XX`.
+fn escape(rel: &[u8]) -> String {
+    let mut s = String::with_capacity(rel.len());
+    for &b in rel {
+        if b <= b' ' || b == b'%' || b >= 0x7f {
+            s.push_str(&format!("%{b:02x}"));
+        } else {
+            s.push(char::from(b));
+        }
+    }
+    s
+}
+
+fn line_path(line: &str) -> String {
+    let b = line.rsplit('\t').next().unwrap_or("").as_bytes();
+    let hexval = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|v| u8::try_from(v).ok())
+    };
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hexval(b[i + 1]), hexval(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The manifest of the tree under `dir`, one line per entry, in path
+/// order: `KIND\tMODE\tSIZE\tSHA256\tPATH` (KIND d, o for an opaque
+/// directory, f, l, w).
+fn manifest_of(dir: &Dir, rel: &[u8], id: &str, out: &mut Vec<u8>) -> Result<Made, LayerError> {
+    let mut made = Made::default();
+    for name in dir.names().map_err(io(id, &shown(rel)))? {
+        let p = join(rel, &name);
+        let at = |e| io(id, &shown(&p))(e);
+        let st = dir.stat(&name).map_err(at)?;
+        let mode = st.st_mode & 0o777;
+        let line = match type_of(&st) {
+            Type::Dir => {
+                let sub = dir.open_dir(&name).map_err(at)?;
+                let kind = if sub.is_opaque() { 'o' } else { 'd' };
+                writeln!(out, "{kind}\t{mode:o}\t0\t-\t{}", escape(&p)).map_err(at)?;
+                let m = manifest_of(&sub, &p, id, out)?;
+                made.entries += 1 + m.entries;
+                made.bytes += m.bytes;
+                continue;
+            }
+            Type::File { .. } => {
+                let mut f = dir.open_file(&name).map_err(at)?;
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut n = 0u64;
+                loop {
+                    let k = f.read(&mut buf).map_err(at)?;
+                    if k == 0 {
+                        break;
+                    }
+                    h.update(&buf[..k]);
+                    n += k as u64;
+                }
+                made.bytes += n;
+                format!("f\t{mode:o}\t{n}\t{}\t{}", hex(&h.finalize()), escape(&p))
+            }
+            Type::Symlink => {
+                let t = dir.readlink(&name).map_err(at)?;
+                format!(
+                    "l\t-\t{}\t{}\t{}",
+                    t.len(),
+                    hex(&Sha256::digest(&t)),
+                    escape(&p)
+                )
+            }
+            Type::Whiteout => format!("w\t-\t0\t-\t{}", escape(&p)),
+            Type::Other => continue,
+        };
+        made.entries += 1;
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    Ok(made)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// fsync every file and directory of the tree (directories last).
+fn sync_tree(dir: &Dir) -> std::io::Result<()> {
+    for name in dir.names()? {
+        let st = dir.stat(&name)?;
+        match type_of(&st) {
+            Type::Dir => sync_tree(&dir.open_dir(&name)?)?,
+            Type::File { .. } => dir.open_file(&name)?.sync_all()?,
+            _ => {}
+        }
+    }
+    nix::unistd::fsync(dir.fd().as_raw_fd())?;
+    Ok(())
+}
+
+/// Every name a manifest lists, unescaped (for tests and tools).
+pub fn manifest_paths(store: &Path, id: &str) -> Result<Vec<OsString>, LayerError> {
+    check(id)?;
+    let f = std::fs::File::open(manifest_path(store, id)).map_err(io(id, "manifest"))?;
+    let mut v = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let line = line.map_err(io(id, "manifest"))?;
+        v.push(OsString::from(line_path(&line)));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn wh(p: &Path) {
+        nix::sys::stat::mknod(p, nix::sys::stat::SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
+    }
+
+    fn opaque(p: &Path) {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: NUL-terminated path and name, a one-byte value.
+        let r = unsafe { libc::setxattr(c.as_ptr(), OPAQUE.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    fn fd(p: &Path) -> OwnedFd {
+        std::fs::File::open(p).unwrap().into()
+    }
+
+    /// What a sandbox's upper directory holds after it changed a repo.
+    fn upper(t: &Path) -> PathBuf {
+        let u = t.join("upper");
+        std::fs::create_dir_all(u.join("src/deep")).unwrap();
+        std::fs::write(u.join("src/deep/new.rs"), b"fn main() {}\n").unwrap();
+        std::fs::write(u.join("run.sh"), b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(u.join("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink("src/deep/new.rs", u.join("link")).unwrap();
+        wh(&u.join("gone.txt"));
+        std::fs::create_dir(u.join("replaced")).unwrap();
+        opaque(&u.join("replaced"));
+        std::fs::write(u.join("replaced/only"), b"x").unwrap();
+        std::fs::write(u.join("odd name\t%\u{e9}"), b"y").unwrap();
+        u
+    }
+
+    #[test]
+    fn a_saved_layer_is_the_upper_whole_and_verifies() {
+        let t = tempfile::tempdir().unwrap();
+        let u = upper(t.path());
+        let store = t.path().join("layers");
+        let made = save(fd(&u).as_fd(), &store, "l1").unwrap();
+        assert_eq!(made.bytes, 13 + 10 + 1 + 1);
+        let l = path(&store, "l1");
+        assert_eq!(
+            std::fs::read(l.join("src/deep/new.rs")).unwrap(),
+            b"fn main() {}\n"
+        );
+        assert_eq!(
+            std::fs::metadata(l.join("run.sh"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o755
+        );
+        assert_eq!(
+            std::fs::read_link(l.join("link")).unwrap(),
+            Path::new("src/deep/new.rs")
+        );
+        let st = nix::sys::stat::lstat(&l.join("gone.txt")).unwrap();
+        assert_eq!(type_of(&st), Type::Whiteout);
+        let d = Dir::from_fd(fd(&l.join("replaced")).as_fd()).unwrap();
+        assert!(d.is_opaque());
+        assert_eq!(verify(&store, "l1").unwrap(), made);
+        assert_eq!(size(&store, "l1").unwrap().bytes, made.bytes);
+        let names = manifest_paths(&store, "l1").unwrap();
+        assert!(
+            names.contains(&OsString::from("odd name\t%\u{e9}")),
+            "{names:?}"
+        );
+        // nothing half-made is left beside it, and a second one of the same id is refused
+        let left: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(save(fd(&u).as_fd(), &store, "l1").is_err());
+        assert!(matches!(
+            save(fd(&u).as_fd(), &store, "../x"),
+            Err(LayerError::BadId(_))
+        ));
+    }
+
+    #[test]
+    fn damage_is_found_and_named() {
+        let t = tempfile::tempdir().unwrap();
+        let u = upper(t.path());
+        let store = t.path().join("layers");
+        save(fd(&u).as_fd(), &store, "l1").unwrap();
+        let l = path(&store, "l1");
+        type Hurt<'a> = Box<dyn Fn() + 'a>;
+        let damage: Vec<(&str, Hurt, &str)> = vec![
+            (
+                "src/deep/new.rs",
+                Box::new(|| std::fs::write(l.join("src/deep/new.rs"), b"fn main() {!}\n").unwrap()),
+                "changed",
+            ),
+            (
+                "run.sh",
+                Box::new(|| {
+                    std::fs::set_permissions(
+                        l.join("run.sh"),
+                        std::fs::Permissions::from_mode(0o644),
+                    )
+                    .unwrap()
+                }),
+                "changed",
+            ),
+            (
+                "extra",
+                Box::new(|| std::fs::write(l.join("extra"), b"").unwrap()),
+                "not in the manifest",
+            ),
+            (
+                "gone.txt",
+                Box::new(|| std::fs::remove_file(l.join("gone.txt")).unwrap()),
+                "missing",
+            ),
+        ];
+        for (path_, hurt, why) in damage {
+            let copy = t.path().join("copy");
+            let _ = std::fs::remove_dir_all(&copy);
+            assert!(std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&l)
+                .arg(&copy)
+                .status()
+                .unwrap()
+                .success());
+            hurt();
+            match verify(&store, "l1") {
+                Err(LayerError::Damaged {
+                    path: p, why: w, ..
+                }) => {
+                    assert_eq!(p, path_);
+                    assert!(w.contains(why), "{path_}: {w}");
+                }
+                other => panic!("{path_}: {other:?}"),
+            }
+            std::fs::remove_dir_all(&l).unwrap();
+            assert!(std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&copy)
+                .arg(&l)
+                .status()
+                .unwrap()
+                .success());
+            verify(&store, "l1").unwrap();
+        }
+        std::fs::remove_file(store.join("l1.manifest")).unwrap();
+        assert!(matches!(
+            verify(&store, "l1"),
+            Err(LayerError::Damaged { .. })
+        ));
+    }
+
+    #[test]
+    fn a_squash_shows_what_the_stack_showed() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("layers");
+        // older: a changed, b deleted, dir d made, x replaced by a file
+        let a = t.path().join("a");
+        std::fs::create_dir_all(a.join("d")).unwrap();
+        std::fs::write(a.join("a"), b"a1").unwrap();
+        wh(&a.join("b"));
+        std::fs::write(a.join("d/keep"), b"k").unwrap();
+        std::fs::write(a.join("d/drop"), b"d").unwrap();
+        std::fs::write(a.join("x"), b"file").unwrap();
+        save(fd(&a).as_fd(), &store, "a").unwrap();
+        // newer: a deleted, b made again as a directory, d/drop deleted,
+        // d/new added, x a directory again
+        let b = t.path().join("b");
+        std::fs::create_dir_all(b.join("b")).unwrap();
+        opaque(&b.join("b"));
+        std::fs::write(b.join("b/in"), b"i").unwrap();
+        wh(&b.join("a"));
+        std::fs::create_dir(b.join("d")).unwrap();
+        wh(&b.join("d/drop"));
+        std::fs::write(b.join("d/new"), b"n").unwrap();
+        std::fs::create_dir(b.join("x")).unwrap();
+        std::fs::write(b.join("x/f"), b"f").unwrap();
+        save(fd(&b).as_fd(), &store, "b").unwrap();
+
+        squash(&store, &["b".to_string(), "a".to_string()], "s").unwrap();
+        verify(&store, "s").unwrap();
+        let s = path(&store, "s");
+        let kind = |p: &str| type_of(&nix::sys::stat::lstat(&s.join(p)).unwrap());
+        assert_eq!(
+            kind("a"),
+            Type::Whiteout,
+            "the newer deletion stays, to hide the repo's a"
+        );
+        assert_eq!(kind("b"), Type::Dir);
+        assert!(Dir::from_fd(fd(&s.join("b")).as_fd()).unwrap().is_opaque());
+        assert_eq!(std::fs::read(s.join("d/keep")).unwrap(), b"k");
+        assert_eq!(kind("d/drop"), Type::Whiteout);
+        assert_eq!(std::fs::read(s.join("d/new")).unwrap(), b"n");
+        assert!(
+            !Dir::from_fd(fd(&s.join("d")).as_fd()).unwrap().is_opaque(),
+            "d still merges with the repo's d"
+        );
+        assert_eq!(kind("x"), Type::Dir);
+        assert!(
+            Dir::from_fd(fd(&s.join("x")).as_fd()).unwrap().is_opaque(),
+            "x's file hid the repo's x: so must the directory"
+        );
+        assert_eq!(std::fs::read(s.join("x/f")).unwrap(), b"f");
+        // files are shared with the older layers, not copied
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(s.join("d/keep")).unwrap().ino(),
+            std::fs::metadata(path(&store, "a").join("d/keep"))
+                .unwrap()
+                .ino()
+        );
+        // and the layers squashed are as they were
+        verify(&store, "a").unwrap();
+        verify(&store, "b").unwrap();
+    }
+
+    #[test]
+    fn a_crash_leaves_nothing_half_made_and_sweep_keeps_what_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let u = upper(t.path());
+        let store = t.path().join("layers");
+        save(fd(&u).as_fd(), &store, "keep").unwrap();
+        save(fd(&u).as_fd(), &store, "old").unwrap();
+        // what a crash in the middle of a save leaves
+        std::fs::create_dir_all(store.join(".tmp-half/src")).unwrap();
+        std::fs::write(store.join(".tmp-half.manifest"), b"").unwrap();
+        let gone = sweep(&store, &|id| id == "keep").unwrap();
+        assert_eq!(gone, vec!["old".to_string()]);
+        let left: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        let mut left = left;
+        left.sort();
+        assert_eq!(left, vec!["keep", "keep.manifest"]);
+        verify(&store, "keep").unwrap();
+    }
+}
