@@ -182,7 +182,13 @@ pub struct AgentRunResponse {
 pub struct JobRequest {
     pub agent: String,
     pub prompt: String,
+    /// The repository (one of `repo_path` and `workspace`).
+    #[serde(default)]
     pub repo_path: String,
+    /// Run over this workspace (id or name) instead of `repo_path`: the
+    /// job starts from its current state and its changes stay in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     #[serde(default = "default_timeout")]
     #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 3600, default = 600))]
     pub timeout: i64,
@@ -342,6 +348,79 @@ pub struct SessionView {
     pub viewers: Vec<ViewerView>,
     /// Bytes of recording on disk (null: none kept).
     pub recording_bytes: Option<u64>,
+}
+
+/// A new workspace: over a repository, or a fork of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceRequest {
+    /// 1 to 64 of letters, digits, `.`, `_` and `-`; unique among yours.
+    pub name: String,
+    /// The repository it is a copy-on-write view of (inside an allowed root).
+    #[serde(default)]
+    pub repo_path: Option<String>,
+    /// Start from this checkpoint (its id) instead: a fork.
+    #[serde(default)]
+    pub from_checkpoint: Option<String>,
+}
+
+/// A workspace as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct WorkspaceView {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub repo_path: String,
+    /// Layers over the repository (one per job that changed something).
+    pub layers: usize,
+    /// Bytes of file contents its layers hold.
+    pub bytes: u64,
+    /// The job writing it now, if any.
+    pub writer: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// Workspaces, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct WorkspacePage {
+    pub workspaces: Vec<WorkspaceView>,
+}
+
+/// A checkpoint to take, or the one to restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// To take: its name (unique in the workspace). Same rules as a workspace's.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// To restore: the checkpoint's id or name.
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+}
+
+/// A checkpoint as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct CheckpointView {
+    pub id: String,
+    pub name: String,
+    pub workspace: String,
+    pub layers: usize,
+    /// Bytes of file contents its layers hold.
+    pub bytes: u64,
+    pub created_at: i64,
+}
+
+/// A workspace's checkpoints, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct CheckpointPage {
+    pub checkpoints: Vec<CheckpointView>,
 }
 
 /// One page of sessions, newest first.

@@ -167,10 +167,14 @@ impl RunArgs {
 
 /// Open a directory for reading its entries by descriptor (not a file).
 fn open_dir(p: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    open_dir_with(p, 0)
+}
+
+fn open_dir_with(p: &Path, flags: i32) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC | flags)
         .open(p)
         .map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOTDIR) {
@@ -423,6 +427,15 @@ pub fn execute(args: RunRequest) -> ExitCode {
             Err(e) => return fail(&format!("--repo: {e}")),
         },
     };
+    // a workspace's layers, opened here (the sandbox's user may not walk
+    // the layer store) without following a symlink; bound from these
+    let mut stack = Vec::new();
+    for l in &args.stack {
+        match open_dir_with(l, libc::O_NOFOLLOW) {
+            Ok(fd) => stack.push((l.clone(), fd)),
+            Err(e) => return fail(&format!("the workspace layer {}: {e}", l.display())),
+        }
+    }
     let env = match build_env(&args) {
         Ok(e) => e,
         Err(e) => return fail(&e),
@@ -507,7 +520,13 @@ pub fn execute(args: RunRequest) -> ExitCode {
         env,
         repo: repo.clone(),
         repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
-        stack: args.stack.clone(),
+        stack: stack
+            .iter()
+            .map(|(path, fd)| agentvm_sandbox::StackLayer {
+                path: path.clone(),
+                fd: fd.as_raw_fd(),
+            })
+            .collect(),
         ro_binds,
         stdio: agentvm_sandbox::Stdio::Inherit,
         network: match args.network {

@@ -29,4 +29,4 @@ pub use backend::Backend;
 pub use error::{ExecFailure, Layer, RunError, SetupError};
 pub use ns::{receive_console, PORT_OPEN, PORT_REFUSED};
 pub use ns::{Ended, Outcome};
-pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec, Stdio, MAX_STACK};
+pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec, StackLayer, Stdio, MAX_STACK};

@@ -126,7 +126,7 @@ pub struct SandboxSpec {
     /// Layer directories laid over `repo` at /workspace, newest first (a
     /// workspace's state: overlayfs upper trees frozen by
     /// `agentvm_workspace::layer`), at most [`MAX_STACK`]. Read-only.
-    pub stack: Vec<PathBuf>,
+    pub stack: Vec<StackLayer>,
     pub ro_binds: Vec<RoBind>,
     pub stdio: Stdio,
     pub network: Network,
@@ -157,6 +157,15 @@ pub struct SandboxSpec {
 /// The id that root inside a sandbox maps to when AgentVM runs as root:
 /// the conventional overflow/nobody id.
 pub const DEFAULT_ROOT_MAPS_TO: u32 = 65534;
+
+/// One layer over the repo: opened by the caller (who may reach the
+/// layer store, which the sandbox's own user may not), bound from that
+/// descriptor; the path is for messages.
+#[derive(Debug, Clone)]
+pub struct StackLayer {
+    pub path: PathBuf,
+    pub fd: std::os::fd::RawFd,
+}
 
 /// The most layers a sandbox lays over its repo.
 pub const MAX_STACK: usize = 64;

@@ -249,6 +249,21 @@ pub fn router(st: Arc<api::AppState>) -> Router {
             "/v1/sessions/{id}/ports/{port}/{*path}",
             any(api::session_port),
         )
+        .route(
+            "/v1/workspaces",
+            post(api::create_workspace).get(api::list_workspaces),
+        )
+        .route(
+            "/v1/workspaces/{id}",
+            get(api::get_workspace).delete(api::delete_workspace),
+        )
+        .route(
+            "/v1/workspaces/{id}/checkpoints",
+            post(api::create_checkpoint).get(api::list_checkpoints),
+        )
+        .route("/v1/workspaces/{id}/restore", post(api::restore_workspace))
+        .route("/v1/workspaces/{id}/patch", get(api::workspace_patch))
+        .route("/v1/workspaces/{id}/apply", post(api::apply_workspace))
         .route("/v1/keys", post(api::create_key).get(api::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/v1/audit", get(api::list_audit))
@@ -385,6 +400,8 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
         cfg.clone(),
         roots,
     ));
+    // layers nothing names (a crash mid-job, a delete cut short)
+    svc.sweep_layers().await;
     tokio::spawn(retention::run(svc.clone()));
     let ssh_task = match (ssh_listener, &cfg.ssh_authorized_keys) {
         (Some(l), Some(keys)) => {

@@ -99,11 +99,22 @@ pub fn save(
 /// one layer as with the stack. Files are hard links to the older layers'
 /// (layers are never written, so they may share them).
 pub fn squash(store: &Path, stack: &[String], id: &str) -> Result<Made, LayerError> {
+    squash_into(store, stack, store, id)
+}
+
+/// [`squash`], the new layer made in another store `into` (on the same
+/// filesystem: its files are hard links to `store`'s).
+pub fn squash_into(
+    store: &Path,
+    stack: &[String],
+    into: &Path,
+    id: &str,
+) -> Result<Made, LayerError> {
     check(id)?;
     for l in stack {
         check(l)?;
     }
-    build(store, id, |dst| {
+    build(into, id, |dst| {
         for l in stack.iter().rev() {
             let src = open_layer(store, l)?;
             let st =
@@ -206,8 +217,9 @@ pub fn remove(store: &Path, id: &str) -> Result<(), LayerError> {
     remove_dir_all(&path(store, id)).map_err(io(id, ""))
 }
 
-/// Remove what a crash left: half-built layers, and complete ones that
-/// `keep` does not name. Returns the ids removed.
+/// Remove what a crash left: half-built layers, and complete ones, that
+/// `keep` does not name (a layer being made now is one to keep). Returns
+/// the ids removed.
 pub fn sweep(store: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Vec<String>, LayerError> {
     let mut gone = Vec::new();
     let rd = match std::fs::read_dir(store) {
@@ -219,6 +231,9 @@ pub fn sweep(store: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Vec<String>, L
         let e = e.map_err(io("-", ""))?;
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(t) = name.strip_prefix(".tmp-") {
+            if keep(t.strip_suffix(".manifest").unwrap_or(t)) {
+                continue;
+            }
             let p = e.path();
             let r = if p.is_dir() && !p.is_symlink() {
                 remove_dir_all(&p)

@@ -21,8 +21,17 @@ pub enum JobsCmd {
         #[arg(long)]
         agent: String,
         /// Repository (inside the server's allowed roots).
-        #[arg(long, value_name = "DIR")]
-        repo: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "workspace",
+            conflicts_with = "workspace"
+        )]
+        repo: Option<PathBuf>,
+        /// Run over this workspace (id or name) instead: the job starts
+        /// from its state and its changes stay in it.
+        #[arg(long, value_name = "W")]
+        workspace: Option<String>,
         /// Seconds, 1 to 3600.
         #[arg(long, default_value_t = 600)]
         timeout: i64,
@@ -267,6 +276,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
         JobsCmd::Submit {
             agent,
             repo,
+            workspace,
             timeout,
             network,
             wait: w,
@@ -275,11 +285,15 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             prompt,
             extra_args,
         } => {
-            let repo = std::fs::canonicalize(&repo).unwrap_or(repo);
+            let repo_path = repo
+                .map(|r| std::fs::canonicalize(&r).unwrap_or(r))
+                .map(|r| r.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let body = JobRequest {
                 agent,
                 prompt,
-                repo_path: repo.to_string_lossy().into_owned(),
+                repo_path,
+                workspace,
                 timeout,
                 extra_args,
                 network: network.map(|n| n.to_string()),

@@ -114,6 +114,11 @@ struct Prepared<'a> {
     /// A detached, idmapped, read-only clone of the repo (supervisor runs as
     /// root): its owner appears as root inside, so the agent can edit it.
     repo_tree: Option<OwnedFd>,
+    /// Detached clones of the workspace's layers (supervisor runs as
+    /// root), in `spec.stack`'s order: moved into place inside, since the
+    /// layer store is not the sandbox user's to walk. Empty when rootless
+    /// (the store is the caller's own, reopened by path inside).
+    stack_trees: Vec<OwnedFd>,
 }
 
 enum SystemDir {
@@ -229,8 +234,17 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
         }
         _ => None,
     };
+    let stack_trees = if nix::unistd::geteuid().is_root() {
+        spec.stack
+            .iter()
+            .map(|l| rootfs::clone_tree(l.fd, &l.path))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let prepared = Prepared {
         repo_tree,
+        stack_trees,
         spec,
         program: argv[0].clone(),
         argv,

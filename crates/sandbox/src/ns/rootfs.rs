@@ -91,6 +91,37 @@ pub(super) fn helper_userns(uid: u32, gid: u32, to: u32) -> Option<OwnedFd> {
     ns
 }
 
+/// A detached clone of the directory `fd` (a mount of its own, to move
+/// into another mount namespace); `path` names it in errors.
+pub(super) fn clone_tree(fd: RawFd, path: &Path) -> Result<OwnedFd, SetupError> {
+    clone_tree_for(fd, || {
+        format!("cloning the workspace layer {}", path.display())
+    })
+}
+
+fn clone_tree_for(fd: RawFd, what: impl Fn() -> String) -> Result<OwnedFd, SetupError> {
+    // SAFETY: open_tree on a descriptor with an empty NUL-terminated path;
+    // returns a new fd or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            fd,
+            c"".as_ptr(),
+            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32)
+                as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(SetupError::os(
+            Layer::Mounts,
+            what(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the kernel just returned this descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as RawFd) })
+}
+
 pub(super) fn move_mount(tree: &OwnedFd, dst: &Path) -> Result<(), SetupError> {
     let c = CString::new(dst.as_os_str().as_bytes())
         .map_err(|_| SetupError::new(Layer::Mounts, "path contains a NUL byte"))?;
@@ -155,26 +186,7 @@ pub(super) fn bind_ro_beneath(base: &OwnedFd, rel: &Path) -> Result<(), SetupErr
         return Ok(());
     }
     let what = || format!("making /workspace/{} read-only", rel.display());
-    // SAFETY: open_tree on our descriptor with an empty NUL-terminated
-    // path; returns a new fd or -1.
-    let tree = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            target.as_raw_fd(),
-            c"".as_ptr(),
-            (libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32)
-                as libc::c_uint,
-        )
-    };
-    if tree < 0 {
-        return Err(SetupError::os(
-            Layer::Mounts,
-            what(),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: the kernel just returned this descriptor; we own it.
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as RawFd) };
+    let tree = clone_tree_for(target.as_raw_fd(), what)?;
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         attr_clr: 0,
@@ -478,7 +490,8 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
         bind(&via, lower, ro)?;
     }
     // A workspace's layers over the repo, newest first, each bound from
-    // a descriptor opened without following a symlink.
+    // the descriptor the caller opened (without following a symlink): the
+    // layer store is the caller's, not the sandbox's user's to walk.
     if spec.stack.len() > crate::spec::MAX_STACK {
         return Err(SetupError::new(
             Layer::Mounts,
@@ -493,22 +506,47 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
     for (i, l) in spec.stack.iter().enumerate() {
         let at = PathBuf::from(format!("/lower.{i}"));
         mkdir_p(&at)?;
-        let opened = nix::fcntl::open(
-            &host(l),
-            nix::fcntl::OFlag::O_PATH
-                | nix::fcntl::OFlag::O_DIRECTORY
-                | nix::fcntl::OFlag::O_NOFOLLOW
-                | nix::fcntl::OFlag::O_CLOEXEC,
-            nix::sys::stat::Mode::empty(),
-        )
-        .map_err(os(
-            Layer::Mounts,
-            format!("opening the workspace layer {}", l.display()),
-        ))?;
-        // SAFETY: open just returned this descriptor; we own it.
-        let opened = unsafe { OwnedFd::from_raw_fd(opened) };
-        let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
-        bind(&via, &at, ro)?;
+        let named = |e: SetupError| {
+            SetupError::new(
+                Layer::Mounts,
+                format!("the workspace layer {}: {e}", l.path.display()),
+            )
+        };
+        if let Some(tree) = p.stack_trees.get(i) {
+            move_mount(tree, &at).map_err(named)?;
+            set_attr(&at, ro, true).map_err(named)?;
+        } else {
+            // rootless: the store is ours; reopen it here and check it is
+            // the directory the caller opened
+            let opened = nix::fcntl::open(
+                &host(&l.path),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(os(
+                Layer::Mounts,
+                format!("opening the workspace layer {}", l.path.display()),
+            ))?;
+            // SAFETY: open just returned this descriptor; we own it.
+            let opened = unsafe { OwnedFd::from_raw_fd(opened) };
+            let a = nix::sys::stat::fstat(l.fd).map_err(os(Layer::Mounts, "checking a layer"))?;
+            let b = nix::sys::stat::fstat(opened.as_raw_fd())
+                .map_err(os(Layer::Mounts, "checking a layer"))?;
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+                return Err(SetupError::new(
+                    Layer::Mounts,
+                    format!(
+                        "the workspace layer {} was replaced while the sandbox was being set up",
+                        l.path.display()
+                    ),
+                ));
+            }
+            let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
+            bind(&via, &at, ro).map_err(named)?;
+        }
         lowers.push_str(&format!("{}:", at.display()));
     }
     lowers.push_str("/lower");

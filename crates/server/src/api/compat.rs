@@ -29,6 +29,7 @@ pub async fn agent_run(State(st): S, caller: Principal, body: Bytes) -> ApiResul
         timeout: req.timeout,
         extra: &extra,
         network: None,
+        workspace: None,
     };
     let job = st.submit(&caller, "agent.run", &ask).await?;
     let body = streamed(|tx| compat_answer(st.clone(), job, tx));

@@ -42,6 +42,7 @@ pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResu
         timeout: req.timeout,
         extra: &req.extra_args,
         network: req.network.as_deref(),
+        workspace: req.workspace.as_deref(),
     };
     let job = st.submit(&caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);

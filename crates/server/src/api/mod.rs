@@ -55,6 +55,7 @@ mod jobs;
 mod keys;
 mod ops;
 mod sessions;
+mod workspaces;
 
 pub use self::audit::*;
 pub use self::compat::*;
@@ -63,6 +64,7 @@ pub use self::jobs::*;
 pub use self::keys::*;
 pub use self::ops::*;
 pub use self::sessions::*;
+pub use self::workspaces::*;
 
 // ------------------------------------------------------------- errors
 
@@ -131,6 +133,15 @@ impl From<agentvm_store::StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// 201 with `body` and a Location header naming what was made.
+fn created<T: serde::Serialize>(location: &str, body: T) -> Response {
+    let mut r = (StatusCode::CREATED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
 /// Parse a JSON body, naming the field that failed.
 fn parse_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
@@ -172,8 +183,8 @@ impl utoipa::Modify for SecurityAddon {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "AgentVM", description = "Run coding agents in sandboxes. Every route but /health, /openapi.json and /docs needs an API key (X-API-Key or Authorization: Bearer)."),
-    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics, create_session, list_sessions, get_session, delete_session, attach_session, session_patch, apply_session, session_recording, session_port),
-    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobStatus, JobPage, JobEnd, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage, SessionRequest, SessionView, SessionPage, ViewerView, AttachMessage, SessionStatus)),
+    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics, create_session, list_sessions, get_session, delete_session, attach_session, session_patch, apply_session, session_recording, session_port, create_workspace, list_workspaces, get_workspace, delete_workspace, create_checkpoint, list_checkpoints, restore_workspace, workspace_patch, apply_workspace),
+    components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobStatus, JobPage, JobEnd, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage, SessionRequest, SessionView, SessionPage, ViewerView, AttachMessage, SessionStatus, WorkspaceRequest, WorkspaceView, WorkspacePage, CheckpointRequest, CheckpointView, CheckpointPage)),
     modifiers(&SecurityAddon)
 )]
 pub struct ApiDoc;

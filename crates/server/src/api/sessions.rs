@@ -31,11 +31,7 @@ pub async fn create_session(State(st): S, caller: Principal, body: Bytes) -> Api
     let req: SessionRequest = parse_body(&body)?;
     let s = st.create_session(&caller, &req).await?;
     let loc = format!("/v1/sessions/{}", s.id);
-    let mut r = (StatusCode::CREATED, Json(st.session_view(s))).into_response();
-    if let Ok(v) = HeaderValue::from_str(&loc) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(r)
+    Ok(created(&loc, st.session_view(s)))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -86,6 +86,14 @@ pub struct Runner {
     active: AtomicUsize,
     /// The grace period is over: start no more sandboxes.
     stopping: AtomicBool,
+    /// Layers jobs over workspaces are making now (not yet on a stack).
+    making: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A job over a workspace: the stack it starts from, the layer it makes.
+pub(crate) struct Over {
+    pub ws: agentvm_store::Workspace,
+    pub layer: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -121,7 +129,101 @@ impl Runner {
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
+            making: Mutex::new(Default::default()),
         })
+    }
+
+    /// Layers being made by running jobs (a sweep must leave them).
+    pub fn layers_being_made(&self) -> Vec<String> {
+        lock(&self.making).iter().cloned().collect()
+    }
+
+    fn layer_store(&self) -> PathBuf {
+        self.cfg.data_dir.join("layers")
+    }
+
+    /// A job over a workspace has ended: what it made goes on the stack
+    /// when it ran (succeeded, failed, timed out) and changed something;
+    /// otherwise it is dropped. Either way the workspace is free again.
+    async fn settle(&self, job: &str, over: &Over, status: JobStatus) {
+        let store = self.layer_store();
+        let ran = matches!(
+            status,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::TimedOut
+        );
+        let made = agentvm_workspace::layer::size(&store, &over.layer).ok();
+        let keep = ran && made.is_some_and(|m| m.entries > 0);
+        let stack: Option<Vec<String>> = keep.then(|| {
+            std::iter::once(over.layer.clone())
+                .chain(over.ws.stack.iter().cloned())
+                .collect()
+        });
+        match self
+            .store
+            .release_workspace(&over.ws.id, job, stack.as_deref())
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::error!(job, workspace = %over.ws.id, "the job did not hold its workspace at its end")
+            }
+            Err(e) => {
+                tracing::error!(job, workspace = %over.ws.id, error = %e, "letting go of a workspace failed")
+            }
+        }
+        if !keep {
+            let _ = agentvm_workspace::layer::remove(&store, &over.layer);
+        }
+        lock(&self.making).remove(&over.layer);
+        if let Some(stack) = stack.filter(|s| s.len() > crate::service::workspaces::SQUASH_AT) {
+            self.squash_old(&over.ws.id, stack).await;
+        }
+    }
+
+    /// Keep a deep stack shallow: its oldest layers become one (hard
+    /// links), when nobody writes the workspace.
+    async fn squash_old(&self, ws: &str, stack: Vec<String>) {
+        let keep = crate::service::workspaces::SQUASH_AT / 2;
+        let (young, old) = stack.split_at(keep);
+        let id = crate::service::new_id("sq").replace('_', "-");
+        lock(&self.making).insert(id.clone());
+        let (store, old2, id2) = (self.layer_store(), old.to_vec(), id.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            agentvm_workspace::layer::squash(&store, &old2, &id2)
+        })
+        .await;
+        let ok = matches!(made, Ok(Ok(_)));
+        if ok {
+            let mut next: Vec<String> = young.to_vec();
+            next.push(id.clone());
+            if !matches!(self.store.set_workspace_stack(ws, &next).await, Ok(true)) {
+                ok_or_drop(&self.layer_store(), &id);
+            }
+        } else {
+            tracing::warn!(
+                workspace = ws,
+                "squashing a deep stack failed; it stays as it is"
+            );
+            ok_or_drop(&self.layer_store(), &id);
+        }
+        lock(&self.making).remove(&id);
+    }
+
+    /// A workspace held by a job that has ended (or is gone) is let go,
+    /// its stack as before that job: what the job made is not on it.
+    async fn free_workspaces(&self) -> Result<usize, agentvm_store::StoreError> {
+        let mut freed = 0;
+        for w in self.store.list_workspaces(None).await? {
+            let Some(job) = &w.writer else { continue };
+            let ended = match self.store.get_job(job).await? {
+                Some(j) => j.status.is_final(),
+                None => true,
+            };
+            if ended && self.store.release_workspace(&w.id, job, None).await? {
+                freed += 1;
+            }
+        }
+        Ok(freed)
     }
 
     /// After a crash or restart: running jobs are interrupted (their
@@ -140,6 +242,13 @@ impl Runner {
                 }
             }
             let _ = std::fs::remove_dir_all(self.job_dir(&j.id));
+        }
+        let freed = self.free_workspaces().await?;
+        if freed > 0 {
+            tracing::info!(
+                workspaces = freed,
+                "workspaces let go of by jobs the previous stop interrupted (as before those jobs)"
+            );
         }
         // sessions live only as long as the server that runs them: each
         // still marked running was interrupted (its recording stays)
@@ -343,8 +452,20 @@ impl Runner {
         };
         let (tx, _) = broadcast::channel(256);
         lock(&self.live).insert(id.to_string(), tx.clone());
+        // over a workspace (held for this job when it was accepted)
+        let over = match self.store.workspace_of_writer(id).await {
+            Ok(Some(ws)) => {
+                let layer = crate::service::new_id("l").replace('_', "-");
+                lock(&self.making).insert(layer.clone());
+                Some(Over { ws, layer })
+            }
+            _ => None,
+        };
         let started = Instant::now();
-        let finish = self.execute(&job, &tx).await;
+        let finish = self.execute(&job, &tx, over.as_ref()).await;
+        if let Some(o) = &over {
+            self.settle(id, o, finish.status).await;
+        }
         self.metrics
             .job_duration
             .observe(started.elapsed().as_secs_f64());
@@ -384,12 +505,17 @@ impl Runner {
         let _ = self.finished.send(id.to_string());
     }
 
-    async fn execute(&self, job: &Job, tx: &broadcast::Sender<Live>) -> Finish {
+    async fn execute(
+        &self,
+        job: &Job,
+        tx: &broadcast::Sender<Live>,
+        over: Option<&Over>,
+    ) -> Finish {
         let Spawned {
             mut child,
             events,
             dir,
-        } = match self.spawn(job).await {
+        } = match self.spawn(job, over).await {
             Ok(s) => s,
             Err(finish) => return finish,
         };
@@ -423,5 +549,12 @@ impl Runner {
             audited,
         )
         .await
+    }
+}
+
+/// Remove a layer that was made but will not be used.
+fn ok_or_drop(store: &std::path::Path, id: &str) {
+    if let Err(e) = agentvm_workspace::layer::remove(store, id) {
+        tracing::warn!(layer = id, error = %e, "removing an unused layer failed; a sweep will");
     }
 }

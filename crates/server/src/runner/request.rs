@@ -95,7 +95,11 @@ impl Runner {
     /// The typed request for this job's runner: its profile, its own
     /// settings and the server's, each already checked where it entered
     /// (profiles when `serve` started, the job when it was accepted).
-    pub(super) fn request(&self, job: &Job) -> Result<RunRequest, String> {
+    pub(super) fn request(
+        &self,
+        job: &Job,
+        over: Option<&super::Over>,
+    ) -> Result<RunRequest, String> {
         let p = self
             .cfg
             .agents
@@ -159,6 +163,11 @@ impl Runner {
                 .collect();
         }
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
+        if let Some(o) = over {
+            let store = self.layer_store();
+            req.stack = o.ws.stack.iter().map(|l| store.join(l)).collect();
+            req.layer_out = Some(store.join(&o.layer));
+        }
         req.check()?;
         Ok(req)
     }
@@ -166,7 +175,11 @@ impl Runner {
     /// Everything before the runner runs: the repo opened and checked,
     /// the request written, the descriptors placed, the process started.
     /// A failure is the job's end.
-    pub(super) async fn spawn(&self, job: &Job) -> Result<Spawned, Finish> {
+    pub(super) async fn spawn(
+        &self,
+        job: &Job,
+        over: Option<&super::Over>,
+    ) -> Result<Spawned, Finish> {
         let fail = |msg: String| Finish {
             status: JobStatus::Failed,
             exit_code: None,
@@ -182,7 +195,7 @@ impl Runner {
             Ok(d) => d,
             Err(e) => return Err(fail(e)),
         };
-        let req = match self.request(job) {
+        let req = match self.request(job, over) {
             Ok(r) => r,
             Err(e) => return Err(fail(e)),
         };

@@ -27,6 +27,8 @@ pub struct Ask<'a> {
     pub extra: &'a [String],
     /// As the request gave it: checked for size, then parsed, here.
     pub network: Option<&'a str>,
+    /// Run over this workspace (id or name; then `repo_path` is empty).
+    pub workspace: Option<&'a str>,
 }
 
 /// What every job request carries, once validated.
@@ -79,7 +81,15 @@ impl Service {
                 "at most 64 arguments of at most 4096 bytes, no NUL",
             ));
         }
-        if a.repo_path.is_empty() || a.repo_path.contains('\0') {
+        if a.workspace.is_some() {
+            if !a.repo_path.is_empty() {
+                return Err(Error::invalid(
+                    "body",
+                    "workspace",
+                    "give repo_path or workspace, not both (a workspace has its repository)",
+                ));
+            }
+        } else if a.repo_path.is_empty() || a.repo_path.contains('\0') {
             return Err(Error::invalid(
                 "body",
                 "repo_path",
@@ -105,7 +115,11 @@ impl Service {
             None => None,
             Some(n) => Some(check_network(profile, a.agent, n, p)?),
         };
-        let repo = check_repo(&self.roots, a.repo_path)?;
+        let repo = match a.workspace {
+            // checked with the workspace, in submit
+            Some(_) => PathBuf::new(),
+            None => check_repo(&self.roots, a.repo_path)?,
+        };
         Ok(Valid {
             agent: a.agent.into(),
             prompt: a.prompt.into(),
@@ -124,20 +138,38 @@ impl Service {
             Ok(v) => v,
             Err(e) => return self.rejected(p, action, None, e).await,
         };
+        let id = new_job_id();
+        // over a workspace: held for this job from now until it ends
+        let (repo, held) = match ask.workspace {
+            None => (v.repo, None),
+            Some(w) => match self.hold_workspace(p, w, &id).await {
+                Ok(x) => x,
+                Err(e) => return self.rejected(p, action, None, e).await,
+            },
+        };
         let job = self
             .runner
             .submit(NewJob {
-                id: new_job_id(),
+                id: id.clone(),
                 agent: v.agent,
                 prompt: v.prompt,
-                repo_path: v.repo.to_string_lossy().into_owned(),
+                repo_path: repo.to_string_lossy().into_owned(),
                 timeout_s: v.timeout,
                 extra_args: v.extra_args,
                 key_id: Some(p.key.id.clone()),
                 network: v.network,
             })
             .await
-            .map_err(submit_error)?;
+            .map_err(submit_error);
+        let job = match job {
+            Ok(j) => j,
+            Err(e) => {
+                if let Some(ws) = held {
+                    let _ = self.store.release_workspace(&ws, &id, None).await;
+                }
+                return Err(e);
+            }
+        };
         self.record(p, action, Some(&job.id), "accepted", None)
             .await;
         Ok(job)
@@ -393,10 +425,7 @@ pub fn check_repo(roots: &[PathBuf], repo_path: &str) -> Result<PathBuf> {
 }
 
 fn new_job_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    format!("job_{}", hex::encode(b))
+    super::new_id("job")
 }
 
 fn submit_error(e: SubmitError) -> Error {

@@ -25,10 +25,19 @@ mod jobs;
 mod keys;
 pub mod sessions;
 mod streams;
+pub mod workspaces;
 
 pub use jobs::{check_repo, Ask, JobFilter};
 pub use sessions::{valid_name, Viewer, SHELL};
 pub use streams::{Slot, StreamSlots, STREAMS_PER_KEY};
+
+/// A new id: `PREFIX_` and 16 hex digits from the OS's randomness.
+pub fn new_id(prefix: &str) -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!("{prefix}_{}", hex::encode(b))
+}
 
 /// Who is calling: a key that was checked, and the client's address (or
 /// another door's name for it).

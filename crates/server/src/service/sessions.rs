@@ -29,10 +29,7 @@ pub fn valid_name(n: &str) -> bool {
 }
 
 fn new_session_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    format!("ses_{}", hex::encode(b))
+    super::new_id("ses")
 }
 
 /// How a door opens a session.

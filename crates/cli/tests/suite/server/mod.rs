@@ -20,6 +20,7 @@ mod secrets;
 mod sessions;
 mod ssh;
 mod tls;
+mod workspaces;
 
 pub struct Server {
     child: Option<Child>,

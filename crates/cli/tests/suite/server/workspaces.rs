@@ -1,0 +1,303 @@
+//! Workspaces through the real server: jobs that build on each other,
+//! checkpoints, restore, forks, the patch and apply, damage refused, a
+//! kill -9 mid-job, and every bad input a clear 4xx.
+
+use super::*;
+
+fn ws_job(ws: &str, prompt: &str) -> Value {
+    json!({"agent": "shell", "prompt": prompt, "workspace": ws, "timeout": 60})
+}
+
+/// Run a job over `ws`; its status and output.
+fn run_in(s: &Server, ws: &str, prompt: &str) -> (String, Value, String) {
+    let (code, j) = s.json("POST", "/v1/jobs", Some(ws_job(ws, prompt)));
+    assert_eq!(code, 202, "{j}");
+    let id = j["id"].as_str().unwrap_or("").to_string();
+    let done = s.wait(&id);
+    let logs = s.text(&format!("/v1/jobs/{id}/logs"));
+    (id, done, logs)
+}
+
+fn make(s: &Server, body: Value) -> Value {
+    let (code, w) = s.json("POST", "/v1/workspaces", Some(body));
+    assert_eq!(code, 201, "{w}");
+    w
+}
+
+#[test]
+fn workspaces_carry_jobs_checkpoints_restores_and_forks() {
+    let (t, repo, s) = setup(&[]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    let before = manifest(&repo);
+    let w = make(&s, json!({"name": "w", "repo_path": repo_s}));
+    assert_eq!(w["layers"], 0, "{w}");
+
+    // job 1 writes; job 2 sees it; the repo never changes
+    let (_, d1, _) = run_in(&s, "w", "echo one > f1.txt && rm a.txt");
+    assert_eq!(d1["status"], "succeeded", "{d1}");
+    let (j2, d2, out2) = run_in(
+        &s,
+        "w",
+        "cat f1.txt; test -e a.txt || echo a-gone; echo two > f2.txt",
+    );
+    assert_eq!(d2["status"], "succeeded", "{d2}");
+    assert_eq!(out2, "one\na-gone\n");
+    let p2 = s.text(&format!("/v1/jobs/{j2}/patch"));
+    assert!(
+        p2.contains("+++ b/f2.txt") && !p2.contains("f1.txt"),
+        "job 2's patch is its own: {p2}"
+    );
+    assert_eq!(manifest(&repo), before, "the repo changed");
+    let (_, w) = s.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["layers"], 2, "{w}");
+
+    // checkpoint, change, restore: the change is gone
+    let (code, c1) = s.json(
+        "POST",
+        "/v1/workspaces/w/checkpoints",
+        Some(json!({"name": "c1"})),
+    );
+    assert_eq!(code, 201, "{c1}");
+    let c1_id = c1["id"].as_str().unwrap_or("").to_string();
+    let (code, again) = s.json(
+        "POST",
+        "/v1/workspaces/w/checkpoints",
+        Some(json!({"name": "c1"})),
+    );
+    assert_eq!(code, 409, "a checkpoint name that exists: {again}");
+    run_in(&s, "w", "rm f1.txt && echo three > f3.txt");
+    let (_, _, ls) = run_in(&s, "w", "ls");
+    assert!(ls.contains("f3.txt") && !ls.contains("f1.txt"), "{ls}");
+    let (code, r) = s.json(
+        "POST",
+        "/v1/workspaces/w/restore",
+        Some(json!({"checkpoint": "c1"})),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (_, _, ls) = run_in(&s, "w", "ls");
+    assert!(
+        ls.contains("f1.txt") && ls.contains("f2.txt") && !ls.contains("f3.txt"),
+        "{ls}"
+    );
+    let (_, list) = s.json("GET", "/v1/workspaces/w/checkpoints", None);
+    assert_eq!(
+        list["checkpoints"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    assert_eq!(list["checkpoints"][0]["layers"], 2, "{list}");
+
+    // two forks of one checkpoint do not see each other
+    make(&s, json!({"name": "fa", "from_checkpoint": c1_id}));
+    make(&s, json!({"name": "fb", "from_checkpoint": c1_id}));
+    run_in(&s, "fa", "echo a > only-a");
+    run_in(&s, "fb", "echo b > only-b");
+    let (_, _, la) = run_in(&s, "fa", "ls");
+    let (_, _, lb) = run_in(&s, "fb", "ls");
+    assert!(
+        la.contains("only-a") && !la.contains("only-b") && la.contains("f1.txt"),
+        "{la}"
+    );
+    assert!(lb.contains("only-b") && !lb.contains("only-a"), "{lb}");
+
+    // the workspace's patch is everything against the repo, and applies
+    let patch = s.text("/v1/workspaces/w/patch");
+    assert!(
+        patch.contains("+++ b/f1.txt") && patch.contains("+++ b/f2.txt"),
+        "{patch}"
+    );
+    assert!(
+        patch.contains("deleted file") && patch.contains("a/a.txt"),
+        "{patch}"
+    );
+    let copy = t.path().join("copy");
+    assert!(sh(
+        t.path(),
+        &format!("cp -R {} {}", repo.display(), copy.display())
+    )
+    .status
+    .success());
+    std::fs::write(t.path().join("w.patch"), &patch).unwrap();
+    let o = sh(
+        &copy,
+        &format!("git apply --check {}", t.path().join("w.patch").display()),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let (code, applied) = s.json("POST", "/v1/workspaces/w/apply", None);
+    assert_eq!(code, 201, "{applied}");
+    let branch = applied["branch"].as_str().unwrap_or("").to_string();
+    let o = sh(&repo, &format!("git show --stat {branch}"));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("f1.txt"),
+        "{o:?}"
+    );
+
+    // a damaged checkpoint is refused on restore and fork, naming the file
+    let layers = s.data.join("layers");
+    let damaged = std::fs::read_dir(&layers)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("f1.txt"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no layer holds f1.txt"));
+    std::fs::write(&damaged, b"0ne\n").unwrap();
+    let (code, e) = s.json(
+        "POST",
+        "/v1/workspaces/w/restore",
+        Some(json!({"checkpoint": c1_id})),
+    );
+    assert_eq!(code, 409, "{e}");
+    assert!(e["detail"].as_str().unwrap_or("").contains("f1.txt"), "{e}");
+    let (code, e) = s.json(
+        "POST",
+        "/v1/workspaces",
+        Some(json!({"name": "fc", "from_checkpoint": c1_id})),
+    );
+    assert_eq!(code, 409, "{e}");
+    std::fs::write(&damaged, b"one\n").unwrap();
+
+    // the audit trail has it
+    let (_, audit) = s.json("GET", "/v1/audit?limit=200", None);
+    let actions: Vec<&str> = audit["events"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["action"].as_str()).collect())
+        .unwrap_or_default();
+    for a in [
+        "workspace.create",
+        "workspace.checkpoint",
+        "workspace.restore",
+        "workspace.apply",
+    ] {
+        assert!(actions.contains(&a), "{a} in {actions:?}");
+    }
+
+    // deleting the workspace keeps what the forks need
+    let (code, _, _) = s.req("DELETE", "/v1/workspaces/w", Some(&s.key), None);
+    assert_eq!(code, 204);
+    let (_, _, la) = run_in(&s, "fa", "cat f1.txt only-a");
+    assert_eq!(la, "one\na\n");
+    let (code, e) = s.json(
+        "POST",
+        "/v1/workspaces",
+        Some(json!({"name": "fd", "from_checkpoint": c1_id})),
+    );
+    assert_eq!(code, 404, "a fork of a deleted checkpoint: {e}");
+}
+
+#[test]
+fn workspace_bad_input_and_one_writer() {
+    let (_t, repo, s) = setup(&[]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "w", "repo_path": repo_s}));
+    for (body, code) in [
+        (json!({"name": "w", "repo_path": repo_s}), 409),
+        (json!({"name": "../x", "repo_path": repo_s}), 422),
+        (json!({"name": "x"}), 422),
+        (json!({"name": "x", "repo_path": "/etc"}), 403),
+        (json!({"name": "x", "from_checkpoint": "cp_nope"}), 404),
+        (json!({"name": "x", "repo_path": repo_s, "extra": 1}), 422),
+    ] {
+        let (got, v) = s.json("POST", "/v1/workspaces", Some(body.clone()));
+        assert_eq!(got, code, "{body}: {v}");
+    }
+    let (code, v) = s.json("GET", "/v1/workspaces/nope", None);
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = s.json("POST", "/v1/jobs", Some(ws_job("nope", "true")));
+    assert_eq!(code, 404, "{v}");
+    let both = json!({"agent": "shell", "prompt": "true", "workspace": "w", "repo_path": repo_s});
+    let (code, v) = s.json("POST", "/v1/jobs", Some(both));
+    assert_eq!(code, 422, "{v}");
+    let (code, v) = s.json(
+        "POST",
+        "/v1/workspaces/w/restore",
+        Some(json!({"checkpoint": "nope"})),
+    );
+    assert_eq!(code, 404, "{v}");
+    // another key's workspace is as unknown as none
+    let (_, k) = s.json(
+        "POST",
+        "/v1/keys",
+        Some(json!({"name": "other", "scopes": ["run"]})),
+    );
+    let other = k["key"].as_str().unwrap_or("").to_string();
+    let (code, _, _) = s.req("GET", "/v1/workspaces/w", Some(&other), None);
+    assert_eq!(code, 404);
+    let (code, _, body) = s.req("POST", "/v1/jobs", Some(&other), Some(ws_job("w", "true")));
+    assert_eq!(code, 404, "{body}");
+    let (code, _, body) = s.req("GET", "/v1/workspaces", Some(&other), None);
+    assert_eq!(code, 200);
+    assert!(!body.contains("\"w\""), "{body}");
+    // one writer: a second job is refused while the first runs, naming it
+    let (_, a) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(ws_job("w", "sleep 3; echo done > d")),
+    );
+    let a = a["id"].as_str().unwrap_or("").to_string();
+    let (code, v) = s.json("POST", "/v1/jobs", Some(ws_job("w", "true")));
+    assert_eq!(code, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap_or("").contains(&a), "{v}");
+    let (code, v) = s.json(
+        "POST",
+        "/v1/workspaces/w/restore",
+        Some(json!({"checkpoint": "x"})),
+    );
+    assert!(code == 404 || code == 409, "{v}");
+    let (code, _, _) = s.req("DELETE", "/v1/workspaces/w", Some(&s.key), None);
+    assert_eq!(code, 409, "deleting a workspace a job writes");
+    assert_eq!(s.wait(&a)["status"], "succeeded");
+    let (_, _, out) = run_in(&s, "w", "cat d");
+    assert_eq!(out, "done\n");
+}
+
+#[test]
+fn kill_9_mid_job_leaves_the_workspace_as_before_that_job() {
+    let (t, repo, mut s) = setup(&[]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "w", "repo_path": repo_s}));
+    run_in(&s, "w", "echo kept > kept.txt");
+    let marker = format!("1000.{}", std::process::id());
+    let (_, a) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(ws_job(
+            "w",
+            &format!("echo half > half.txt; echo started; sleep {marker}"),
+        )),
+    );
+    let a = a["id"].as_str().unwrap_or("").to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.text(&format!("/v1/jobs/{a}/logs")) != "started\n" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.signal(libc::SIGKILL);
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some());
+    let root = repo
+        .parent()
+        .unwrap_or(&repo)
+        .to_string_lossy()
+        .into_owned();
+    let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
+    assert_eq!(s2.wait(&a)["status"], "interrupted");
+    let (_, w) = s2.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["writer"], Value::Null, "let go of: {w}");
+    assert_eq!(w["layers"], 1, "{w}");
+    let (_, d, out) = run_in(
+        &s2,
+        "w",
+        "cat kept.txt; test -e half.txt && echo half-there || echo no-half",
+    );
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(out, "kept\nno-half\n");
+    // nothing the killed job made is left in the store
+    let names: Vec<String> = std::fs::read_dir(s2.data.join("layers"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "the first job's layer and its manifest only: {names:?}"
+    );
+}

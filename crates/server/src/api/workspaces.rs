@@ -1,0 +1,162 @@
+//! `/v1/workspaces`: make (over a repository, or a fork of a checkpoint),
+//! list, show, delete; checkpoints, restore; the patch of everything a
+//! workspace changed, and its apply. Each handler parses, calls the
+//! service and shapes the answer (docs/WORKSPACES.md).
+
+use super::*;
+
+const ID: &str = "Workspace id, or the name of one of yours";
+
+/// Make a workspace: a persistent copy-on-write view of a repository
+/// (`repo_path`), or a fork of a checkpoint (`from_checkpoint`, verified
+/// first). Jobs given `workspace` run over it and leave their changes in it.
+#[utoipa::path(post, path = "/v1/workspaces", request_body = WorkspaceRequest,
+    responses((status = 201, body = WorkspaceView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail, description = "No such checkpoint"),
+        (status = 409, body = ErrorDetail, description = "The name is taken, or the checkpoint is damaged"),
+        (status = 413, description = "Body too large"), (status = 422, body = ValidationError), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn create_workspace(State(st): S, caller: Principal, body: Bytes) -> ApiResult<Response> {
+    st.need_mut(&caller, Scope::Run, "workspace.create", None)
+        .await?;
+    let req: WorkspaceRequest = parse_body(&body)?;
+    let w = st.create_workspace(&caller, &req).await?;
+    let loc = format!("/v1/workspaces/{}", w.id);
+    Ok(created(&loc, st.workspace_view(w)))
+}
+
+/// The key's workspaces (everyone's for admin keys), oldest first.
+#[utoipa::path(get, path = "/v1/workspaces",
+    responses((status = 200, body = WorkspacePage), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn list_workspaces(State(st): S, caller: Principal) -> ApiResult<Json<WorkspacePage>> {
+    let list = st.list_workspaces(&caller).await?;
+    Ok(Json(WorkspacePage {
+        workspaces: list.into_iter().map(|w| st.workspace_view(w)).collect(),
+    }))
+}
+
+/// One workspace: its layers, their size, the job writing it now.
+#[utoipa::path(get, path = "/v1/workspaces/{id}", params(("id" = String, Path, description = ID)),
+    responses((status = 200, body = WorkspaceView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn get_workspace(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<WorkspaceView>> {
+    Ok(Json(
+        st.workspace_view(st.find_workspace(&caller, &id).await?),
+    ))
+}
+
+/// Delete a workspace and its checkpoints (forks keep what they need).
+#[utoipa::path(delete, path = "/v1/workspaces/{id}", params(("id" = String, Path, description = ID)),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail, description = "A job is writing it"),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn delete_workspace(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    st.delete_workspace(&caller, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Take a checkpoint `{name}`: the workspace as it is now, kept (no copy
+/// is made: layers are never written).
+#[utoipa::path(post, path = "/v1/workspaces/{id}/checkpoints", params(("id" = String, Path, description = ID)), request_body = CheckpointRequest,
+    responses((status = 201, body = CheckpointView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail, description = "The name is taken"),
+        (status = 422, body = ValidationError), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn create_checkpoint(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    st.need_mut(&caller, Scope::Run, "workspace.checkpoint", Some(&id))
+        .await?;
+    let req: CheckpointRequest = parse_body(&body)?;
+    let c = st.checkpoint(&caller, &id, &req).await?;
+    Ok((StatusCode::CREATED, Json(st.checkpoint_view(c))).into_response())
+}
+
+/// The workspace's checkpoints, oldest first, with their sizes.
+#[utoipa::path(get, path = "/v1/workspaces/{id}/checkpoints", params(("id" = String, Path, description = ID)),
+    responses((status = 200, body = CheckpointPage), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn list_checkpoints(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<CheckpointPage>> {
+    let list = st.checkpoints(&caller, &id).await?;
+    Ok(Json(CheckpointPage {
+        checkpoints: list.into_iter().map(|c| st.checkpoint_view(c)).collect(),
+    }))
+}
+
+/// Put the workspace back to a checkpoint `{checkpoint}` (id or name),
+/// once every file of it matches its manifest; refused, naming the file,
+/// when one does not.
+#[utoipa::path(post, path = "/v1/workspaces/{id}/restore", params(("id" = String, Path, description = ID)), request_body = CheckpointRequest,
+    responses((status = 200, body = WorkspaceView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail, description = "A job is writing it, or the checkpoint is damaged"),
+        (status = 422, body = ValidationError), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn restore_workspace(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Json<WorkspaceView>> {
+    st.need_mut(&caller, Scope::Run, "workspace.restore", Some(&id))
+        .await?;
+    let req: CheckpointRequest = parse_body(&body)?;
+    let w = st.restore(&caller, &id, &req).await?;
+    Ok(Json(st.workspace_view(w)))
+}
+
+/// Everything the workspace changed against its repository, as a git
+/// patch `git apply` reproduces exactly (empty when nothing changed).
+#[utoipa::path(get, path = "/v1/workspaces/{id}/patch", params(("id" = String, Path, description = ID)),
+    responses((status = 200, description = "A git patch", content_type = "text/x-diff", body = String),
+        (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail),
+        (status = 409, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn workspace_patch(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Response> {
+    let (_, patch) = st.workspace_patch(&caller, &id).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
+        patch,
+    )
+        .into_response())
+}
+
+/// Put the workspace's patch on a new branch `agentvm/<workspace-id>` of
+/// its repository, by the same rules as a job's apply.
+#[utoipa::path(post, path = "/v1/workspaces/{id}/apply", params(("id" = String, Path, description = ID)),
+    responses((status = 201, body = Applied), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn apply_workspace(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<(StatusCode, Json<Applied>)> {
+    Ok((
+        StatusCode::CREATED,
+        Json(st.apply_workspace(&caller, &id).await?),
+    ))
+}
