@@ -64,6 +64,14 @@ enum Command {
         #[command(subcommand)]
         cmd: client::SessionsCmd,
     },
+    /// Workspaces on a server: persistent state of a repository that jobs
+    /// build on, with checkpoints to restore and fork.
+    Workspaces {
+        #[command(flatten)]
+        conn: client::Conn,
+        #[command(subcommand)]
+        cmd: client::WorkspacesCmd,
+    },
     /// Create, list and revoke API keys on a server (admin).
     Keys {
         #[command(flatten)]
@@ -141,6 +149,7 @@ fn main() -> ExitCode {
         Command::Keys { conn, cmd } => client::keys(conn, cmd),
         Command::Shell(a) => client::shell(*a),
         Command::Sessions { conn, cmd } => client::sessions(conn, cmd),
+        Command::Workspaces { conn, cmd } => client::workspaces(conn, cmd),
         Command::Audit { conn, limit, job } => client::audit(conn, limit, job),
         Command::Backup(args) => serve::backup(args),
         Command::Restore(args) => serve::restore(args),

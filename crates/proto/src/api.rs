@@ -423,6 +423,27 @@ pub struct CheckpointPage {
     pub checkpoints: Vec<CheckpointView>,
 }
 
+/// What a verify found: every layer of a workspace and of its checkpoints
+/// checked against its manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct Verified {
+    /// Layers checked.
+    pub layers: usize,
+    /// Each layer that differs from its manifest (empty: all sound).
+    pub damaged: Vec<Damage>,
+}
+
+/// A layer that is not what its manifest says.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(ToSchema))]
+pub struct Damage {
+    pub layer: String,
+    /// The first path that differs.
+    pub path: String,
+    pub why: String,
+}
+
 /// One page of sessions, newest first.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(ToSchema))]

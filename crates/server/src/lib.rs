@@ -264,6 +264,7 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/workspaces/{id}/restore", post(api::restore_workspace))
         .route("/v1/workspaces/{id}/patch", get(api::workspace_patch))
         .route("/v1/workspaces/{id}/apply", post(api::apply_workspace))
+        .route("/v1/workspaces/{id}/verify", post(api::verify_workspace))
         .route("/v1/keys", post(api::create_key).get(api::list_keys))
         .route("/v1/keys/{id}", axum::routing::delete(api::revoke_key))
         .route("/v1/audit", get(api::list_audit))

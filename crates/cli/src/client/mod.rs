@@ -34,10 +34,12 @@ mod attach;
 mod jobs;
 mod keys;
 mod sessions;
+mod workspaces;
 
 pub use jobs::{jobs, JobsCmd};
 pub use keys::{audit, keys, KeysCmd};
 pub use sessions::{sessions, shell, SessionsCmd, ShellArgs};
+pub use workspaces::{workspaces, WorkspacesCmd};
 
 struct Client {
     url: String,

@@ -160,3 +160,18 @@ pub async fn apply_workspace(
         Json(st.apply_workspace(&caller, &id).await?),
     ))
 }
+
+/// Check every layer of the workspace and of its checkpoints against its
+/// manifest (paths, modes, sizes, SHA-256 of every file): each damaged
+/// layer is named with its first differing path.
+#[utoipa::path(post, path = "/v1/workspaces/{id}/verify", params(("id" = String, Path, description = ID)),
+    responses((status = 200, body = Verified), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn verify_workspace(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<Verified>> {
+    Ok(Json(st.verify_workspace(&caller, &id).await?))
+}

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use agentvm_proto::api::{
-    Applied, CheckpointRequest, CheckpointView, WorkspaceRequest, WorkspaceView,
+    Applied, CheckpointRequest, CheckpointView, Damage, Verified, WorkspaceRequest, WorkspaceView,
 };
 use agentvm_store::{bounded, Checkpoint, NewCheckpoint, NewWorkspace, StoreError, Workspace};
 use agentvm_workspace::layer;
@@ -133,6 +133,51 @@ impl Service {
         .await
         .map_err(|_| Error::Internal("internal error while verifying".into()))?
         .map_err(layer_error)
+    }
+
+    /// Check every layer of the workspace and of its checkpoints against
+    /// its manifest, on demand; each damaged one is named with its first
+    /// differing path.
+    pub async fn verify_workspace(&self, p: &Principal, id: &str) -> Result<Verified> {
+        let w = self.find_workspace(p, id).await?;
+        let mut all: Vec<String> = w.stack.clone();
+        for c in self.store.list_checkpoints(&w.id).await? {
+            all.extend(c.stack);
+        }
+        all.sort();
+        all.dedup();
+        let store = self.layer_store();
+        let n = all.len();
+        let damaged = tokio::task::spawn_blocking(move || {
+            let mut damaged = Vec::new();
+            for l in &all {
+                match layer::verify(&store, l) {
+                    Ok(_) => {}
+                    Err(layer::LayerError::Damaged { id, path, why }) => damaged.push(Damage {
+                        layer: id,
+                        path,
+                        why,
+                    }),
+                    Err(e) => damaged.push(Damage {
+                        layer: l.clone(),
+                        path: "/".into(),
+                        why: e.to_string(),
+                    }),
+                }
+            }
+            damaged
+        })
+        .await
+        .map_err(|_| Error::Internal("internal error while verifying".into()))?;
+        self.record(
+            p,
+            "workspace.verify",
+            Some(&w.id),
+            if damaged.is_empty() { "ok" } else { "damaged" },
+            None,
+        )
+        .await;
+        Ok(Verified { layers: n, damaged })
     }
 
     /// A new workspace over a repository, or a fork of a checkpoint.

@@ -301,3 +301,123 @@ fn kill_9_mid_job_leaves_the_workspace_as_before_that_job() {
         "the first job's layer and its manifest only: {names:?}"
     );
 }
+
+#[test]
+fn the_cli_makes_checkpoints_forks_and_verifies() {
+    let (t, repo, s) = setup(&[]);
+    let keyf = s.data.join("admin.key");
+    let cli = |args: &[&str]| {
+        Command::new(agentvm_path())
+            .args(args)
+            .env("AGENTVM_URL", &s.url)
+            .env("AGENTVM_API_KEY_FILE", &keyf)
+            .env("HOME", t.path())
+            .output()
+            .unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let o = cli(args);
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let r = repo.to_string_lossy().into_owned();
+    let w: Value =
+        serde_json::from_str(&ok(&["workspaces", "--json", "create", "cw", "--repo", &r])).unwrap();
+    assert_eq!(w["name"], "cw");
+    ok(&[
+        "jobs",
+        "submit",
+        "--agent",
+        "shell",
+        "--workspace",
+        "cw",
+        "--wait",
+        "echo from-cli > c.txt",
+    ]);
+    let cp: Value =
+        serde_json::from_str(&ok(&["workspaces", "--json", "checkpoint", "cw", "one"])).unwrap();
+    assert_eq!(cp["layers"], 1, "{cp}");
+    let list = ok(&["workspaces", "checkpoints", "cw"]);
+    assert!(list.contains("one"), "{list}");
+    let f: Value =
+        serde_json::from_str(&ok(&["workspaces", "--json", "fork", "cw", "one", "cw2"])).unwrap();
+    assert_eq!(f["layers"], 1, "{f}");
+    let patch = ok(&["workspaces", "patch", "cw2"]);
+    assert!(patch.contains("+from-cli"), "{patch}");
+    let v: Value = serde_json::from_str(&ok(&["workspaces", "--json", "verify", "cw"])).unwrap();
+    assert_eq!(v["damaged"].as_array().map(Vec::len), Some(0), "{v}");
+    // damage on disk: verify names it and exits 1
+    let layer = std::fs::read_dir(s.data.join("layers"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("c.txt"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no layer holds c.txt"));
+    std::fs::write(&layer, b"tampered\n").unwrap();
+    let o = cli(&["workspaces", "verify", "cw"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("damaged") && said.contains("c.txt"), "{said}");
+    let o = cli(&["workspaces", "restore", "cw", "one"]);
+    assert!(!o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("c.txt"),
+        "{o:?}"
+    );
+    let list = ok(&["workspaces", "list"]);
+    assert!(list.contains("cw2"), "{list}");
+    ok(&["workspaces", "rm", "cw2"]);
+    let o = cli(&["workspaces", "show", "cw2"]);
+    assert!(!o.status.success(), "{o:?}");
+}
+
+/// Past 48 layers the oldest are squashed into one: the same files, a
+/// shallower stack, and a checkpoint taken before still restores.
+#[test]
+fn a_deep_stack_is_squashed_and_shows_the_same_files() {
+    let (_t, repo, s) = setup(&["--rate-limit", "0"]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "deep", "repo_path": repo_s}));
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let prompt = match i {
+            3 => "rm a.txt; echo 3 > f3".to_string(),
+            5 => "rm f1; echo 5 > f5".to_string(),
+            _ => format!("echo {i} > f{i}"),
+        };
+        let (_, done, _) = run_in(&s, "deep", &prompt);
+        assert_eq!(done["status"], "succeeded", "{done}");
+        ids.push(done["id"].clone());
+        if i == 6 {
+            let (code, c) = s.json(
+                "POST",
+                "/v1/workspaces/deep/checkpoints",
+                Some(json!({"name": "early"})),
+            );
+            assert_eq!(code, 201, "{c}");
+        }
+    }
+    let (_, w) = s.json("GET", "/v1/workspaces/deep", None);
+    let layers = w["layers"].as_u64().unwrap_or(0);
+    assert!(layers < 48, "not squashed: {w}");
+    let (_, _, ls) = run_in(&s, "deep", "ls | sort | tr '\\n' ' '; cat f49 f3");
+    assert!(
+        !ls.contains(" f1 ") && !ls.contains("a.txt"),
+        "deletions kept: {ls}"
+    );
+    assert!(
+        ls.contains("f0 ") && ls.contains("f48 ") && ls.ends_with("49\n3\n"),
+        "{ls}"
+    );
+    let (code, r) = s.json(
+        "POST",
+        "/v1/workspaces/deep/restore",
+        Some(json!({"checkpoint": "early"})),
+    );
+    assert_eq!(code, 200, "{r}");
+    let (_, _, ls) = run_in(&s, "deep", "ls | sort | tr '\\n' ' '");
+    assert!(
+        ls.contains("f6 ") && !ls.contains("f7 ") && !ls.contains(" f1 "),
+        "{ls}"
+    );
+}
