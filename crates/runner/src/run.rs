@@ -433,7 +433,14 @@ pub fn execute(args: RunRequest) -> ExitCode {
     for l in &args.stack {
         match open_dir_with(l, libc::O_NOFOLLOW) {
             Ok(fd) => stack.push((l.clone(), fd)),
-            Err(e) => return fail(&format!("the workspace layer {}: {e}", l.display())),
+            Err(e) => {
+                // the layer's id, not where the server keeps it
+                let id = l
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                return fail(&format!("the workspace layer {id}: {e}"));
+            }
         }
     }
     let env = match build_env(&args) {
@@ -676,17 +683,6 @@ pub fn execute(args: RunRequest) -> ExitCode {
                 // in memory, processes and CPU
                 result.layers_disabled.push("cgroup".into());
             }
-            if let Some(out) = &args.layer_out {
-                if let Err(e) = save_layer(&o.upper, out) {
-                    eprintln!("agentvm: saving the workspace's changes failed: {e}");
-                    result.status = RunStatus::Error;
-                    result.error = Some(RunErrorInfo {
-                        layer: "workspace".into(),
-                        message: e,
-                    });
-                    return finish(&mut outs, &result, EXIT_SETUP as i32);
-                }
-            }
             if outs.patch.is_some() || outs.result.is_some() {
                 // with layers over the repo, the changes are of what the
                 // sandbox showed before the command: the base, not the repo
@@ -712,6 +708,19 @@ pub fn execute(args: RunRequest) -> ExitCode {
                     );
                 }
             }
+            // after the capture: what it refuses (a path too long, too many
+            // changes) is never kept either
+            if let Some(out) = &args.layer_out {
+                if let Err(e) = save_layer(&o.upper, out, limits.disk) {
+                    eprintln!("agentvm: saving the workspace's changes failed: {e}");
+                    result.status = RunStatus::Error;
+                    result.error = Some(RunErrorInfo {
+                        layer: "workspace".into(),
+                        message: e,
+                    });
+                    return finish(&mut outs, &result, EXIT_SETUP as i32);
+                }
+            }
             code
         }
     };
@@ -722,7 +731,11 @@ pub fn execute(args: RunRequest) -> ExitCode {
 const _: () = assert!(agentvm_proto::run::MAX_STACK == agentvm_sandbox::MAX_STACK);
 
 /// Save the upper directory as the layer `out` (its parent is the store).
-fn save_layer(upper: &std::os::fd::OwnedFd, out: &std::path::Path) -> Result<(), String> {
+fn save_layer(
+    upper: &std::os::fd::OwnedFd,
+    out: &std::path::Path,
+    disk: u64,
+) -> Result<(), String> {
     use std::os::fd::AsFd;
     let (Some(store), Some(id)) = (out.parent(), out.file_name().and_then(|n| n.to_str())) else {
         return Err(format!(
@@ -730,9 +743,14 @@ fn save_layer(upper: &std::os::fd::OwnedFd, out: &std::path::Path) -> Result<(),
             out.display()
         ));
     };
-    agentvm_workspace::layer::save(upper.as_fd(), store, id)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    agentvm_workspace::layer::save(
+        upper.as_fd(),
+        store,
+        id,
+        agentvm_workspace::layer::Bounds::with_bytes(disk),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// Write the result (whatever happened, there is one) and exit.

@@ -394,15 +394,17 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
             "recovered jobs from the previous run"
         );
     }
-    runner.start_workers();
     let svc = Arc::new(service::Service::new(
         runner.clone(),
         store.clone(),
         cfg.clone(),
         roots,
     ));
-    // layers nothing names (a crash mid-job, a delete cut short)
+    // layers nothing names (a crash mid-job, a delete cut short), and a
+    // patch's scratch left by a crash, before any job runs
     svc.sweep_layers().await;
+    let _ = std::fs::remove_dir_all(cfg.data_dir.join("layers-scratch"));
+    runner.start_workers();
     tokio::spawn(retention::run(svc.clone()));
     let ssh_task = match (ssh_listener, &cfg.ssh_authorized_keys) {
         (Some(l), Some(keys)) => {

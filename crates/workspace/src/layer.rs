@@ -46,7 +46,47 @@ pub enum LayerError {
     },
     #[error("not a layer id: {0:?}")]
     BadId(String),
+    /// What the sandbox left is past a bound: nothing was saved.
+    #[error("the changes are too large to keep: {0}")]
+    TooLarge(String),
 }
+
+/// What one layer may hold. The sandbox's disk limit bounds what it can
+/// write, but not a sparse file's size, nor entries that take no space:
+/// these are checked before anything is copied.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Bytes of file contents and symlink targets, counted by their sizes
+    /// (a sparse file counts whole: it would be copied whole).
+    pub bytes: u64,
+    /// Entries (files, directories, symlinks, whiteouts).
+    pub entries: u64,
+    /// Directories deep (every walk here is recursive).
+    pub depth: usize,
+}
+
+impl Bounds {
+    /// The defaults with `bytes` as the byte bound.
+    pub fn with_bytes(bytes: u64) -> Bounds {
+        Bounds {
+            bytes,
+            ..Bounds::default()
+        }
+    }
+}
+
+impl Default for Bounds {
+    fn default() -> Bounds {
+        Bounds {
+            bytes: 1 << 30,
+            entries: crate::MAX_CHANGES as u64,
+            depth: MAX_DEPTH,
+        }
+    }
+}
+
+/// Directories deep a layer may be.
+pub const MAX_DEPTH: usize = 256;
 
 /// What a made layer holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,9 +128,12 @@ pub fn save(
     upper: std::os::fd::BorrowedFd<'_>,
     store: &Path,
     id: &str,
+    bounds: Bounds,
 ) -> Result<Made, LayerError> {
     check(id)?;
     let src = Dir::from_fd(upper).map_err(io(id, ""))?;
+    let mut seen = Made::default();
+    measure(&src, 0, &bounds, &mut seen, id)?;
     build(store, id, |dst| copy_tree(&src, dst, b"", id))
 }
 
@@ -165,12 +208,13 @@ pub fn verify(store: &Path, id: &str) -> Result<Made, LayerError> {
         path,
         why: why.into(),
     };
+    let wl: std::collections::HashSet<&str> = w.iter().copied().collect();
     for l in g.iter().skip(i) {
         let p = line_path(l);
         if !wp.contains(&p) {
             return Err(damaged(p, "not in the manifest"));
         }
-        if !w.contains(l) {
+        if !wl.contains(l) {
             return Err(damaged(p, "its kind, mode, size or content changed"));
         }
     }
@@ -252,11 +296,25 @@ pub fn sweep(store: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Vec<String>, L
     Ok(gone)
 }
 
+/// Remove the tree `p` (its read-only directories too), never following
+/// a symlink.
 fn remove_dir_all(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(p) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        r => r,
-    }
+    let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+        return Err(std::io::Error::other("no parent"));
+    };
+    let fd = match nix::fcntl::open(
+        parent,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsFd;
+    remove_entry(&Dir::from_fd(fd.as_fd())?, name)
 }
 
 fn io<'a>(id: &'a str, path: &'a str) -> impl Fn(std::io::Error) -> LayerError + 'a {
@@ -372,20 +430,21 @@ fn set_opaque(d: &Dir) -> std::io::Result<()> {
     Ok(())
 }
 
-fn mkdir(parent: &Dir, name: &OsStr, mode: u32) -> std::io::Result<Dir> {
+/// A directory made writable for us (0700): its own mode is set once it
+/// is filled ([`set_mode`]), or a read-only one could not be filled.
+fn mkdir(parent: &Dir, name: &OsStr) -> std::io::Result<Dir> {
     nix::sys::stat::mkdirat(
         Some(parent.fd().as_raw_fd()),
         name,
-        Mode::from_bits_truncate(mode & 0o777),
-    )?;
-    // mkdir's mode passed the umask; the layer keeps the one it was given
-    nix::sys::stat::fchmodat(
-        Some(parent.fd().as_raw_fd()),
-        name,
-        Mode::from_bits_truncate(mode & 0o777),
-        nix::sys::stat::FchmodatFlags::FollowSymlink,
+        Mode::from_bits_truncate(0o700),
     )?;
     parent.open_dir(name)
+}
+
+/// The mode a directory keeps (mkdir's passed the umask, and was 0700).
+fn set_mode(d: &Dir, mode: u32) -> std::io::Result<()> {
+    nix::sys::stat::fchmod(d.fd().as_raw_fd(), Mode::from_bits_truncate(mode & 0o777))?;
+    Ok(())
 }
 
 fn whiteout(parent: &Dir, name: &OsStr) -> std::io::Result<()> {
@@ -421,6 +480,54 @@ fn copy_symlink(src: &Dir, dst: &Dir, name: &OsStr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Count what the tree under `dir` holds, refusing it past `b`.
+fn measure(
+    dir: &Dir,
+    depth: usize,
+    b: &Bounds,
+    seen: &mut Made,
+    id: &str,
+) -> Result<(), LayerError> {
+    if depth > b.depth {
+        return Err(LayerError::TooLarge(format!(
+            "directories more than {} deep",
+            b.depth
+        )));
+    }
+    for name in dir.names().map_err(io(id, ""))? {
+        let st = dir.stat(&name).map_err(io(id, ""))?;
+        seen.entries += 1;
+        if seen.entries > b.entries {
+            return Err(LayerError::TooLarge(format!(
+                "more than {} files and directories",
+                b.entries
+            )));
+        }
+        match type_of(&st) {
+            Type::Dir => measure(
+                &dir.open_dir(&name).map_err(io(id, ""))?,
+                depth + 1,
+                b,
+                seen,
+                id,
+            )?,
+            Type::File { .. } | Type::Symlink => {
+                seen.bytes = seen
+                    .bytes
+                    .saturating_add(u64::try_from(st.st_size).unwrap_or(0));
+                if seen.bytes > b.bytes {
+                    return Err(LayerError::TooLarge(format!(
+                        "more than {} bytes (a sparse file counts by its size)",
+                        b.bytes
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Copy the tree under `src` into the empty directory `dst`.
 fn copy_tree(src: &Dir, dst: &Dir, rel: &[u8], id: &str) -> Result<(), LayerError> {
     if rel.is_empty() {
@@ -437,8 +544,9 @@ fn copy_tree(src: &Dir, dst: &Dir, rel: &[u8], id: &str) -> Result<(), LayerErro
         match type_of(&st) {
             Type::Dir => {
                 let sub = src.open_dir(&name).map_err(at)?;
-                let made = mkdir(dst, &name, st.st_mode).map_err(at)?;
+                let made = mkdir(dst, &name).map_err(at)?;
                 copy_tree(&sub, &made, &p, id)?;
+                set_mode(&made, st.st_mode).map_err(at)?;
             }
             Type::File { .. } => copy_file(src, dst, &name, st.st_mode).map_err(at)?,
             Type::Symlink => copy_symlink(src, dst, &name).map_err(at)?,
@@ -482,6 +590,8 @@ fn remove_entry(dir: &Dir, name: &OsStr) -> std::io::Result<()> {
     };
     if type_of(&st) == Type::Dir {
         let sub = dir.open_dir(name)?;
+        // a read-only directory of a layer is still ours to empty
+        set_mode(&sub, 0o700)?;
         for n in sub.names()? {
             remove_entry(&sub, &n)?;
         }
@@ -514,26 +624,23 @@ fn lay_over(dst: &Dir, src: &Dir, rel: &[u8], id: &str) -> Result<(), LayerError
             Type::Dir => {
                 let sub = src.open_dir(&name).map_err(at)?;
                 if below == Some(Type::Dir) && !sub.is_opaque() {
-                    nix::sys::stat::fchmodat(
-                        Some(dst.fd().as_raw_fd()),
-                        name.as_os_str(),
-                        Mode::from_bits_truncate(st.st_mode & 0o777),
-                        nix::sys::stat::FchmodatFlags::FollowSymlink,
-                    )
-                    .map_err(|e| at(e.into()))?;
                     let into = dst.open_dir(&name).map_err(at)?;
+                    // writable while it is filled, then the newer mode
+                    set_mode(&into, 0o700).map_err(at)?;
                     lay_over(&into, &sub, &p, id)?;
+                    set_mode(&into, st.st_mode).map_err(at)?;
                 } else {
                     // whatever was below is hidden: a directory made over
                     // a deleted name must hide the repo's too
                     let hides = below.is_some() || sub.is_opaque();
                     remove_entry(dst, &name).map_err(at)?;
-                    let made = mkdir(dst, &name, st.st_mode).map_err(at)?;
+                    let made = mkdir(dst, &name).map_err(at)?;
                     own(dst, Some(&name), &st).map_err(at)?;
                     if hides {
                         set_opaque(&made).map_err(at)?;
                     }
                     lay_over(&made, &sub, &p, id)?;
+                    set_mode(&made, st.st_mode).map_err(at)?;
                 }
             }
             Type::File { .. } => {
@@ -726,7 +833,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let u = upper(t.path());
         let store = t.path().join("layers");
-        let made = save(fd(&u).as_fd(), &store, "l1").unwrap();
+        let made = save(fd(&u).as_fd(), &store, "l1", Bounds::default()).unwrap();
         assert_eq!(made.bytes, 13 + 10 + 1 + 1);
         let l = path(&store, "l1");
         assert_eq!(
@@ -762,9 +869,9 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left.len(), 2, "{left:?}");
-        assert!(save(fd(&u).as_fd(), &store, "l1").is_err());
+        assert!(save(fd(&u).as_fd(), &store, "l1", Bounds::default()).is_err());
         assert!(matches!(
-            save(fd(&u).as_fd(), &store, "../x"),
+            save(fd(&u).as_fd(), &store, "../x", Bounds::default()),
             Err(LayerError::BadId(_))
         ));
     }
@@ -774,7 +881,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let u = upper(t.path());
         let store = t.path().join("layers");
-        save(fd(&u).as_fd(), &store, "l1").unwrap();
+        save(fd(&u).as_fd(), &store, "l1", Bounds::default()).unwrap();
         let l = path(&store, "l1");
         type Hurt<'a> = Box<dyn Fn() + 'a>;
         let damage: Vec<(&str, Hurt, &str)> = vec![
@@ -854,7 +961,7 @@ mod tests {
         std::fs::write(a.join("d/keep"), b"k").unwrap();
         std::fs::write(a.join("d/drop"), b"d").unwrap();
         std::fs::write(a.join("x"), b"file").unwrap();
-        save(fd(&a).as_fd(), &store, "a").unwrap();
+        save(fd(&a).as_fd(), &store, "a", Bounds::default()).unwrap();
         // newer: a deleted, b made again as a directory, d/drop deleted,
         // d/new added, x a directory again
         let b = t.path().join("b");
@@ -867,7 +974,7 @@ mod tests {
         std::fs::write(b.join("d/new"), b"n").unwrap();
         std::fs::create_dir(b.join("x")).unwrap();
         std::fs::write(b.join("x/f"), b"f").unwrap();
-        save(fd(&b).as_fd(), &store, "b").unwrap();
+        save(fd(&b).as_fd(), &store, "b", Bounds::default()).unwrap();
 
         squash(&store, &["b".to_string(), "a".to_string()], "s").unwrap();
         verify(&store, "s").unwrap();
@@ -911,8 +1018,8 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let u = upper(t.path());
         let store = t.path().join("layers");
-        save(fd(&u).as_fd(), &store, "keep").unwrap();
-        save(fd(&u).as_fd(), &store, "old").unwrap();
+        save(fd(&u).as_fd(), &store, "keep", Bounds::default()).unwrap();
+        save(fd(&u).as_fd(), &store, "old", Bounds::default()).unwrap();
         // what a crash in the middle of a save leaves
         std::fs::create_dir_all(store.join(".tmp-half/src")).unwrap();
         std::fs::write(store.join(".tmp-half.manifest"), b"").unwrap();
@@ -926,5 +1033,79 @@ mod tests {
         left.sort();
         assert_eq!(left, vec!["keep", "keep.manifest"]);
         verify(&store, "keep").unwrap();
+    }
+
+    #[test]
+    fn what_takes_no_space_is_still_bounded_and_nothing_is_saved() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("layers");
+        // a sparse file: no space on the sandbox's tmpfs, terabytes copied
+        let u = t.path().join("sparse");
+        std::fs::create_dir(&u).unwrap();
+        std::fs::File::create(u.join("hole"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let e = save(fd(&u).as_fd(), &store, "s", Bounds::with_bytes(1 << 20)).unwrap_err();
+        assert!(matches!(e, LayerError::TooLarge(_)), "{e}");
+        // too deep, and too many entries
+        let u = t.path().join("deep");
+        let mut p = u.clone();
+        for _ in 0..12 {
+            p = p.join("d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        let b = Bounds {
+            depth: 8,
+            ..Bounds::default()
+        };
+        assert!(matches!(
+            save(fd(&u).as_fd(), &store, "d", b),
+            Err(LayerError::TooLarge(_))
+        ));
+        let b = Bounds {
+            entries: 5,
+            ..Bounds::default()
+        };
+        assert!(matches!(
+            save(fd(&u).as_fd(), &store, "e", b),
+            Err(LayerError::TooLarge(_))
+        ));
+        // nothing of them is there
+        let left = std::fs::read_dir(&store).map(|r| r.count()).unwrap_or(0);
+        assert_eq!(left, 0);
+    }
+
+    #[test]
+    fn read_only_directories_are_saved_squashed_and_removed() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("layers");
+        let u = t.path().join("u");
+        std::fs::create_dir_all(u.join("ro/inner")).unwrap();
+        std::fs::write(u.join("ro/inner/f"), b"x").unwrap();
+        for d in ["ro/inner", "ro"] {
+            std::fs::set_permissions(u.join(d), std::fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        save(fd(&u).as_fd(), &store, "a", Bounds::default()).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path(&store, "a").join("ro")), 0o555);
+        let v = t.path().join("v");
+        std::fs::create_dir_all(v.join("ro")).unwrap();
+        std::fs::write(v.join("ro/g"), b"y").unwrap();
+        save(fd(&v).as_fd(), &store, "b", Bounds::default()).unwrap();
+        squash(&store, &["b".to_string(), "a".to_string()], "s").unwrap();
+        let s = path(&store, "s");
+        assert_eq!(std::fs::read(s.join("ro/inner/f")).unwrap(), b"x");
+        assert_eq!(std::fs::read(s.join("ro/g")).unwrap(), b"y");
+        assert_eq!(mode(&s.join("ro")), 0o755, "the newer layer's mode");
+        assert_eq!(mode(&s.join("ro/inner")), 0o555);
+        for id in ["a", "b", "s"] {
+            verify(&store, id).unwrap();
+            remove(&store, id).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0);
+        for d in ["ro/inner", "ro"] {
+            std::fs::set_permissions(u.join(d), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
     }
 }

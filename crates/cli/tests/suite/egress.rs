@@ -286,6 +286,19 @@ fn the_proxy_holds_none_of_the_runners_descriptors() {
             {
                 continue;
             }
+            // judged once it runs the proxy (its runtime's threads exist),
+            // not in the instant between fork and closing what it inherited
+            let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Threads:")
+                        .map(|n| n.trim().parse::<u32>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if threads < 2 {
+                continue;
+            }
             let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };

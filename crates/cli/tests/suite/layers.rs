@@ -53,7 +53,7 @@ fn layers_carry_each_runs_changes_to_the_next_and_never_touch_the_repo() {
             who,
             o,
             &req(
-                "echo changed > a.txt && echo new > new.txt && rm b.txt && rm -r sub && rm -r olddir && echo file > olddir",
+                "echo changed > a.txt && echo new > new.txt && rm b.txt && rm -r sub && rm -r olddir && echo file > olddir && mkdir ro && echo r > ro/f && chmod 555 ro",
                 &[],
                 Some("l1"),
                 "1",
@@ -65,7 +65,7 @@ fn layers_carry_each_runs_changes_to_the_next_and_never_touch_the_repo() {
             who,
             o,
             &req(
-                "cat a.txt new.txt olddir; test ! -e b.txt && test ! -e sub && echo gone; echo more >> new.txt && mkdir sub && echo again > sub/c",
+                "cat a.txt new.txt olddir ro/f; test ! -e b.txt && test ! -e sub && echo gone; echo more >> new.txt && mkdir sub && echo again > sub/c",
                 &["l1"],
                 Some("l2"),
                 "2",
@@ -73,7 +73,7 @@ fn layers_carry_each_runs_changes_to_the_next_and_never_touch_the_repo() {
         );
         assert!(r2.status.success(), "{who:?}: {r2:?}");
         let said = String::from_utf8_lossy(&r2.stdout);
-        assert_eq!(said, "changed\nnew\nfile\ngone\n", "{who:?}: {r2:?}");
+        assert_eq!(said, "changed\nnew\nfile\nr\ngone\n", "{who:?}: {r2:?}");
         let p2 = std::fs::read_to_string(o.join("patch2")).unwrap();
         assert!(
             p2.contains("+more") && p2.contains(" new\n"),
@@ -118,6 +118,22 @@ fn layers_carry_each_runs_changes_to_the_next_and_never_touch_the_repo() {
             view,
             "{who:?}: the squash shows another tree"
         );
+        // a sparse file takes no room in the sandbox but would be copied
+        // whole: refused, and no layer is left
+        let r5 = run_as(
+            who,
+            o,
+            &req("truncate -s 5G sparse", &["l2", "l1"], Some("l5"), "5"),
+        );
+        assert!(!r5.status.success(), "{who:?}: {r5:?}");
+        assert!(
+            String::from_utf8_lossy(&r5.stderr).contains("too large to keep"),
+            "{who:?}: {r5:?}"
+        );
+        assert!(
+            !store.join("l5").exists() && !store.join(".tmp-l5").exists(),
+            "{who:?}"
+        );
         for l in ["l1", "l2", "sq"] {
             agentvm_workspace::layer::verify(&store, l).unwrap_or_else(|e| panic!("{who:?}: {e}"));
         }
@@ -140,12 +156,14 @@ fn a_bad_stack_is_refused_before_anything_runs() {
             "{says}: {o:?}"
         );
     }
-    // a layer that is not there: the sandbox says which
+    // a layer that is not there: the runner names it by its id (where
+    // the server keeps layers is not for the client)
     let req = serde_json::json!({"command": ["true"], "stack": ["/nonexistent/agentvm-layer"]});
     let o = super::cli::run_request(t.path(), &req.to_string());
     assert_ne!(o.status.code(), Some(0), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("/nonexistent/agentvm-layer"),
+        e.contains("layer agentvm-layer") && !e.contains("/nonexistent"),
         "{o:?}"
     );
 }

@@ -95,7 +95,11 @@ pub(super) fn helper_userns(uid: u32, gid: u32, to: u32) -> Option<OwnedFd> {
 /// into another mount namespace); `path` names it in errors.
 pub(super) fn clone_tree(fd: RawFd, path: &Path) -> Result<OwnedFd, SetupError> {
     clone_tree_for(fd, || {
-        format!("cloning the workspace layer {}", path.display())
+        let id = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        format!("cloning the workspace layer {id}")
     })
 }
 
@@ -506,11 +510,15 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
     for (i, l) in spec.stack.iter().enumerate() {
         let at = PathBuf::from(format!("/lower.{i}"));
         mkdir_p(&at)?;
+        // the layer's id: where the server keeps layers is not the
+        // client's to know
+        let lname = l
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let named = |e: SetupError| {
-            SetupError::new(
-                Layer::Mounts,
-                format!("the workspace layer {}: {e}", l.path.display()),
-            )
+            SetupError::new(Layer::Mounts, format!("the workspace layer {}: {e}", lname))
         };
         if let Some(tree) = p.stack_trees.get(i) {
             move_mount(tree, &at).map_err(named)?;
@@ -528,7 +536,7 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
             )
             .map_err(os(
                 Layer::Mounts,
-                format!("opening the workspace layer {}", l.path.display()),
+                format!("opening the workspace layer {}", lname),
             ))?;
             // SAFETY: open just returned this descriptor; we own it.
             let opened = unsafe { OwnedFd::from_raw_fd(opened) };
@@ -540,7 +548,7 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
                     Layer::Mounts,
                     format!(
                         "the workspace layer {} was replaced while the sandbox was being set up",
-                        l.path.display()
+                        lname
                     ),
                 ));
             }

@@ -88,6 +88,10 @@ pub struct Runner {
     stopping: AtomicBool,
     /// Layers jobs over workspaces are making now (not yet on a stack).
     making: Mutex<std::collections::HashSet<String>>,
+    /// Held while the set of layers in use changes or is read to remove
+    /// the rest: a job starting over a stack, a job's end putting its
+    /// layer on one, a fork, and a sweep.
+    pub layers_lock: tokio::sync::Mutex<()>,
 }
 
 /// A job over a workspace: the stack it starts from, the layer it makes.
@@ -130,6 +134,7 @@ impl Runner {
             active: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             making: Mutex::new(Default::default()),
+            layers_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -144,8 +149,12 @@ impl Runner {
 
     /// A job over a workspace has ended: what it made goes on the stack
     /// when it ran (succeeded, failed, timed out) and changed something;
-    /// otherwise it is dropped. Either way the workspace is free again.
+    /// otherwise it is dropped. A stack past [`SQUASH_AT`] has its oldest
+    /// layers squashed into one first, while the job still holds the
+    /// workspace, so the new stack is written in the same update that lets
+    /// go of it (no other writer, restore or sweep can come between).
     async fn settle(&self, job: &str, over: &Over, status: JobStatus) {
+        use crate::service::workspaces::SQUASH_AT;
         let store = self.layer_store();
         let ran = matches!(
             status,
@@ -153,11 +162,29 @@ impl Runner {
         );
         let made = agentvm_workspace::layer::size(&store, &over.layer).ok();
         let keep = ran && made.is_some_and(|m| m.entries > 0);
-        let stack: Option<Vec<String>> = keep.then(|| {
+        let mut stack: Option<Vec<String>> = keep.then(|| {
             std::iter::once(over.layer.clone())
                 .chain(over.ws.stack.iter().cloned())
                 .collect()
         });
+        let mut squashed = None;
+        if let Some(s) = stack.as_ref().filter(|s| s.len() > SQUASH_AT) {
+            match self.squash_old(s).await {
+                Some((next, id)) => {
+                    stack = Some(next);
+                    squashed = Some(id);
+                }
+                None if s.len() > agentvm_proto::run::MAX_STACK => {
+                    // never a stack no sandbox can mount: this job's
+                    // changes are dropped, and its record says nothing of
+                    // it, so say it here
+                    tracing::error!(job, workspace = %over.ws.id, "the workspace's stack is full and could not be squashed; this job's changes are not kept");
+                    stack = None;
+                }
+                None => {}
+            }
+        }
+        let _named = self.layers_lock.lock().await;
         match self
             .store
             .release_workspace(&over.ws.id, job, stack.as_deref())
@@ -171,42 +198,55 @@ impl Runner {
                 tracing::error!(job, workspace = %over.ws.id, error = %e, "letting go of a workspace failed")
             }
         }
-        if !keep {
-            let _ = agentvm_workspace::layer::remove(&store, &over.layer);
+        if stack.is_none() {
+            ok_or_drop(&store, &over.layer);
         }
-        lock(&self.making).remove(&over.layer);
-        if let Some(stack) = stack.filter(|s| s.len() > crate::service::workspaces::SQUASH_AT) {
-            self.squash_old(&over.ws.id, stack).await;
+        let mut making = lock(&self.making);
+        making.remove(&over.layer);
+        if let Some(id) = &squashed {
+            making.remove(id);
         }
     }
 
-    /// Keep a deep stack shallow: its oldest layers become one (hard
-    /// links), when nobody writes the workspace.
-    async fn squash_old(&self, ws: &str, stack: Vec<String>) {
+    /// The oldest layers of `stack` squashed into one (hard links): the
+    /// new stack and the new layer's id, or `None` when it failed.
+    async fn squash_old(&self, stack: &[String]) -> Option<(Vec<String>, String)> {
         let keep = crate::service::workspaces::SQUASH_AT / 2;
-        let (young, old) = stack.split_at(keep);
+        let (young, old) = stack.split_at(keep.min(stack.len()));
         let id = crate::service::new_id("sq").replace('_', "-");
         lock(&self.making).insert(id.clone());
-        let (store, old2, id2) = (self.layer_store(), old.to_vec(), id.clone());
+        let (store, old, id2) = (self.layer_store(), old.to_vec(), id.clone());
         let made = tokio::task::spawn_blocking(move || {
-            agentvm_workspace::layer::squash(&store, &old2, &id2)
+            agentvm_workspace::layer::squash(&store, &old, &id2)
         })
         .await;
-        let ok = matches!(made, Ok(Ok(_)));
-        if ok {
+        if matches!(made, Ok(Ok(_))) {
             let mut next: Vec<String> = young.to_vec();
             next.push(id.clone());
-            if !matches!(self.store.set_workspace_stack(ws, &next).await, Ok(true)) {
-                ok_or_drop(&self.layer_store(), &id);
-            }
+            Some((next, id))
         } else {
-            tracing::warn!(
-                workspace = ws,
-                "squashing a deep stack failed; it stays as it is"
-            );
+            tracing::warn!("squashing a deep stack failed; it stays as it is");
             ok_or_drop(&self.layer_store(), &id);
+            lock(&self.making).remove(&id);
+            None
         }
-        lock(&self.making).remove(&id);
+    }
+
+    /// Let go of the workspace job `id` holds, if it holds one and has
+    /// ended (cancelled while queued, or never started): nothing it made
+    /// is kept.
+    pub async fn release_if_ended(&self, id: &str) {
+        let Ok(Some(ws)) = self.store.workspace_of_writer(id).await else {
+            return;
+        };
+        let ended = match self.store.get_job(id).await {
+            Ok(Some(j)) => j.status.is_final(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if ended {
+            let _ = self.store.release_workspace(&ws.id, id, None).await;
+        }
     }
 
     /// A workspace held by a job that has ended (or is gone) is let go,
@@ -409,6 +449,7 @@ impl Runner {
         };
         let done = self.store.finish_job(id, &f).await?;
         if done {
+            self.release_if_ended(id).await;
             let _ = self.finished.send(id.to_string());
         }
         Ok(done)
@@ -445,24 +486,47 @@ impl Runner {
     async fn run(&self, id: &str) {
         match self.store.mark_running(id).await {
             Ok(true) => {}
-            _ => return, // cancelled while queued, or the store failed
+            _ => {
+                // cancelled while queued, or the store failed
+                self.release_if_ended(id).await;
+                return;
+            }
         }
         let Ok(Some(job)) = self.store.get_job(id).await else {
             return;
         };
         let (tx, _) = broadcast::channel(256);
         lock(&self.live).insert(id.to_string(), tx.clone());
-        // over a workspace (held for this job when it was accepted)
-        let over = match self.store.workspace_of_writer(id).await {
-            Ok(Some(ws)) => {
-                let layer = crate::service::new_id("l").replace('_', "-");
-                lock(&self.making).insert(layer.clone());
-                Some(Over { ws, layer })
+        // over a workspace (held for this job when it was accepted): its
+        // stack read, and the new layer's id claimed, under the lock a
+        // sweep takes
+        let over = {
+            let _named = self.layers_lock.lock().await;
+            match self.store.workspace_of_writer(id).await {
+                Ok(Some(ws)) => {
+                    let layer = crate::service::new_id("l").replace('_', "-");
+                    lock(&self.making).insert(layer.clone());
+                    Ok(Some(Over { ws, layer }))
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
             }
-            _ => None,
         };
         let started = Instant::now();
-        let finish = self.execute(&job, &tx, over.as_ref()).await;
+        let finish = match &over {
+            Ok(o) => self.execute(&job, &tx, o.as_ref()).await,
+            // never run a workspace's job over the bare repo
+            Err(e) => Finish {
+                status: JobStatus::Failed,
+                exit_code: None,
+                error: Some(format!(
+                    "the job's workspace could not be read ({e}); nothing ran"
+                )),
+                result: None,
+                patch: None,
+            },
+        };
+        let over = over.ok().flatten();
         if let Some(o) = &over {
             self.settle(id, o, finish.status).await;
         }
@@ -499,6 +563,8 @@ impl Runner {
             }
         };
         let _ = std::fs::remove_dir_all(self.job_dir(id));
+        // whatever path the end took, the job holds no workspace now
+        self.release_if_ended(id).await;
         lock(&self.running).remove(id);
         let _ = tx.send(Live::End(finish.status));
         lock(&self.live).remove(id);

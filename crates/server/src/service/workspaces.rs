@@ -195,6 +195,8 @@ impl Service {
             let (repo, stack) = match (&r.repo_path, &r.from_checkpoint) {
                 (Some(path), None) => (check_repo(&self.roots, path)?, Vec::new()),
                 (None, Some(cp)) => {
+                    // held until the fork names the layers (a sweep waits)
+                    let named = self.runner.layers_lock.lock().await;
                     let missing = || Error::NotFound(format!("No checkpoint {}", bounded(cp, 64)));
                     let c = self.store.get_checkpoint(cp).await?.ok_or_else(missing)?;
                     // a checkpoint is as visible as its workspace
@@ -203,7 +205,19 @@ impl Service {
                     let repo = check_repo(&self.roots, &from.repo_path).map_err(|_| {
                         Error::Conflict("The checkpoint's repository is gone or no longer inside an allowed root".into())
                     })?;
-                    (repo, c.stack)
+                    let w = self
+                        .store
+                        .create_workspace(&NewWorkspace {
+                            id: new_id("ws"),
+                            name: r.name.clone(),
+                            owner: p.key.id.clone(),
+                            repo_path: repo.to_string_lossy().into_owned(),
+                            stack: c.stack,
+                        })
+                        .await
+                        .map_err(|e| store_error("workspace", e));
+                    drop(named);
+                    return w;
                 }
                 _ => {
                     return Err(Error::invalid(
@@ -248,6 +262,7 @@ impl Service {
         const A: &str = "workspace.delete";
         self.need_mut(p, Scope::Run, A, Some(id)).await?;
         let w = self.find_workspace(p, id).await?;
+        self.clear_stale_writer(&w).await?;
         if !self.store.delete_workspace(&w.id).await? {
             let e = Error::Conflict(format!(
                 "Workspace {} is being written by job {}; delete it when that job has ended",
@@ -326,6 +341,7 @@ impl Service {
             };
             let c = self.find_checkpoint(&w, which).await?;
             self.verify_stack(&c.stack).await?;
+            self.clear_stale_writer(&w).await?;
             if !self.store.set_workspace_stack(&w.id, &c.stack).await? {
                 return Err(Error::Conflict(format!(
                     "Workspace {} is being written by a job; restore it when that job has ended",
@@ -396,6 +412,7 @@ impl Service {
                 "The workspace's repository is gone or no longer inside an allowed root".into(),
             )
         })?;
+        self.clear_stale_writer(&w).await?;
         if !self.store.take_workspace(&w.id, job).await? {
             let now = self.store.get_workspace(&w.id).await?;
             return Err(Error::Conflict(format!(
@@ -407,9 +424,28 @@ impl Service {
         Ok((repo, Some(w.id)))
     }
 
+    /// A workspace still held by a job that has ended or is gone (a client
+    /// that went away between the hold and the job's record, a lost
+    /// race) is let go of: a hold never outlives its job.
+    async fn clear_stale_writer(&self, w: &Workspace) -> Result<()> {
+        let Some(job) = &w.writer else {
+            return Ok(());
+        };
+        let ended = match self.store.get_job(job).await? {
+            Some(j) => j.status.is_final(),
+            None => true,
+        };
+        if ended {
+            tracing::warn!(workspace = %w.id, job, "a workspace was still held by a job that has ended; let go of");
+            self.store.release_workspace(&w.id, job, None).await?;
+        }
+        Ok(())
+    }
+
     /// Remove layers no workspace or checkpoint names (and what a crash
     /// left half made). Never fails a request: what stays is tried again.
     pub async fn sweep_layers(&self) {
+        let _named = self.runner.layers_lock.lock().await;
         let used = match self.store.layers_in_use().await {
             Ok(u) => u,
             Err(e) => {

@@ -421,3 +421,35 @@ fn a_deep_stack_is_squashed_and_shows_the_same_files() {
         "{ls}"
     );
 }
+
+/// A job cancelled while it waits in the queue lets go of its workspace
+/// at once, and a hold whose job is gone never blocks the next one.
+#[test]
+fn a_cancelled_queued_job_lets_go_of_its_workspace() {
+    let (_t, repo, s) = setup(&["--max-concurrent", "1"]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "w", "repo_path": repo_s}));
+    // the only worker is busy
+    let (_, busy) = s.json("POST", "/v1/jobs", Some(shell(&repo, "sleep 5")));
+    let busy = busy["id"].as_str().unwrap_or("").to_string();
+    s.wait_running(&busy);
+    let (code, q) = s.json("POST", "/v1/jobs", Some(ws_job("w", "echo never > n")));
+    assert_eq!(code, 202, "{q}");
+    let q = q["id"].as_str().unwrap_or("").to_string();
+    let (_, w) = s.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["writer"], q.as_str(), "{w}");
+    let (code, _, _) = s.req("POST", &format!("/v1/jobs/{q}/cancel"), Some(&s.key), None);
+    assert_eq!(code, 202);
+    let (_, w) = s.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["writer"], Value::Null, "still held after the cancel: {w}");
+    let (code, _, _) = s.req(
+        "POST",
+        &format!("/v1/jobs/{busy}/cancel"),
+        Some(&s.key),
+        None,
+    );
+    assert_eq!(code, 202);
+    let (_, d, out) = run_in(&s, "w", "test -e n && echo there || echo not-there");
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(out, "not-there\n");
+}

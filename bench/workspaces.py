@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Workspaces: each figure against a peer in the same invocation.
+
+1. Checkpoint of a workspace with one changed file, over a 10,000-file
+   and a 100,000-file repo: the API call's latency, median of N (target
+   at most 5 ms, the same for both sizes).
+2. Fork a checkpoint and run `true` in it (the fork's API call, then the
+   job to its end), against a job running `true` over the plain repo on
+   the same server, alternating (target at most 1.2x); and the sandbox's
+   own setup_ms of each.
+3. 100 forks of one checkpoint, each changing one file: the growth of the
+   layer store, against the repo's size (a copy per fork would be 100x).
+4. A chain of 50 checkpoints (a job and a checkpoint each): the setup_ms of
+   a job over it, against one over a fresh workspace (target within 1.5x),
+   and the stack's depth (squashed past 48 layers).
+
+usage: bench/workspaces.py [N]   (default 20)
+"""
+import json, os, socket, statistics, subprocess, sys, tempfile, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import AGENTVM, build
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+build()
+work = tempfile.mkdtemp(prefix="agentvm-bench-ws-")
+root = os.path.join(work, "root")
+
+
+def make_repo(name, files):
+    d = os.path.join(root, name)
+    for i in range(files):
+        sub = os.path.join(d, f"d{i // 1000}")
+        if i % 1000 == 0:
+            os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, f"f{i}.txt"), "w") as f:
+            f.write(f"file {i}\n")
+    return d
+
+
+t = time.perf_counter()
+small, big = make_repo("small", 10_000), make_repo("big", 100_000)
+print(f"repos made in {time.perf_counter() - t:.1f} s", flush=True)
+
+srv = subprocess.Popen([AGENTVM, "serve", "--listen", "127.0.0.1:0", "--data-dir", os.path.join(work, "data"),
+                        "--allowed-root", root, "--rate-limit", "0", "--max-concurrent", "2"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       env=dict(os.environ, AGENTVM_LOG="warn"))
+for line in srv.stderr:
+    if b"listening on http://" in line:
+        HOST, PORT = line.split(b"http://")[1].strip().decode().rsplit(":", 1)
+        PORT = int(PORT)
+        break
+KEY = open(os.path.join(work, "data", "admin.key")).read().strip()
+
+
+def api(method, path, body=None):
+    s = socket.create_connection((HOST, PORT))
+    data = json.dumps(body).encode() if body is not None else b""
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    resp = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        resp += b
+    head, _, body = resp.partition(b"\r\n\r\n")
+    code = int(head.split(b" ")[1])
+    return code, (json.loads(body) if body.strip() and body.strip()[:1] in b"{[" else body)
+
+
+def job(body):
+    code, j = api("POST", "/v1/jobs", dict({"agent": "shell", "timeout": 600}, **body))
+    assert code == 202, j
+    while True:
+        _, j = api("GET", f"/v1/jobs/{j['id']}")
+        if j["status"] not in ("queued", "running"):
+            assert j["status"] == "succeeded", j
+            return j
+        time.sleep(0.002)
+
+
+def timed(f):
+    t = time.perf_counter()
+    r = f()
+    return (time.perf_counter() - t) * 1000, r
+
+
+med = statistics.median
+try:
+    # 1. checkpoint cost against repo size
+    cp = {}
+    for name, repo in (("10k", small), ("100k", big)):
+        api("POST", "/v1/workspaces", {"name": name, "repo_path": repo})
+        job({"workspace": name, "prompt": "echo changed > d0/f0.txt"})
+        cp[name] = [timed(lambda i=i: api("POST", f"/v1/workspaces/{name}/checkpoints", {"name": f"c{i}"}))[0]
+                    for i in range(n)]
+    print(f"checkpoint (1 changed file): 10k-file repo median {med(cp['10k']):.2f} ms, "
+          f"100k-file repo median {med(cp['100k']):.2f} ms; ratio {med(cp['100k']) / med(cp['10k']):.2f}x "
+          f"(target at most 5 ms, the same for both)", flush=True)
+
+    # 2. fork and run true, against a job over the plain repo
+    _, c0 = api("GET", "/v1/workspaces/10k/checkpoints")
+    c0 = c0["checkpoints"][0]["id"]
+    fork_ms, plain_ms, fork_setup, plain_setup = [], [], [], []
+    for i in range(n):
+        def fork():
+            code, w = api("POST", "/v1/workspaces", {"name": f"fork{i}", "from_checkpoint": c0})
+            assert code == 201, w
+            return job({"workspace": f"fork{i}", "prompt": "true"})
+        ms, j = timed(fork)
+        fork_ms.append(ms); fork_setup.append(j["result"]["setup_ms"])
+        ms, j = timed(lambda: job({"repo_path": small, "prompt": "true"}))
+        plain_ms.append(ms); plain_setup.append(j["result"]["setup_ms"])
+    print(f"fork + true: median {med(fork_ms):.1f} ms (sandbox setup {med(fork_setup):.0f} ms); "
+          f"plain repo + true: median {med(plain_ms):.1f} ms (setup {med(plain_setup):.0f} ms); "
+          f"ratio {med(fork_ms) / med(plain_ms):.2f}x (target at most 1.2x)", flush=True)
+
+    # 3. 100 forks of one checkpoint, each changing one file: disk growth
+    def du(p):
+        return int(subprocess.run(["du", "-sk", p], capture_output=True, text=True).stdout.split()[0])
+    layers = os.path.join(work, "data", "layers")
+    before = du(layers)
+    for i in range(100):
+        api("POST", "/v1/workspaces", {"name": f"many{i}", "from_checkpoint": c0})
+        job({"workspace": f"many{i}", "prompt": f"echo fork {i} > d1/f1000.txt"})
+    grown = du(layers) - before
+    repo_kib = du(small)
+    print(f"100 forks, one changed file each: layer store grew {grown} KiB ({grown / 100:.1f} KiB per fork); "
+          f"the repo is {repo_kib} KiB, so a copy per fork would be {100 * repo_kib} KiB; "
+          f"ratio {grown / (100 * repo_kib):.4f}x of copies", flush=True)
+
+    # 4. a chain of 50 checkpoints: start-up against a fresh workspace
+    api("POST", "/v1/workspaces", {"name": "chain", "repo_path": small})
+    for i in range(50):
+        job({"workspace": "chain", "prompt": f"echo {i} > d2/f{2000 + i}.txt"})
+        api("POST", "/v1/workspaces/chain/checkpoints", {"name": f"k{i}"})
+    _, w = api("GET", "/v1/workspaces/chain")
+    api("POST", "/v1/workspaces", {"name": "fresh", "repo_path": small})
+    chain_setup, fresh_setup = [], []
+    for _ in range(n):
+        chain_setup.append(job({"workspace": "chain", "prompt": "true"})["result"]["setup_ms"])
+        fresh_setup.append(job({"workspace": "fresh", "prompt": "true"})["result"]["setup_ms"])
+    print(f"chain of 50 checkpoints ({w['layers']} layers after squashing): job setup median "
+          f"{med(chain_setup):.0f} ms; fresh workspace {med(fresh_setup):.0f} ms; "
+          f"ratio {med(chain_setup) / max(med(fresh_setup), 1):.2f}x (target within 1.5x)", flush=True)
+finally:
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+    subprocess.run(["rm", "-rf", work])
