@@ -1,5 +1,5 @@
 """Shared helpers for the benchmark scripts: timing child processes."""
-import os, statistics, subprocess, time
+import json, os, socket, statistics, subprocess, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENTVM = os.environ.get("AGENTVM", os.path.join(ROOT, "target", "release", "agentvm"))
@@ -29,3 +29,21 @@ def summary(xs):
     xs = sorted(xs)
     p = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]
     return {"median": statistics.median(xs), "p10": p(0.10), "p90": p(0.90), "n": len(xs)}
+
+
+def http(host, port, key, method, path, body=None):
+    """One request to the server (a connection of its own): the status and
+    the body, parsed when it is JSON."""
+    s = socket.create_connection((host, port))
+    data = json.dumps(body).encode() if body is not None else b""
+    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {key}\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    resp = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        resp += b
+    head, _, body = resp.partition(b"\r\n\r\n")
+    code = int(head.split(b" ")[1])
+    return code, (json.loads(body) if body.strip()[:1] in (b"{", b"[") else body)

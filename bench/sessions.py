@@ -23,7 +23,7 @@ usage: bench/sessions.py [KEYSTROKES] [SESSIONS]   (defaults 2000 and 8)
 """
 import base64, json, os, pty, re, select, socket, struct, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import AGENTVM, build
+from common import AGENTVM, build, http
 
 keys_n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 sessions_n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -60,18 +60,8 @@ KEY = open(os.path.join(work, "data", "admin.key")).read().strip()
 
 
 def api(method, path, body=None):
-    s = socket.create_connection((HOST, PORT))
-    data = json.dumps(body).encode() if body is not None else b""
-    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    resp = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        resp += b
-    head, _, body = resp.partition(b"\r\n\r\n")
-    return json.loads(body) if body.strip() else None
+    body = http(HOST, PORT, KEY, method, path, body)[1]
+    return None if isinstance(body, bytes) and not body.strip() else body
 
 
 class Ws:

@@ -18,7 +18,7 @@ usage: bench/workspaces.py [N]   (default 20)
 """
 import json, os, socket, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import AGENTVM, build
+from common import AGENTVM, build, http
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 build()
@@ -54,19 +54,7 @@ KEY = open(os.path.join(work, "data", "admin.key")).read().strip()
 
 
 def api(method, path, body=None):
-    s = socket.create_connection((HOST, PORT))
-    data = json.dumps(body).encode() if body is not None else b""
-    s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-    resp = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        resp += b
-    head, _, body = resp.partition(b"\r\n\r\n")
-    code = int(head.split(b" ")[1])
-    return code, (json.loads(body) if body.strip() and body.strip()[:1] in b"{[" else body)
+    return http(HOST, PORT, KEY, method, path, body)
 
 
 def job(body):
