@@ -275,6 +275,11 @@ pub struct SessionRequest {
     /// root); absent: an empty /workspace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo_path: Option<String>,
+    /// Over this workspace (id or name) instead of `repo_path`: the
+    /// session starts from its state, and what it changed stays in it when
+    /// it ends (exit, DELETE, idle timeout; not when the server stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     /// A name for people and for `ssh NAME@host`: 1 to 64 of A-Z a-z 0-9
     /// . _ -, not starting with - (default: generated). Unique among the
     /// owner's live sessions.

@@ -19,8 +19,12 @@ pub struct ShellArgs {
     conn: Conn,
     /// Repository shown copy-on-write at /workspace (inside the server's
     /// allowed roots); without it, an empty /workspace.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "workspace")]
     repo: Option<PathBuf>,
+    /// Over this workspace (id or name) instead: the session starts from
+    /// its state, and its changes stay in it when it ends.
+    #[arg(long, value_name = "W", conflicts_with = "attach")]
+    workspace: Option<String>,
     /// The session's name: attach to your live session of that name, or
     /// start one so named.
     #[arg(long, value_name = "NAME")]
@@ -187,6 +191,7 @@ async fn create(c: &Client, a: &ShellArgs) -> Result<SessionView, String> {
     let (rows, cols) = attach::term_size().unzip();
     let req = SessionRequest {
         repo_path: repo,
+        workspace: a.workspace.clone(),
         name: a.name.clone(),
         agent: a.agent.clone(),
         command: (!a.command.is_empty()).then(|| a.command.clone()),

@@ -95,7 +95,7 @@ pub struct Runner {
 }
 
 /// A job over a workspace: the stack it starts from, the layer it makes.
-pub(crate) struct Over {
+pub struct Over {
     pub ws: agentvm_store::Workspace,
     pub layer: String,
 }
@@ -154,12 +154,18 @@ impl Runner {
     /// workspace, so the new stack is written in the same update that lets
     /// go of it (no other writer, restore or sweep can come between).
     async fn settle(&self, job: &str, over: &Over, status: JobStatus) {
-        use crate::service::workspaces::SQUASH_AT;
-        let store = self.layer_store();
         let ran = matches!(
             status,
             JobStatus::Succeeded | JobStatus::Failed | JobStatus::TimedOut
         );
+        self.settle_writer(job, over, ran).await
+    }
+
+    /// [`Runner::settle`] for any writer (a job or a session): `ran` says
+    /// whether what it made is kept.
+    pub(crate) async fn settle_writer(&self, job: &str, over: &Over, ran: bool) {
+        use crate::service::workspaces::SQUASH_AT;
+        let store = self.layer_store();
         let made = agentvm_workspace::layer::size(&store, &over.layer).ok();
         let keep = ran && made.is_some_and(|m| m.entries > 0);
         let mut stack: Option<Vec<String>> = keep.then(|| {
@@ -239,14 +245,38 @@ impl Runner {
         let Ok(Some(ws)) = self.store.workspace_of_writer(id).await else {
             return;
         };
-        let ended = match self.store.get_job(id).await {
-            Ok(Some(j)) => j.status.is_final(),
-            Ok(None) => true,
-            Err(_) => false,
-        };
-        if ended {
+        if matches!(self.writer_ended(id).await, Ok(true)) {
             let _ = self.store.release_workspace(&ws.id, id, None).await;
         }
+    }
+
+    /// Has the writer `id` (a job, or a session: `ses_...`) ended, or is
+    /// it gone?
+    pub async fn writer_ended(&self, id: &str) -> Result<bool, agentvm_store::StoreError> {
+        if id.starts_with("ses_") {
+            return Ok(match self.store.get_session(id).await? {
+                Some(s) => s.status != agentvm_store::SessionStatus::Running,
+                None => true,
+            });
+        }
+        Ok(match self.store.get_job(id).await? {
+            Some(j) => j.status.is_final(),
+            None => true,
+        })
+    }
+
+    /// A writer (a session) starting over workspace `ws` it holds: the
+    /// stack read and the new layer's id claimed under the sweep's lock.
+    pub(crate) async fn over_for(
+        &self,
+        writer: &str,
+    ) -> Result<Option<Over>, agentvm_store::StoreError> {
+        let _named = self.layers_lock.lock().await;
+        Ok(self.store.workspace_of_writer(writer).await?.map(|ws| {
+            let layer = crate::service::new_id("l").replace('_', "-");
+            lock(&self.making).insert(layer.clone());
+            Over { ws, layer }
+        }))
     }
 
     /// A workspace held by a job that has ended (or is gone) is let go,
@@ -255,11 +285,9 @@ impl Runner {
         let mut freed = 0;
         for w in self.store.list_workspaces(None).await? {
             let Some(job) = &w.writer else { continue };
-            let ended = match self.store.get_job(job).await? {
-                Some(j) => j.status.is_final(),
-                None => true,
-            };
-            if ended && self.store.release_workspace(&w.id, job, None).await? {
+            if self.writer_ended(job).await?
+                && self.store.release_workspace(&w.id, job, None).await?
+            {
                 freed += 1;
             }
         }
@@ -283,13 +311,6 @@ impl Runner {
             }
             let _ = std::fs::remove_dir_all(self.job_dir(&j.id));
         }
-        let freed = self.free_workspaces().await?;
-        if freed > 0 {
-            tracing::info!(
-                workspaces = freed,
-                "workspaces let go of by jobs the previous stop interrupted (as before those jobs)"
-            );
-        }
         // sessions live only as long as the server that runs them: each
         // still marked running was interrupted (its recording stays)
         let lost = self
@@ -309,6 +330,14 @@ impl Runner {
             tracing::info!(
                 sessions = lost.len(),
                 "sessions interrupted by the previous stop"
+            );
+        }
+        // after both: a hold of a job or session that was interrupted
+        let freed = self.free_workspaces().await?;
+        if freed > 0 {
+            tracing::info!(
+                workspaces = freed,
+                "workspaces let go of by jobs and sessions the previous stop interrupted (as before them)"
             );
         }
         let queued = self.store.queued_jobs().await?;
@@ -500,18 +529,7 @@ impl Runner {
         // over a workspace (held for this job when it was accepted): its
         // stack read, and the new layer's id claimed, under the lock a
         // sweep takes
-        let over = {
-            let _named = self.layers_lock.lock().await;
-            match self.store.workspace_of_writer(id).await {
-                Ok(Some(ws)) => {
-                    let layer = crate::service::new_id("l").replace('_', "-");
-                    lock(&self.making).insert(layer.clone());
-                    Ok(Some(Over { ws, layer }))
-                }
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            }
-        };
+        let over = self.over_for(id).await;
         let started = Instant::now();
         let finish = match &over {
             Ok(o) => self.execute(&job, &tx, o.as_ref()).await,

@@ -163,25 +163,36 @@ impl Runner {
                 .collect();
         }
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
-        if let Some(o) = over {
-            // ids come from the server, but a stored one that is not an
-            // id must not turn into another path
-            if let Some(bad) =
-                o.ws.stack
-                    .iter()
-                    .find(|l| !agentvm_workspace::layer::valid_id(l))
-            {
-                return Err(format!(
-                    "the workspace's stored layers name {}, not a layer id; nothing ran",
-                    agentvm_store::bounded(bad, 64)
-                ));
-            }
-            let store = self.layer_store();
-            req.stack = o.ws.stack.iter().map(|l| store.join(l)).collect();
-            req.layer_out = Some(store.join(&o.layer));
-        }
+        self.lay_over(&mut req, over)?;
         req.check()?;
         Ok(req)
+    }
+
+    /// A workspace's stack under the request, and where its new layer goes.
+    pub(super) fn lay_over(
+        &self,
+        req: &mut RunRequest,
+        over: Option<&super::Over>,
+    ) -> Result<(), String> {
+        let Some(o) = over else {
+            return Ok(());
+        };
+        // ids come from the server, but a stored one that is not an id
+        // must not turn into another path
+        if let Some(bad) =
+            o.ws.stack
+                .iter()
+                .find(|l| !agentvm_workspace::layer::valid_id(l))
+        {
+            return Err(format!(
+                "the workspace's stored layers name {}, not a layer id; nothing ran",
+                agentvm_store::bounded(bad, 64)
+            ));
+        }
+        let store = self.layer_store();
+        req.stack = o.ws.stack.iter().map(|l| store.join(l)).collect();
+        req.layer_out = Some(store.join(&o.layer));
+        Ok(())
     }
 
     /// Everything before the runner runs: the repo opened and checked,

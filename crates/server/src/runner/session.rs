@@ -69,6 +69,7 @@ impl Runner {
         rows: u16,
         cols: u16,
         ports: bool,
+        over: Option<&super::Over>,
     ) -> Result<RunRequest, String> {
         let agent = s.agent.as_deref().unwrap_or(crate::service::SHELL);
         let p = self
@@ -129,6 +130,7 @@ impl Runner {
             req.ports_fd = Some(PORTS_FD);
         }
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
+        self.lay_over(&mut req, over)?;
         req.check()?;
         Ok(req)
     }
@@ -140,6 +142,7 @@ impl Runner {
         limits: &SessionLimits,
         rows: u16,
         cols: u16,
+        over: Option<&super::Over>,
     ) -> Result<SessionSandbox, String> {
         if self.stopping.load(Ordering::SeqCst) || self.draining.load(Ordering::SeqCst) {
             return Err("the server is shutting down".into());
@@ -154,7 +157,7 @@ impl Runner {
             .clone()
             .or_else(|| self.cfg.agents.get(agent).map(|p| p.network.clone()));
         let want_ports = network.as_ref() != Some(&NetworkMode::Host);
-        let req = self.session_request(s, limits, rows, cols, want_ports)?;
+        let req = self.session_request(s, limits, rows, cols, want_ports, over)?;
         let dir = self.session_dir(&s.id);
         {
             use std::os::unix::fs::DirBuilderExt;

@@ -82,12 +82,36 @@ impl Service {
     ) -> Result<(Session, Option<Viewer>)> {
         const A: &str = "session.create";
         self.need_mut(p, Scope::Run, A, None).await?;
-        let (new, mut ask, rows, cols) = match self.judge_session(p, r) {
+        let (mut new, mut ask, rows, cols) = match self.judge_session(p, r) {
             Ok(v) => v,
             Err(e) => return self.rejected(p, A, None, e).await,
         };
         ask.raw = open.raw;
         let id = new.id.clone();
+        // over a workspace: held for this session until it ends
+        let held = match r.workspace.as_deref() {
+            None => None,
+            Some(_) if r.repo_path.is_some() => {
+                let e = Error::invalid(
+                    "body",
+                    "workspace",
+                    "give repo_path or workspace, not both (a workspace has its repository)",
+                );
+                return self.rejected(p, A, None, e).await;
+            }
+            Some(w) => match self.hold_workspace(p, w, &id).await {
+                Ok((repo, ws)) => {
+                    new.repo_path = Some(repo.to_string_lossy().into_owned());
+                    ws
+                }
+                Err(e) => return self.rejected(p, A, None, e).await,
+            },
+        };
+        let let_go = || async {
+            if let Some(ws) = &held {
+                let _ = self.store.release_workspace(ws, &id, None).await;
+            }
+        };
         let who = open.door.map(|d| format!("{} ({d})", p.key.id));
         match self
             .sessions
@@ -108,11 +132,13 @@ impl Service {
                 Ok((s, viewer))
             }
             Err(StartError::Setup(s)) => {
+                let_go().await;
                 self.record(p, A, Some(&id), "failed", s.error.as_deref())
                     .await;
                 Ok((*s, None))
             }
             Err(e) => {
+                let_go().await;
                 let e = match e {
                     StartError::Full(n, max, "total") => Error::Busy {
                         msg: format!("The server runs {n} sessions, its limit ({max}); end one or retry later"),

@@ -398,8 +398,8 @@ impl Service {
             .await
     }
 
-    /// Hold workspace `id_or_name` for job `job` (a job over it writes
-    /// it): its repository, and its id to let go of it with.
+    /// Hold workspace `id_or_name` for writer `job` (a job or a session
+    /// over it writes it): its repository, and its id to let go of it with.
     pub(super) async fn hold_workspace(
         &self,
         p: &Principal,
@@ -416,7 +416,7 @@ impl Service {
         if !self.store.take_workspace(&w.id, job).await? {
             let now = self.store.get_workspace(&w.id).await?;
             return Err(Error::Conflict(format!(
-                "Workspace {} is being written by job {}; one job writes a workspace at a time: submit this one when that one has ended",
+                "Workspace {} is being written by {}; one job or session writes a workspace at a time: start this one when that one has ended",
                 w.name,
                 now.and_then(|n| n.writer).unwrap_or_else(|| "?".into())
             )));
@@ -431,11 +431,7 @@ impl Service {
         let Some(job) = &w.writer else {
             return Ok(());
         };
-        let ended = match self.store.get_job(job).await? {
-            Some(j) => j.status.is_final(),
-            None => true,
-        };
-        if ended {
+        if self.runner.writer_ended(job).await? {
             tracing::warn!(workspace = %w.id, job, "a workspace was still held by a job that has ended; let go of");
             self.store.release_workspace(&w.id, job, None).await?;
         }

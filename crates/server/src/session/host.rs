@@ -286,9 +286,31 @@ impl SessionHost {
                 ..s2
             })))
         };
-        let sb = match self.runner.spawn_session(&s, &limits, rows, cols).await {
+        // over a workspace the service holds for this session: its stack
+        // read, its new layer claimed (let go of on every failure below)
+        let over = match self.runner.over_for(&s.id).await {
+            Ok(o) => o,
+            Err(e) => return Err(fail(format!("reading the session's workspace: {e}")).await),
+        };
+        let sid = s.id.clone();
+        let drop_over = |over: Option<crate::runner::Over>| {
+            let sid = sid.clone();
+            async move {
+                if let Some(o) = over {
+                    self.runner.settle_writer(&sid, &o, false).await;
+                }
+            }
+        };
+        let sb = match self
+            .runner
+            .spawn_session(&s, &limits, rows, cols, over.as_ref())
+            .await
+        {
             Ok(sb) => sb,
-            Err(why) => return Err(fail(why).await),
+            Err(why) => {
+                drop_over(over).await;
+                return Err(fail(why).await);
+            }
         };
         let mut child = sb.child;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
@@ -312,6 +334,7 @@ impl SessionHost {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                drop_over(over).await;
                 return Err(fail(format!("creating the session's recording: {e}")).await);
             }
         };
@@ -321,6 +344,7 @@ impl SessionHost {
             Err(e) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
+                drop_over(over).await;
                 return Err(fail(format!("taking the session's terminal: {e}")).await);
             }
         };
@@ -343,7 +367,7 @@ impl SessionHost {
         let l2 = live.clone();
         let stderr = child.stderr.take();
         tokio::spawn(async move {
-            me.run(l2, child, stderr, dir).await;
+            me.run(l2, child, stderr, dir, over).await;
             me.tasks.fetch_sub(1, Ordering::SeqCst);
         });
         Ok((live, first))
@@ -356,6 +380,7 @@ impl SessionHost {
         mut child: tokio::process::Child,
         stderr: Option<tokio::process::ChildStderr>,
         dir: PathBuf,
+        over: Option<crate::runner::Over>,
     ) {
         let pump = tokio::spawn(live.term.clone().pump());
         // the runner's own messages, the tail kept (a bounded buffer)
@@ -430,6 +455,13 @@ impl SessionHost {
         // out of the live map before anything else can signal its pid
         lock(&self.live).remove(&live.id);
         let id = live.id.clone();
+        // its changes onto its workspace before its record says it ended
+        // (once it does, its hold looks stale to anyone who takes it); an
+        // interrupted or failed one leaves none
+        if let Some(o) = &over {
+            let ran = matches!(status_now, SessionStatus::Exited | SessionStatus::Killed);
+            self.runner.settle_writer(&id, o, ran).await;
+        }
         match self
             .store
             .end_session(&id, status_now, code.map(i64::from), why.as_deref())

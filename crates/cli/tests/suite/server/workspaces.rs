@@ -453,3 +453,42 @@ fn a_cancelled_queued_job_lets_go_of_its_workspace() {
     assert_eq!(d["status"], "succeeded", "{d}");
     assert_eq!(out, "not-there\n");
 }
+
+/// A session over a workspace starts from its state and leaves its
+/// changes in it; while it lives, nobody else writes the workspace.
+#[test]
+fn a_session_over_a_workspace_builds_on_it_and_holds_it() {
+    let (_t, repo, s) = setup(&[]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "w", "repo_path": repo_s}));
+    run_in(&s, "w", "echo from-job > j.txt");
+    let body = json!({"workspace": "w", "name": "sw", "command": ["sh", "-c", "cat j.txt > seen.txt; echo from-session > s.txt; sleep 2"]});
+    let (code, v) = s.json("POST", "/v1/sessions", Some(body));
+    assert_eq!(code, 201, "{v}");
+    let sid = v["id"].as_str().unwrap_or("").to_string();
+    assert_eq!(v["repo_path"], repo_s.as_str(), "{v}");
+    // held: a job is refused, naming the session
+    let (code, e) = s.json("POST", "/v1/jobs", Some(ws_job("w", "true")));
+    assert_eq!(code, 409, "{e}");
+    assert!(e["detail"].as_str().unwrap_or("").contains(&sid), "{e}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = s.json("GET", &format!("/v1/sessions/{sid}"), None);
+        if v["status"] != "running" {
+            assert_eq!(v["status"], "exited", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session did not end: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, w) = s.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["writer"], Value::Null, "{w}");
+    assert_eq!(w["layers"], 2, "{w}");
+    let (_, d, out) = run_in(&s, "w", "cat seen.txt s.txt");
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(out, "from-job\nfrom-session\n");
+    // both at once is refused
+    let both = json!({"workspace": "w", "repo_path": repo_s});
+    let (code, v) = s.json("POST", "/v1/sessions", Some(both));
+    assert_eq!(code, 422, "{v}");
+}
