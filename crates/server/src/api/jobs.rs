@@ -243,7 +243,7 @@ pub async fn job_patch(
             part += 1;
         }
     });
-    Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], body).into_response())
+    Ok(diff_response(body))
 }
 
 /// Cancel a queued or running job.

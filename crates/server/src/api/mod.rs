@@ -133,6 +133,15 @@ impl From<agentvm_store::StoreError> for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// A git patch as the body (jobs, sessions and workspaces alike).
+fn diff_response(patch: impl IntoResponse) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
+        patch,
+    )
+        .into_response()
+}
+
 /// 201 with `body` and a Location header naming what was made.
 fn created<T: serde::Serialize>(location: &str, body: T) -> Response {
     let mut r = (StatusCode::CREATED, Json(body)).into_response();

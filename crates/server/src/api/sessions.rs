@@ -259,8 +259,10 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
             }
             _ = tick.tick() => {}
         }
+        // once the session has ended nobody writes; its viewers are told
+        // that by the exit message, never by a "writer: false" before it
         let now = v.live.screen().may_write(id);
-        if now != writer {
+        if now != writer && !v.live.screen().has_ended() {
             writer = now;
             if now {
                 told_read_only = false;
@@ -289,11 +291,7 @@ pub async fn session_patch(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
     let (_, patch) = st.session_patch(&caller, &id).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
-        patch,
-    )
-        .into_response())
+    Ok(diff_response(patch))
 }
 
 /// Put an ended session's patch on a new branch `agentvm/<session-id>` of

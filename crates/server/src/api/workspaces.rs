@@ -137,11 +137,7 @@ pub async fn workspace_patch(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
     let (_, patch) = st.workspace_patch(&caller, &id).await?;
-    Ok((
-        [(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")],
-        patch,
-    )
-        .into_response())
+    Ok(diff_response(patch))
 }
 
 /// Put the workspace's patch on a new branch `agentvm/<workspace-id>` of

@@ -260,6 +260,11 @@ impl Screen {
     /// The session ended: every viewer gets `End` (if its queue has room;
     /// a full one sees its frames stop) and is let go; later attaches are
     /// refused.
+    /// Has the session ended (its viewers got, or will get, its end)?
+    pub fn has_ended(&self) -> bool {
+        self.lock().ended.is_some()
+    }
+
     pub fn end(&self, status: Option<i32>) {
         let mut g = self.lock();
         if g.ended.is_some() {

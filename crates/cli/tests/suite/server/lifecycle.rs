@@ -223,16 +223,7 @@ fn queue_full_is_429_with_retry_after() {
 #[test]
 fn cli_client_submits_follows_and_reports_errors() {
     let (t, repo, s) = setup(&[]);
-    let keyf = s.data.join("admin.key");
-    let cli = |args: &[&str]| {
-        Command::new(agentvm_path())
-            .args(args)
-            .env("AGENTVM_URL", &s.url)
-            .env("AGENTVM_API_KEY_FILE", &keyf)
-            .env("HOME", t.path())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| s.cli(t.path(), args);
     let r = repo.to_string_lossy().into_owned();
     let o = cli(&[
         "jobs",

@@ -118,6 +118,18 @@ impl Server {
         (s, serde_json::from_str(&t).unwrap_or(Value::Null))
     }
 
+    /// The `agentvm` client against this server with its admin key (HOME
+    /// at `home`): run `args`, its output.
+    pub fn cli(&self, home: &Path, args: &[&str]) -> std::process::Output {
+        Command::new(agentvm_path())
+            .args(args)
+            .env("AGENTVM_URL", &self.url)
+            .env("AGENTVM_API_KEY_FILE", self.data.join("admin.key"))
+            .env("HOME", home)
+            .output()
+            .unwrap()
+    }
+
     /// Poll a job until it has ended.
     pub fn wait(&self, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -305,16 +305,7 @@ fn kill_9_mid_job_leaves_the_workspace_as_before_that_job() {
 #[test]
 fn the_cli_makes_checkpoints_forks_and_verifies() {
     let (t, repo, s) = setup(&[]);
-    let keyf = s.data.join("admin.key");
-    let cli = |args: &[&str]| {
-        Command::new(agentvm_path())
-            .args(args)
-            .env("AGENTVM_URL", &s.url)
-            .env("AGENTVM_API_KEY_FILE", &keyf)
-            .env("HOME", t.path())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| s.cli(t.path(), args);
     let ok = |args: &[&str]| {
         let o = cli(args);
         assert!(o.status.success(), "{args:?}: {o:?}");
