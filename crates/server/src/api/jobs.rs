@@ -28,7 +28,9 @@ pub fn job_view(j: Job) -> JobView {
 /// Submit a job; it runs when a slot is free.
 #[utoipa::path(post, path = "/v1/jobs", request_body = JobRequest,
     responses((status = 202, body = JobView), (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail),
-        (status = 403, body = ErrorDetail), (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
+        (status = 403, body = ErrorDetail), (status = 404, body = ErrorDetail, description = "No such workspace (of yours)"),
+        (status = 409, body = ErrorDetail, description = "The workspace is being written by another job or session"),
+        (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
 pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResult<Response> {

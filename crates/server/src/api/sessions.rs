@@ -21,7 +21,8 @@ pub const MAX_WS_MESSAGE: usize = 64 * 1024;
 #[utoipa::path(post, path = "/v1/sessions", request_body = SessionRequest,
     responses((status = 201, body = SessionView, description = "Started (or stored as failed when its sandbox could not be set up: see status and error)"),
         (status = 400, body = ErrorDetail), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
-        (status = 409, body = ErrorDetail, description = "A live session of yours has that name"),
+        (status = 404, body = ErrorDetail, description = "No such workspace (of yours)"),
+        (status = 409, body = ErrorDetail, description = "A live session of yours has that name, or the workspace is being written"),
         (status = 413, description = "Body too large"), (status = 422, body = ValidationError),
         (status = 429, body = ErrorDetail), (status = 503, body = ErrorDetail)),
     security(("api_key" = [])))]
