@@ -224,6 +224,23 @@ pub fn jobs(conn: Conn, cmd: JobsCmd) -> ExitCode {
     })())
 }
 
+/// POST /v1/{kind}/{id}/apply: the new branch, printed (as JSON with
+/// --json).
+pub(super) async fn apply(c: &Client, kind: &str, id: &str) -> Result<ExitCode, String> {
+    let v: Applied = c
+        .call(c.req(
+            reqwest::Method::POST,
+            &api_path(&["v1", kind, id, "apply"], &[])?,
+        ))
+        .await?;
+    if c.json {
+        print_json(&v);
+    } else {
+        println!("branch {} at {}", v.branch, v.commit);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// GET /v1/jobs/{id}/{what} to `output`, or to stdout (as {"id", what}
 /// with --json). Written as it arrives: memory does not follow its size.
 pub(super) async fn download(
@@ -439,17 +456,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCmd::Apply { id } => {
-            let v: Applied = c
-                .call(c.req(Method::POST, &api_path(&["v1", "jobs", &id, "apply"], &[])?))
-                .await?;
-            if c.json {
-                print_json(&v);
-            } else {
-                println!("branch {} at {}", v.branch, v.commit);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        JobsCmd::Apply { id } => apply(c, "jobs", &id).await,
         JobsCmd::Delete { id } => {
             c.send(c.req(Method::DELETE, &api_path(&["v1", "jobs", &id], &[])?))
                 .await?;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentvm_proto::api::{Applied, SessionPage, SessionRequest, SessionStatus, SessionView};
+use agentvm_proto::api::{SessionPage, SessionRequest, SessionStatus, SessionView};
 use agentvm_proto::NetworkMode;
 use clap::{Args, Subcommand};
 use reqwest::Method;
@@ -316,19 +316,6 @@ async fn sessions_inner(c: &Client, cmd: SessionsCmd) -> Result<ExitCode, String
         SessionsCmd::Recording { id, output } => {
             super::jobs::download(c, "sessions", &id, "recording", output).await
         }
-        SessionsCmd::Apply { id } => {
-            let v: Applied = c
-                .call(c.req(
-                    Method::POST,
-                    &api_path(&["v1", "sessions", &id, "apply"], &[])?,
-                ))
-                .await?;
-            if c.json {
-                print_json(&v);
-            } else {
-                println!("branch {} at {}", v.branch, v.commit);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        SessionsCmd::Apply { id } => super::jobs::apply(c, "sessions", &id).await,
     }
 }

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use agentvm_proto::api::{
-    Applied, CheckpointPage, CheckpointRequest, CheckpointView, Verified, WorkspacePage,
-    WorkspaceRequest, WorkspaceView,
+    CheckpointPage, CheckpointRequest, CheckpointView, Verified, WorkspacePage, WorkspaceRequest,
+    WorkspaceView,
 };
 use clap::Subcommand;
 use reqwest::Method;
@@ -229,17 +229,7 @@ async fn inner(c: &Client, cmd: WorkspacesCmd) -> Result<ExitCode, String> {
             return super::jobs::download(c, "workspaces", &workspace, "patch", output).await;
         }
         WorkspacesCmd::Apply { workspace } => {
-            let v: Applied = c
-                .call(c.req(
-                    Method::POST,
-                    &api_path(&["v1", "workspaces", &workspace, "apply"], &[])?,
-                ))
-                .await?;
-            if c.json {
-                print_json(&v);
-            } else {
-                println!("branch {} at {}", v.branch, v.commit);
-            }
+            return super::jobs::apply(c, "workspaces", &workspace).await;
         }
         WorkspacesCmd::Verify { workspace } => {
             let v: Verified = c
