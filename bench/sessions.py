@@ -21,9 +21,9 @@
 
 usage: bench/sessions.py [KEYSTROKES] [SESSIONS]   (defaults 2000 and 8)
 """
-import base64, json, os, pty, re, select, socket, struct, subprocess, sys, tempfile, time
+import json, os, pty, re, select, socket, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import AGENTVM, build, http
+from common import AGENTVM, WsClient, build, http
 
 keys_n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 sessions_n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -64,49 +64,8 @@ def api(method, path, body=None):
     return None if isinstance(body, bytes) and not body.strip() else body
 
 
-class Ws:
-    """A minimal WebSocket client (RFC 6455): enough for the attach socket."""
-
-    def __init__(self, sid):
-        self.s = socket.create_connection((HOST, PORT))
-        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        k = base64.b64encode(os.urandom(16)).decode()
-        self.s.sendall(f"GET /v1/sessions/{sid}/attach HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {k}\r\nSec-WebSocket-Version: 13\r\n"
-                       f"X-API-Key: {KEY}\r\n\r\n".encode())
-        self.buf = bytearray()
-        while b"\r\n\r\n" not in self.buf:
-            self.buf += self.s.recv(4096)
-        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-        if b" 101 " not in head.split(b"\r\n")[0]:
-            raise SystemExit(f"attach refused: {head!r}")
-        self.buf = bytearray(rest)
-
-    def _need(self, n):
-        while len(self.buf) < n:
-            b = self.s.recv(1 << 20)
-            if not b:
-                raise EOFError
-            self.buf += b
-
-    def recv(self):
-        self._need(2)
-        op, ln = self.buf[0] & 0x0F, self.buf[1] & 0x7F
-        off = 2
-        if ln == 126:
-            self._need(4); ln = struct.unpack(">H", self.buf[2:4])[0]; off = 4
-        elif ln == 127:
-            self._need(10); ln = struct.unpack(">Q", self.buf[2:10])[0]; off = 10
-        self._need(off + ln)
-        payload = bytes(self.buf[off:off + ln])
-        del self.buf[:off + ln]
-        return op, payload
-
-    def send(self, op, payload):
-        mask = os.urandom(4)
-        n = len(payload)
-        head = bytes([0x80 | op]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n))
-        self.s.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+def Ws(sid):
+    return WsClient(HOST, PORT, KEY, sid)
 
 
 def session(cmd):

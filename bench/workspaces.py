@@ -16,9 +16,9 @@
 
 usage: bench/workspaces.py [N]   (default 20)
 """
-import json, os, socket, statistics, subprocess, sys, tempfile, time
+import os, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import AGENTVM, build, http
+from common import build, http, serve
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 build()
@@ -41,16 +41,7 @@ t = time.perf_counter()
 small, big = make_repo("small", 10_000), make_repo("big", 100_000)
 print(f"repos made in {time.perf_counter() - t:.1f} s", flush=True)
 
-srv = subprocess.Popen([AGENTVM, "serve", "--listen", "127.0.0.1:0", "--data-dir", os.path.join(work, "data"),
-                        "--allowed-root", root, "--rate-limit", "0", "--max-concurrent", "2"],
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       env=dict(os.environ, AGENTVM_LOG="warn"))
-for line in srv.stderr:
-    if b"listening on http://" in line:
-        HOST, PORT = line.split(b"http://")[1].strip().decode().rsplit(":", 1)
-        PORT = int(PORT)
-        break
-KEY = open(os.path.join(work, "data", "admin.key")).read().strip()
+srv, HOST, PORT, KEY = serve(work, root, "--max-concurrent", "2")
 
 
 def api(method, path, body=None):

@@ -189,6 +189,11 @@ pub struct JobRequest {
     /// job starts from its current state and its changes stay in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// With `workspace`: read it beside whoever writes it. The job runs
+    /// over the workspace as it was when accepted and leaves nothing in it
+    /// (its own patch is still its changes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
     #[serde(default = "default_timeout")]
     #[cfg_attr(feature = "schema", schema(minimum = 1, maximum = 3600, default = 600))]
     pub timeout: i64,
@@ -280,6 +285,10 @@ pub struct SessionRequest {
     /// it ends (exit, DELETE, idle timeout; not when the server stops).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<String>,
+    /// With `workspace`: read it beside whoever writes it (its state when
+    /// the session starts); nothing the session changes is kept in it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
     /// A name for people and for `ssh NAME@host`: 1 to 64 of A-Z a-z 0-9
     /// . _ -, not starting with - (default: generated). Unique among the
     /// owner's live sessions.
@@ -351,6 +360,10 @@ pub struct SessionView {
     /// Who is attached now (live sessions only).
     #[serde(default)]
     pub viewers: Vec<ViewerView>,
+    /// Paused: every process frozen (no CPU, memory kept), input ignored,
+    /// the idle timeout's clock stopped, until resumed.
+    #[serde(default)]
+    pub paused: bool,
     /// Bytes of recording on disk (null: none kept).
     pub recording_bytes: Option<u64>,
 }
@@ -382,6 +395,14 @@ pub struct WorkspaceView {
     pub layers: usize,
     /// Bytes of file contents its layers hold.
     pub bytes: u64,
+    /// Bytes its layers and its checkpoints' hold together: what counts
+    /// against its quota.
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// Its quota (the server's `--workspace-quota`; null: none). A job or
+    /// session over it may write at most what is left (ENOSPC inside).
+    #[serde(default)]
+    pub quota_bytes: Option<u64>,
     /// The job writing it now, if any.
     pub writer: Option<String>,
     pub created_at: i64,
@@ -468,9 +489,15 @@ pub enum AttachMessage {
         session: String,
         name: String,
         writer: bool,
+        /// The session is paused: nobody's input counts until it resumes.
+        #[serde(default)]
+        paused: bool,
     },
     /// Server: this viewer's right to write changed.
     Writer { writer: bool },
+    /// Server: the session was paused (every process frozen, input
+    /// ignored) or resumed.
+    Paused { paused: bool },
     /// Server: the session ended (the socket closes next).
     Exit {
         status: SessionStatus,

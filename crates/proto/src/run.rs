@@ -86,6 +86,12 @@ pub struct RunRequest {
     /// network.
     #[serde(default)]
     pub ports_fd: Option<i32>,
+    /// A SEQPACKET Unix socket the runner inherited at this number: the
+    /// sandbox's supervisor reads pause and resume requests from it and
+    /// answers each (the protocol of `agentvm_sandbox::control`); the
+    /// sandbox gets a freezer cgroup for it. Needs the cgroup layer.
+    #[serde(default)]
+    pub control_fd: Option<i32>,
 }
 
 /// The most rows or columns a terminal may have.
@@ -272,6 +278,7 @@ impl RunRequest {
             backend: BackendKind::Ns,
             tty: None,
             ports_fd: None,
+            control_fd: None,
         }
     }
 
@@ -338,6 +345,14 @@ impl RunRequest {
         if self.ports_fd.is_some() && self.network == NetworkMode::Host {
             return Err(
                 "ports fd: port forwarding needs the sandbox's own network, not the host's".into(),
+            );
+        }
+        if self.control_fd.is_some_and(|n| n < 3) {
+            return Err("control fd: not a descriptor the runner may take over".into());
+        }
+        if self.control_fd.is_some() && !self.layers.cgroup {
+            return Err(
+                "control fd: pausing needs a cgroup to freeze, and the cgroup layer is off".into(),
             );
         }
         if let Some(t) = &self.tty {
@@ -443,6 +458,14 @@ pub struct RunResult {
     /// The patch passed the patch limit and was not written.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub patch_too_large: bool,
+    /// The sandbox's disk (its scratch: /workspace changes, /tmp, HOME)
+    /// was full, or within 64 KiB of it, when the command ended: writes
+    /// past it failed with ENOSPC.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_full: bool,
+    /// The sandbox's disk limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_limit_bytes: Option<u64>,
     pub oom_kills: u64,
     pub memory_peak_bytes: Option<u64>,
     /// The memory limit in force (none unless asked for).
@@ -474,6 +497,8 @@ impl RunResult {
             protected_changes: Vec::new(),
             patch_bytes: 0,
             patch_too_large: false,
+            disk_full: false,
+            disk_limit_bytes: None,
             oom_kills: 0,
             memory_peak_bytes: None,
             memory_limit_bytes: req.limits.memory,

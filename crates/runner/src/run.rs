@@ -547,6 +547,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
         cgroup_parent: args.cgroup_parent.clone(),
         proxy_socket: None,
         ports_listener: None,
+        control: None,
         protected: scan.paths,
     };
     let mut result = RunResult::setup_failed(&args, EXIT_SETUP as i32);
@@ -608,6 +609,12 @@ pub fn execute(args: RunRequest) -> ExitCode {
         match crate::tty::is_seqpacket_socket(n) {
             Ok(()) => spec.ports_listener = Some(n),
             Err(e) => return fail(&format!("the ports fd {n}: {e}")),
+        }
+    }
+    if let Some(n) = args.control_fd {
+        match crate::tty::is_seqpacket_socket(n) {
+            Ok(()) => spec.control = Some(n),
+            Err(e) => return fail(&format!("the control fd {n}: {e}")),
         }
     }
     let outcome = match agentvm_sandbox::backend::by_name(args.backend.name()) {
@@ -678,6 +685,19 @@ pub fn execute(args: RunRequest) -> ExitCode {
             result.oom_kills = o.oom_kills;
             result.memory_peak_bytes = o.memory_peak;
             result.landlock_abi = o.landlock_abi;
+            result.disk_limit_bytes = Some(limits.disk);
+            // the scratch filesystem the upper lives on holds /tmp and HOME
+            // too: near empty of room, the command's writes met ENOSPC
+            if let Ok(st) = nix::sys::statvfs::fstatvfs(&o.upper) {
+                let free = st.blocks_available().saturating_mul(st.fragment_size());
+                if free < 64 * 1024 {
+                    result.disk_full = true;
+                    eprintln!(
+                        "agentvm: the sandbox's disk ({} bytes) is full: writes past it failed with ENOSPC",
+                        limits.disk
+                    );
+                }
+            }
             if !o.cgroup && !result.layers_disabled.iter().any(|l| l == "cgroup") {
                 // no limit asked for one: say so, the sandbox is unbounded
                 // in memory, processes and CPU

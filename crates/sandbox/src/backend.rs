@@ -80,6 +80,7 @@ mod tests {
             protected: vec![],
             proxy_socket: None,
             ports_listener: None,
+            control: None,
             cgroup_parent: None,
             stack: Vec::new(),
         };

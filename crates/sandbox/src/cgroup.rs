@@ -1,6 +1,7 @@
-//! Cgroup limits (memory, pids, cpu bandwidth, cpuset) on cgroup v1 and v2.
-//! One cgroup per sandbox, created before the sandbox's init starts work,
-//! removed after every process in it is gone.
+//! Cgroup limits (memory, pids, cpu bandwidth, cpuset) on cgroup v1 and v2,
+//! and the freezer that pauses a sandbox (v1's freezer controller, v2's
+//! cgroup.freeze). One cgroup per sandbox, created before the sandbox's
+//! init starts work, removed after every process in it is gone.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,11 @@ pub struct Hierarchy {
     pub mounts: Vec<(String, PathBuf)>,
 }
 
-const CONTROLLERS: [&str; 4] = ["memory", "pids", "cpu", "cpuset"];
+const CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuset", "freezer"];
+
+/// How long a freeze may take before it is given up (and undone): tasks
+/// in uninterruptible sleep (a slow disk, a FUSE server) can hold it off.
+const FREEZE_WAIT: Duration = Duration::from_secs(5);
 
 /// A left-behind cgroup must be at least this old before it is swept, so
 /// one being set up right now (by a supervisor we cannot see, say in
@@ -71,6 +76,12 @@ pub fn sweep(base: &Path) -> usize {
             continue;
         }
         let p = e.path();
+        // a v1 freezer left frozen: its tasks hold their SIGKILL (from
+        // init's parent-death signal) until thawed, and only then go
+        let state = p.join("freezer.state");
+        if fs::read_to_string(&state).is_ok_and(|s| s.trim() != "THAWED") {
+            let _ = fs::write(&state, "THAWED");
+        }
         let old = fs::metadata(&p)
             .and_then(|m| m.modified())
             .ok()
@@ -79,6 +90,33 @@ pub fn sweep(base: &Path) -> usize {
         let empty = fs::read_to_string(p.join("cgroup.procs")).is_ok_and(|s| s.trim().is_empty());
         if old && empty && fs::remove_dir(&p).is_ok() {
             removed += 1;
+        }
+    }
+    removed
+}
+
+/// [`sweep`] under every hierarchy's `parent` (as [`Cgroup::create`] finds
+/// it): what a server does when it starts, so that sandboxes left frozen
+/// by a supervisor that was killed do not stay so until the next sandbox.
+pub fn sweep_all(parent: Option<&Path>) -> usize {
+    let Some(h) = discover() else { return 0 };
+    let mut seen = Vec::new();
+    let mut removed = 0;
+    for (ctrl, mount) in &h.mounts {
+        let rel = match parent {
+            Some(p)
+                if p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir)) =>
+            {
+                continue
+            }
+            Some(p) => p.strip_prefix("/").unwrap_or(p).to_path_buf(),
+            None => own_path(&h.version, ctrl),
+        };
+        let base = mount.join(rel);
+        if !seen.contains(&base) {
+            removed += sweep(&base);
+            seen.push(base);
         }
     }
     removed
@@ -182,6 +220,8 @@ pub fn needed(limits: &Limits) -> Vec<&'static str> {
 pub struct Cgroup {
     version: Version,
     dirs: Vec<(String, PathBuf)>,
+    /// Why this cgroup cannot be frozen, when asked for and it cannot.
+    no_freezer: Option<String>,
 }
 
 fn write(path: &Path, value: &str) -> Result<(), SetupError> {
@@ -194,25 +234,92 @@ fn write(path: &Path, value: &str) -> Result<(), SetupError> {
     })
 }
 
+/// v1: FROZEN into freezer.state until it reads FROZEN (the kernel may
+/// stop at FREEZING; writing again retries). v2: 1 into cgroup.freeze
+/// until cgroup.events says `frozen 1`.
+pub fn freeze_dir(version: &Version, d: &Path, within: Duration) -> Result<(), String> {
+    let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", d.display());
+    let (file, value) = match version {
+        Version::V1 => ("freezer.state", "FROZEN"),
+        Version::V2 => ("cgroup.freeze", "1"),
+    };
+    fs::write(d.join(file), value).map_err(|e| err("freezing", e))?;
+    let until = std::time::Instant::now() + within;
+    let mut wait = Duration::from_micros(20);
+    loop {
+        let done = match version {
+            Version::V1 => {
+                fs::read_to_string(d.join("freezer.state"))
+                    .map_err(|e| err("reading", e))?
+                    .trim()
+                    == "FROZEN"
+            }
+            Version::V2 => fs::read_to_string(d.join("cgroup.events"))
+                .map_err(|e| err("reading", e))?
+                .lines()
+                .any(|l| l.trim() == "frozen 1"),
+        };
+        if done {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            let _ = thaw_dir(version, d);
+            return Err(format!(
+                "its processes did not all stop within {} s (one may be stuck in the kernel, e.g. on a slow disk); it runs on",
+                within.as_secs()
+            ));
+        }
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(5));
+        if *version == Version::V1 {
+            let _ = fs::write(d.join(file), value);
+        }
+    }
+}
+
+/// Undo [`freeze_dir`]: the tasks run again at once.
+pub fn thaw_dir(version: &Version, d: &Path) -> Result<(), String> {
+    let (file, value) = match version {
+        Version::V1 => ("freezer.state", "THAWED"),
+        Version::V2 => ("cgroup.freeze", "0"),
+    };
+    fs::write(d.join(file), value).map_err(|e| format!("thawing {}: {e}", d.display()))
+}
+
 impl Cgroup {
     /// Create the cgroup for `limits` under `parent` (relative to each
     /// hierarchy's root; default: the caller's own cgroup). `None` when no
-    /// cgroup limit is asked for.
+    /// cgroup limit is asked for and `freeze` is false. With `freeze` the
+    /// cgroup can also be frozen ([`Cgroup::freeze`]); where it cannot be
+    /// (no freezer hierarchy on v1, or not delegated) the sandbox still
+    /// runs and `freeze` says why.
     pub fn create(
         limits: &Limits,
         parent: Option<&Path>,
         name: &str,
+        freeze: bool,
     ) -> Result<Option<Cgroup>, SetupError> {
         let need = needed(limits);
-        if need.is_empty() {
+        if need.is_empty() && !freeze {
             return Ok(None);
         }
-        let h = discover().ok_or_else(|| {
-            SetupError::new(Layer::Cgroup, "no cgroup hierarchy is mounted on this host")
-        })?;
+        let Some(h) = discover() else {
+            if need.is_empty() {
+                return Ok(Some(Cgroup {
+                    version: Version::V1,
+                    dirs: Vec::new(),
+                    no_freezer: Some("no cgroup hierarchy is mounted on this host".into()),
+                }));
+            }
+            return Err(SetupError::new(
+                Layer::Cgroup,
+                "no cgroup hierarchy is mounted on this host",
+            ));
+        };
         let mut cg = Cgroup {
             version: h.version.clone(),
             dirs: Vec::new(),
+            no_freezer: None,
         };
         let base_for = |ctrl: &str| -> Result<PathBuf, SetupError> {
             let mount = h
@@ -247,9 +354,27 @@ impl Cgroup {
         match h.version {
             Version::V1 => {
                 for ctrl in &need {
-                    let base = base_for(ctrl)?;
+                    let base = match base_for(ctrl) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            cg.destroy();
+                            return Err(e);
+                        }
+                    };
                     sweep(&base);
-                    cg.mkdir(ctrl, &base.join(name))?;
+                    if let Err(e) = cg.mkdir(ctrl, &base.join(name)) {
+                        cg.destroy();
+                        return Err(e);
+                    }
+                }
+                if freeze {
+                    let made = base_for("freezer").and_then(|base| {
+                        sweep(&base);
+                        cg.mkdir("freezer", &base.join(name))
+                    });
+                    if let Err(e) = made {
+                        cg.no_freezer = Some(e.message);
+                    }
                 }
             }
             Version::V2 => {
@@ -257,7 +382,9 @@ impl Cgroup {
                 sweep(&base);
                 let enable: String = need.iter().map(|c| format!("+{c} ")).collect();
                 // Best effort: the parent may already delegate them.
-                let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
+                if !need.is_empty() {
+                    let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
+                }
                 let dir = base.join(name);
                 cg.mkdir("unified", &dir)?;
             }
@@ -284,6 +411,27 @@ impl Cgroup {
         })?;
         self.dirs.push((ctrl.to_string(), dir.to_path_buf()));
         Ok(())
+    }
+
+    /// Freeze every process in the cgroup and wait until the kernel says
+    /// they are (at most [`FREEZE_WAIT`]; a freeze that does not complete
+    /// is undone). Frozen tasks use no CPU and keep their memory.
+    pub fn freeze(&self) -> Result<(), String> {
+        if let Some(why) = &self.no_freezer {
+            return Err(format!("this sandbox cannot be frozen: {why}"));
+        }
+        let d = self
+            .dir("freezer")
+            .ok_or("this sandbox was started without a freezer")?;
+        freeze_dir(&self.version, d, FREEZE_WAIT)
+    }
+
+    /// Let every process in the cgroup run again.
+    pub fn thaw(&self) -> Result<(), String> {
+        match self.dir("freezer") {
+            Some(d) => thaw_dir(&self.version, d),
+            None => Ok(()),
+        }
     }
 
     fn dir(&self, ctrl: &str) -> Option<&Path> {
@@ -344,7 +492,7 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Move `pid` into the cgroup.
+    /// Move `pid` into the cgroup (each hierarchy's directory).
     pub fn add(&self, pid: i32) -> Result<(), SetupError> {
         for (_, d) in &self.dirs {
             write(&d.join("cgroup.procs"), &pid.to_string())?;
@@ -446,6 +594,7 @@ mod sweep_tests {
             &limits,
             Some(std::path::Path::new("../../etc")),
             "agentvm-t",
+            false,
         )
         .err()
         .unwrap_or_else(|| panic!("a parent with .. was accepted"));

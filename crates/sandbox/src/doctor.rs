@@ -130,6 +130,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
                 &limits,
                 cgroup_parent,
                 &format!("agentvm-doctor-{}", std::process::id()),
+                false,
             );
             let (ok, why) = match probe {
                 Ok(Some(cg)) => {
@@ -169,6 +170,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         stack: Vec::new(),
         proxy_socket: None,
         ports_listener: None,
+        control: None,
         protected: Vec::new(),
     };
     let (sandbox_ok, detail) = match crate::backend::Namespaces.run(&spec) {

@@ -27,6 +27,6 @@ pub mod spec;
 
 pub use backend::Backend;
 pub use error::{ExecFailure, Layer, RunError, SetupError};
-pub use ns::{receive_console, PORT_OPEN, PORT_REFUSED};
+pub use ns::{control, receive_console, PORT_OPEN, PORT_REFUSED};
 pub use ns::{Ended, Outcome};
 pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec, StackLayer, Stdio, MAX_STACK};

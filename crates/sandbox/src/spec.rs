@@ -149,6 +149,10 @@ pub struct SandboxSpec {
     /// loopback (see `ns::ports`). Refused with `Network::Host`, where
     /// that loopback is the host's.
     pub ports_listener: Option<std::os::fd::RawFd>,
+    /// One end of the caller's SEQPACKET socket pair (close-on-exec): the
+    /// supervisor reads pause and resume requests from it and answers
+    /// each (see `ns::control`). The sandbox gets a freezer cgroup for it.
+    pub control: Option<std::os::fd::RawFd>,
     /// Cgroup parent (relative to each hierarchy's root) under which the
     /// sandbox's cgroup is created; `None` uses the caller's own cgroup.
     pub cgroup_parent: Option<PathBuf>,

@@ -319,6 +319,11 @@ pub struct Config {
     pub max_output: u64,
     /// The largest patch stored; a job with a larger one fails.
     pub max_patch: u64,
+    /// Bytes one workspace's layers may hold (None: no limit).
+    pub workspace_quota: Option<u64>,
+    /// Bytes all workspaces' layers may hold together (None: no limit but
+    /// the data directory's free space).
+    pub workspaces_total: Option<u64>,
     /// Connections per job its egress proxy records one by one.
     pub egress_record_limit: u64,
     /// Requests per minute per key.

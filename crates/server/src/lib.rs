@@ -242,6 +242,8 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         .route("/v1/sessions/{id}/attach", get(api::attach_session))
         .route("/v1/sessions/{id}/patch", get(api::session_patch))
         .route("/v1/sessions/{id}/apply", post(api::apply_session))
+        .route("/v1/sessions/{id}/pause", post(api::pause_session))
+        .route("/v1/sessions/{id}/resume", post(api::resume_session))
         .route("/v1/sessions/{id}/recording", get(api::session_recording))
         .route("/v1/sessions/{id}/ports/{port}", any(api::session_port))
         .route("/v1/sessions/{id}/ports/{port}/", any(api::session_port))
@@ -263,6 +265,7 @@ pub fn router(st: Arc<api::AppState>) -> Router {
         )
         .route("/v1/workspaces/{id}/restore", post(api::restore_workspace))
         .route("/v1/workspaces/{id}/patch", get(api::workspace_patch))
+        .route("/v1/workspaces/{id}/diff", get(api::workspace_diff))
         .route("/v1/workspaces/{id}/apply", post(api::apply_workspace))
         .route("/v1/workspaces/{id}/verify", post(api::verify_workspace))
         .route("/v1/keys", post(api::create_key).get(api::list_keys))
@@ -404,6 +407,12 @@ pub async fn serve(cfg: Config) -> Result<(), ServeError> {
     // patch's scratch left by a crash, before any job runs
     svc.sweep_layers().await;
     let _ = std::fs::remove_dir_all(cfg.data_dir.join("layers-scratch"));
+    // sandboxes a killed server left behind: a frozen one (a paused
+    // session) holds its processes' SIGKILL until thawed
+    let parent = cfg.cgroup_parent.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || agentvm_sandbox::cgroup::sweep_all(parent.as_deref()))
+            .await;
     runner.start_workers();
     tokio::spawn(retention::run(svc.clone()));
     let ssh_task = match (ssh_listener, &cfg.ssh_authorized_keys) {

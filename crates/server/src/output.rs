@@ -182,6 +182,8 @@ mod tests {
             body_limit: 1 << 20,
             max_output: 1 << 20,
             max_patch: 1 << 20,
+            workspace_quota: None,
+            workspaces_total: None,
             egress_record_limit: 10,
             rate_limit: 60,
             shutdown_grace_s: 1,

@@ -68,6 +68,17 @@ pub struct Settings {
     /// output kept [default: 64M].
     #[arg(long, value_name = "SIZE", env = "AGENTVM_MAX_PATCH")]
     pub max_patch: Option<String>,
+    /// Bytes a workspace's layers may hold, its checkpoints' included: a
+    /// job or session over it gets at most what is left as its disk
+    /// (ENOSPC inside past it), and none is started once it is used up
+    /// (0 or none: no limit) [default: 10G].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_WORKSPACE_QUOTA")]
+    pub workspace_quota: Option<String>,
+    /// Bytes every workspace's layers may hold together, enforced the same
+    /// way (0 or none: no limit beyond the data directory's free space,
+    /// which always counts, less 1G kept free) [default: none].
+    #[arg(long, value_name = "SIZE", env = "AGENTVM_WORKSPACES_TOTAL")]
+    pub workspaces_total: Option<String>,
     /// Requests per minute per key; beyond, 429 (0: no limit) [default: 600].
     #[arg(long, value_name = "N", env = "AGENTVM_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
@@ -159,6 +170,8 @@ impl Settings {
             body_limit: flags.body_limit.or(self.body_limit),
             max_output: flags.max_output.or(self.max_output),
             max_patch: flags.max_patch.or(self.max_patch),
+            workspace_quota: flags.workspace_quota.or(self.workspace_quota),
+            workspaces_total: flags.workspaces_total.or(self.workspaces_total),
             rate_limit: flags.rate_limit.or(self.rate_limit),
             shutdown_grace: flags.shutdown_grace.or(self.shutdown_grace),
             secret_files: flags.secret_files,
@@ -193,6 +206,16 @@ impl Settings {
             .map_err(|_| "body_limit: too large".to_string())?;
         let max_output = size("max_output", &self.max_output, 64 << 20)?;
         let max_patch = size("max_patch", &self.max_patch, 64 << 20)?;
+        // "0" or "none": no quota
+        let quota = |what: &str, v: &Option<String>, default: Option<u64>| match v.as_deref() {
+            Some("0") | Some("none") => Ok(None),
+            Some(s) => units::parse_size(s)
+                .map(Some)
+                .map_err(|e| format!("{what}: {e}")),
+            None => Ok(default),
+        };
+        let workspace_quota = quota("workspace_quota", &self.workspace_quota, Some(10 << 30))?;
+        let workspaces_total = quota("workspaces_total", &self.workspaces_total, None)?;
         let grace = match &self.shutdown_grace {
             Some(s) => units::parse_duration(s).map_err(|e| format!("shutdown_grace: {e}"))?,
             None => std::time::Duration::from_secs(30),
@@ -269,6 +292,8 @@ impl Settings {
             body_limit,
             max_output,
             max_patch,
+            workspace_quota,
+            workspaces_total,
             egress_record_limit: self
                 .egress_record_limit
                 .unwrap_or(agentvm_proto::egress::RECORD_LIMIT),
@@ -311,6 +336,14 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/default"));
         assert_eq!(c.max_concurrent, 4);
         assert_eq!(c.max_patch, 64 << 20);
+        assert_eq!(c.workspace_quota, Some(10 << 30));
+        assert_eq!(c.workspaces_total, None, "no total unless asked");
+        let zero: Settings = toml::from_str("workspace_quota = \"0\"").unwrap();
+        assert_eq!(
+            zero.resolve(host()).unwrap().workspace_quota,
+            None,
+            "0: no quota"
+        );
         assert_eq!(c.shutdown_grace_s, 30);
         assert_eq!(c.egress_record_limit, agentvm_proto::egress::RECORD_LIMIT);
         let roots = Settings {
@@ -335,6 +368,8 @@ mod tests {
             ("session_idle_timeout = \"30d\"", "session_idle_timeout:"),
             ("ssh_listen = \"127.0.0.1:2222\"", "ssh_listen and"),
             ("recording_retention = 0", "recording_retention:"),
+            ("workspace_quota = \"half\"", "workspace_quota:"),
+            ("workspaces_total = \"-1G\"", "workspaces_total:"),
         ] {
             let s: Settings = toml::from_str(toml_text).unwrap();
             let e = s.resolve(host()).unwrap_err();

@@ -21,6 +21,9 @@ pub struct Ending<'a> {
     pub max_patch: u64,
     /// The size of the patch file the runner left, if any.
     pub patch_len: Option<u64>,
+    /// What the workspace's quotas left the job, and why in words: the
+    /// reason given when that is what its disk limit came to.
+    pub quota: Option<(u64, &'a str)>,
 }
 
 /// The job's final status, its error, and whether its patch is kept.
@@ -71,6 +74,26 @@ pub fn verdict(e: &Ending) -> Verdict {
                 e.exit_status
             )),
         )
+    };
+    // a full disk is why a command fails more often than not: say so,
+    // and what set the limit
+    let error = match (e.result, error) {
+        (Some(r), Some(x)) if r.disk_full => Some(
+            match (
+                e.quota
+                    .filter(|(left, _)| r.disk_limit_bytes == Some(*left))
+                    .map(|(_, why)| why),
+                r.disk_limit_bytes,
+            ) {
+                (Some(why), Some(n)) => format!("{x}; its disk ({n} bytes) was full: {why}"),
+                (Some(why), None) => format!("{x}; its disk was full: {why}"),
+                (None, Some(n)) => {
+                    format!("{x}; its disk ({n} bytes, its profile's or request's limit) was full")
+                }
+                (None, None) => format!("{x}; its disk was full"),
+            },
+        ),
+        (_, error) => error,
     };
     // the runner stopped writing a patch past the limit: that is the whole
     // story; a larger file than the server keeps is not read either
@@ -128,12 +151,44 @@ mod tests {
             timeout_s: 30,
             max_patch: 100,
             patch_len: Some(10),
+            quota: None,
         }
     }
 
     fn judge(e: Ending) -> (JobStatus, String, bool) {
         let v = verdict(&e);
         (v.status, v.error.unwrap_or_default(), v.keep_patch)
+    }
+
+    #[test]
+    fn a_full_disk_is_said_with_what_set_its_size() {
+        let mut full = result(RunStatus::Exited, 1);
+        full.disk_full = true;
+        full.disk_limit_bytes = Some(2048);
+        assert_eq!(
+            judge(ending(Some(&full))).1,
+            "exited with status 1; its disk (2048 bytes, its profile's or request's limit) was full"
+        );
+        let e = Ending {
+            quota: Some((2048, "workspace w holds 1 bytes of its quota of 9")),
+            ..ending(Some(&full))
+        };
+        assert_eq!(
+            judge(e).1,
+            "exited with status 1; its disk (2048 bytes) was full: workspace w holds 1 bytes of its quota of 9"
+        );
+        // a quota that left more than the profile's limit is not the reason
+        let e = Ending {
+            quota: Some((4096, "workspace w holds 1 bytes of its quota of 9")),
+            ..ending(Some(&full))
+        };
+        assert!(judge(e)
+            .1
+            .ends_with("its profile's or request's limit) was full"));
+        // a command that coped with it succeeded: nothing to say
+        let mut coped = result(RunStatus::Exited, 0);
+        coped.disk_full = true;
+        assert_eq!(judge(ending(Some(&coped))).1, "");
     }
 
     #[test]

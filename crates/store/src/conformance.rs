@@ -461,8 +461,25 @@ pub async fn workspaces_one_writer_checkpoints_and_layers(s: &Store, _: &Path) {
     assert!(ok(s.delete_checkpoint("cp_3").await));
     assert!(!ok(s.delete_checkpoint("cp_3").await));
     assert_eq!(ok(s.layers_in_use().await), ["l1", "l9"]);
-    // deleting a workspace takes its checkpoints along
+    // a reader keeps the stack it reads in use, beside any writer
+    let read = vec!["l7".to_string(), "l1".to_string()];
+    ok(s.add_reader("job_r", "ws_1", &read).await);
+    assert!(matches!(
+        s.add_reader("job_r", "ws_1", &[]).await,
+        Err(StoreError::Taken(_))
+    ));
+    assert_eq!(
+        ok(s.reader_stack("job_r").await),
+        Some(("ws_1".to_string(), read.clone()))
+    );
+    assert_eq!(ok(s.reader_stack("job_a").await), None);
+    assert_eq!(ok(s.list_readers().await), ["job_r"]);
+    assert_eq!(ok(s.layers_in_use().await), ["l1", "l7", "l9"]);
+    // deleting a workspace takes its checkpoints along, not its readers
     assert!(ok(s.delete_workspace("ws_1").await));
     assert!(ok(s.get_checkpoint("cp_1").await).is_none());
+    assert_eq!(ok(s.layers_in_use().await), ["l1", "l7", "l9"]);
+    assert!(ok(s.drop_reader("job_r").await));
+    assert!(!ok(s.drop_reader("job_r").await));
     assert_eq!(ok(s.layers_in_use().await), ["l9"]);
 }

@@ -366,6 +366,16 @@ pub trait Workspaces: Send + Sync {
     async fn checkpoint_named(&self, workspace_id: &str, name: &str) -> Result<Option<Checkpoint>>;
     /// Oldest first.
     async fn list_checkpoints(&self, workspace_id: &str) -> Result<Vec<Checkpoint>>;
+    /// `reader` (a job or session) reads `stack` of workspace
+    /// `workspace_id` beside its writer: the layers stay in use until
+    /// [`Workspaces::drop_reader`].
+    async fn add_reader(&self, reader: &str, workspace_id: &str, stack: &[String]) -> Result<()>;
+    /// The workspace and stack `reader` reads, if it is a reader.
+    async fn reader_stack(&self, reader: &str) -> Result<Option<(String, Vec<String>)>>;
+    /// `reader` has ended; false if it was not one.
+    async fn drop_reader(&self, reader: &str) -> Result<bool>;
+    /// Every reader, oldest first.
+    async fn list_readers(&self) -> Result<Vec<String>>;
     async fn delete_checkpoint(&self, id: &str) -> Result<bool>;
     /// Every layer id a workspace or checkpoint names.
     async fn layers_in_use(&self) -> Result<Vec<String>>;

@@ -796,6 +796,58 @@ impl Workspaces for SqliteStore {
         row.as_ref().map(workspace_from).transpose()
     }
 
+    async fn add_reader(&self, reader: &str, workspace_id: &str, stack: &[String]) -> Result<()> {
+        let r = sqlx::query(
+            "INSERT INTO workspace_readers (reader, workspace_id, stack, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(reader)
+        .bind(workspace_id)
+        .bind(stack_json(stack))
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(StoreError::Taken(
+                format!("the reader {}", bounded(reader, 64)),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn reader_stack(&self, reader: &str) -> Result<Option<(String, Vec<String>)>> {
+        let row = sqlx::query(
+            "SELECT reader, workspace_id, stack FROM workspace_readers WHERE reader = ?",
+        )
+        .bind(reader)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(r) => Ok(Some((
+                r.try_get("workspace_id")?,
+                stack_from(&r, "reader", reader)?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    async fn drop_reader(&self, reader: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM workspace_readers WHERE reader = ?")
+            .bind(reader)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn list_readers(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT reader FROM workspace_readers ORDER BY created_at, reader")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("reader").map_err(StoreError::from))
+            .collect()
+    }
+
     async fn take_workspace(&self, id: &str, writer: &str) -> Result<bool> {
         let r = sqlx::query(
             "UPDATE workspaces SET writer = ?, updated_at = ? WHERE id = ? AND writer IS NULL",
@@ -918,7 +970,8 @@ impl Workspaces for SqliteStore {
 
     async fn layers_in_use(&self) -> Result<Vec<String>> {
         let rows = sqlx::query(
-            "SELECT id, stack FROM workspaces UNION ALL SELECT id, stack FROM checkpoints",
+            "SELECT id, stack FROM workspaces UNION ALL SELECT id, stack FROM checkpoints \
+             UNION ALL SELECT reader AS id, stack FROM workspace_readers",
         )
         .fetch_all(&self.pool)
         .await?;

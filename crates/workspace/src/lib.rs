@@ -27,5 +27,5 @@ pub mod protect;
 
 pub use apply::{apply_to_branch, ApplyError};
 pub use capture::{capture, Capture, CaptureError, Change, Entry, Kind, MAX_CHANGES, MAX_PATH};
-pub use patch::{render, PatchOptions, RenderError, Rendered};
+pub use patch::{render, render_between, PatchOptions, RenderError, Rendered};
 pub use protect::Protected;

@@ -78,6 +78,20 @@ pub fn render(
     opts: &PatchOptions,
     out: &mut dyn Write,
 ) -> Result<Rendered, RenderError> {
+    let (old_tree, new_tree) = cap.trees();
+    let old_tree = old_tree.map(|d| d as &dyn Tree);
+    render_changes(&cap.changes, old_tree, new_tree, opts, out)
+}
+
+/// Render `changes`, their old contents read from `old_tree`, their new
+/// ones from `new_tree`.
+fn render_changes(
+    changes: &[Change],
+    old_tree: Option<&dyn Tree>,
+    new_tree: &dyn Tree,
+    opts: &PatchOptions,
+    out: &mut dyn Write,
+) -> Result<Rendered, RenderError> {
     let mut o = Out {
         w: out,
         n: 0,
@@ -87,14 +101,13 @@ pub fn render(
     // every diff together gets a time budget; past it, similar falls back
     // to a quick (still exact, less minimal) diff
     let overall = Instant::now() + Duration::from_secs(30);
-    let (old_tree, new_tree) = cap.trees();
     let r = Renderer {
         old_tree,
         new_tree,
         opts,
         overall,
     };
-    for c in &cap.changes {
+    for c in changes {
         let Change {
             path,
             old,
@@ -149,9 +162,115 @@ impl Out<'_> {
 trait Source: Read + Seek {}
 impl<T: Read + Seek> Source for T {}
 
+/// Where a side's contents are read from.
+pub(crate) trait Tree {
+    fn open_file_at(&self, rel: &[u8]) -> std::io::Result<std::fs::File>;
+}
+
+impl Tree for Dir {
+    fn open_file_at(&self, rel: &[u8]) -> std::io::Result<std::fs::File> {
+        Dir::open_file_at(self, rel)
+    }
+}
+
+/// One state of a repo as a capture describes it: the paths it changed
+/// read from its upper directory, every other from the repo.
+struct State<'a> {
+    cap: &'a Capture,
+    changed: &'a std::collections::BTreeMap<&'a Path, &'a Change>,
+}
+
+impl Tree for State<'_> {
+    fn open_file_at(&self, rel: &[u8]) -> std::io::Result<std::fs::File> {
+        let p = Path::new(std::ffi::OsStr::from_bytes(rel));
+        let (lower, upper) = self.cap.trees();
+        match self.changed.get(p) {
+            Some(c) if c.new.is_some() => upper.open_file_at(rel),
+            Some(_) => Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
+            None => lower
+                .ok_or_else(|| std::io::Error::other("no repo to read from"))?
+                .open_file_at(rel),
+        }
+    }
+}
+
+/// The patch from state `a` to state `b` of one repo, each given as its
+/// capture against that repo (a workspace's checkpoints): only the paths
+/// either changed are looked at, so the cost follows the changes, not the
+/// repo. The result applies with `git apply` to a tree in state `a`.
+pub fn render_between(
+    a: &Capture,
+    b: &Capture,
+    opts: &PatchOptions,
+    out: &mut dyn Write,
+) -> Result<Rendered, RenderError> {
+    use std::collections::BTreeMap;
+    fn by_path(c: &Capture) -> BTreeMap<&Path, &Change> {
+        c.changes.iter().map(|ch| (ch.path.as_path(), ch)).collect()
+    }
+    let (ma, mb) = (by_path(a), by_path(b));
+    let old_tree = State {
+        cap: a,
+        changed: &ma,
+    };
+    let new_tree = State {
+        cap: b,
+        changed: &mb,
+    };
+    let mut paths: Vec<&Path> = ma.keys().chain(mb.keys()).copied().collect();
+    paths.sort();
+    paths.dedup();
+    let mut changes = Vec::new();
+    for path in paths {
+        // a path one side did not change is the repo's on that side,
+        // which the other side's capture saw as its old entry
+        let old = match (ma.get(path), mb.get(path)) {
+            (Some(c), _) => c.new.clone(),
+            (None, Some(c)) => c.old.clone(),
+            (None, None) => None,
+        };
+        let new = match (mb.get(path), ma.get(path)) {
+            (Some(c), _) => c.new.clone(),
+            (None, Some(c)) => c.old.clone(),
+            (None, None) => None,
+        };
+        let read = |source| RenderError::Read {
+            path: lossy(path),
+            source,
+        };
+        let same_content = match (&old, &new) {
+            (Some(o), Some(n)) if o.size == n.size => {
+                match (o.kind == Kind::Symlink, n.kind == Kind::Symlink) {
+                    (true, true) => o.target == n.target,
+                    (false, false) => {
+                        let rel = path.as_os_str().as_bytes();
+                        let mut x = old_tree.open_file_at(rel).map_err(read)?;
+                        let mut y = new_tree.open_file_at(rel).map_err(read)?;
+                        crate::fsx::same_content(&mut x, &mut y).map_err(read)?
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        match (&old, &new) {
+            (None, None) => continue,
+            (Some(o), Some(n)) if same_content && o.kind == n.kind => continue,
+            _ => {}
+        }
+        changes.push(Change {
+            path: path.to_path_buf(),
+            old,
+            new,
+            same_content,
+        });
+    }
+    render_changes(&changes, Some(&old_tree), &new_tree, opts, out)
+}
+
 struct Renderer<'a> {
-    old_tree: Option<&'a Dir>,
-    new_tree: &'a Dir,
+    old_tree: Option<&'a dyn Tree>,
+    new_tree: &'a dyn Tree,
     opts: &'a PatchOptions,
     overall: Instant,
 }

@@ -12,7 +12,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 
-use agentvm_workspace::{capture, render, PatchOptions};
+use agentvm_workspace::{capture, render, render_between, PatchOptions};
 use proptest::prelude::*;
 
 fn git(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -129,6 +129,108 @@ proptest! {
         let headers = text.matches("diff --git ").count();
         let at_line_start = text.lines().filter(|l| l.starts_with("diff --git ")).count();
         prop_assert_eq!(headers, at_line_start, "a header glued to a line:\n{}", text);
+    }
+}
+
+/// One file's fate in a state: unchanged from the repo, deleted (a
+/// whiteout, which takes root to make), written, or made a symlink.
+#[derive(Debug, Clone)]
+enum Fate {
+    Same,
+    Deleted,
+    Written(Vec<u8>),
+    Link(String),
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![
+        3 => Just(Fate::Same),
+        1 => Just(Fate::Deleted),
+        4 => content().prop_map(Fate::Written),
+        1 => "[a-z]{1,8}".prop_map(Fate::Link),
+    ]
+}
+
+/// An upper directory holding `fates` over a repo.
+fn upper_with(fates: &[Fate]) -> tempfile::TempDir {
+    let u = tempfile::tempdir().unwrap();
+    for (i, f) in fates.iter().enumerate() {
+        let p = u.path().join(format!("f{i}"));
+        match f {
+            Fate::Same => {}
+            Fate::Deleted => nix::sys::stat::mknod(
+                &p,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o600),
+                0,
+            )
+            .unwrap(),
+            Fate::Written(c) => std::fs::write(&p, c).unwrap(),
+            Fate::Link(t) => std::os::unix::fs::symlink(t, &p).unwrap(),
+        }
+    }
+    u
+}
+
+/// Every name under `d` (but .git) with its kind and bytes.
+fn snapshot(d: &Path) -> Vec<(String, String, Vec<u8>)> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n == ".git" {
+            continue;
+        }
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.file_type().is_symlink() {
+            let t = std::fs::read_link(e.path()).unwrap();
+            v.push((n, "link".into(), t.to_string_lossy().as_bytes().to_vec()));
+        } else {
+            v.push((n, "file".into(), std::fs::read(e.path()).unwrap()));
+        }
+    }
+    v.sort();
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Two states of one repo (two checkpoints of a workspace): the patch
+    /// between them turns the first into the second, byte for byte.
+    #[test]
+    fn the_patch_between_two_states_turns_one_into_the_other(
+        files in proptest::collection::vec((proptest::option::of(content()), fate(), fate()), 1..6)
+    ) {
+        let root = nix::unistd::geteuid().is_root();
+        let undeleted = |f: &Fate| if matches!(f, Fate::Deleted) && !root { Fate::Same } else { f.clone() };
+        let old: Vec<(String, Vec<u8>)> = files.iter().enumerate()
+            .filter_map(|(i, (o, _, _))| o.clone().map(|c| (format!("f{i}"), c))).collect();
+        let repo = repo_with(&old);
+        let a = upper_with(&files.iter().map(|(_, a, _)| undeleted(a)).collect::<Vec<_>>());
+        let b = upper_with(&files.iter().map(|(_, _, b)| undeleted(b)).collect::<Vec<_>>());
+        let opts = PatchOptions::default();
+        // each state made for real: the repo with its own patch applied
+        let (state_a, _) = round_trip(repo.path(), a.path(), &opts);
+        let (state_b, _) = round_trip(repo.path(), b.path(), &opts);
+        let l = std::fs::File::open(repo.path()).unwrap();
+        let ua = std::fs::File::open(a.path()).unwrap();
+        let ub = std::fs::File::open(b.path()).unwrap();
+        let ca = capture(ua.as_fd(), Some(l.as_fd())).unwrap();
+        let cb = capture(ub.as_fd(), Some(l.as_fd())).unwrap();
+        let mut patch = Vec::new();
+        render_between(&ca, &cb, &opts, &mut patch).unwrap();
+        if !patch.is_empty() {
+            let pf = state_a.path().join(".git/between.patch");
+            std::fs::write(&pf, &patch).unwrap();
+            let o = git(state_a.path(), &["apply", "--whitespace=nowarn", pf.to_str().unwrap_or("")]);
+            prop_assert!(o.status.success(), "git apply: {}\n{}", String::from_utf8_lossy(&o.stderr), String::from_utf8_lossy(&patch));
+            let _ = std::fs::remove_file(&pf);
+        }
+        prop_assert_eq!(snapshot(state_a.path()), snapshot(state_b.path()), "patch:\n{}", String::from_utf8_lossy(&patch));
+        // and nothing is said about a path neither state changed
+        let mut back = Vec::new();
+        render_between(&ca, &ca, &opts, &mut back).unwrap();
+        prop_assert!(back.is_empty(), "a state against itself: {}", String::from_utf8_lossy(&back));
     }
 }
 

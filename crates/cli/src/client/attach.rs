@@ -220,10 +220,18 @@ pub async fn attach(c: &Client, id: &str, read_only: bool) -> Result<Ended, Stri
                     let _ = out.flush();
                 }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<AttachMessage>(&t) {
-                    Ok(AttachMessage::Hello { name, writer, .. }) => {
-                        let mode = if writer { "" } else { ", read-only (another viewer writes)" };
+                    Ok(AttachMessage::Hello { name, writer, paused, .. }) => {
+                        let mode = if paused {
+                            ", which is paused (agentvm sessions resume lets it go on)"
+                        } else if writer {
+                            ""
+                        } else {
+                            ", read-only (another viewer writes)"
+                        };
                         say(&format!("attached to session {name}{mode}; {DETACH_HINT}"));
                     }
+                    Ok(AttachMessage::Paused { paused: true }) => say("the session is paused: input is ignored until it is resumed"),
+                    Ok(AttachMessage::Paused { paused: false }) => say("the session resumed"),
                     Ok(AttachMessage::Writer { writer: true }) => say("you write now"),
                     Ok(AttachMessage::Writer { writer: false }) => say("another viewer took over: you watch read-only"),
                     Ok(AttachMessage::Exit { status, exit_code }) => {

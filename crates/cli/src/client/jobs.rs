@@ -32,6 +32,10 @@ pub enum JobsCmd {
         /// from its state and its changes stay in it.
         #[arg(long, value_name = "W")]
         workspace: Option<String>,
+        /// With --workspace: read it beside whoever writes it (its state
+        /// now); nothing the job changes is kept in it.
+        #[arg(long, requires = "workspace")]
+        read_only: bool,
         /// Seconds, 1 to 3600.
         #[arg(long, default_value_t = 600)]
         timeout: i64,
@@ -250,10 +254,22 @@ pub(super) async fn download(
     what: &str,
     output: Option<PathBuf>,
 ) -> Result<ExitCode, String> {
+    download_query(c, kind, id, what, &[], output).await
+}
+
+/// [`download`] with a query string.
+pub(super) async fn download_query(
+    c: &Client,
+    kind: &str,
+    id: &str,
+    what: &str,
+    query: &[(&str, &str)],
+    output: Option<PathBuf>,
+) -> Result<ExitCode, String> {
     let resp = c
         .send(c.req(
             reqwest::Method::GET,
-            &api_path(&["v1", kind, id, what], &[])?,
+            &api_path(&["v1", kind, id, what], query)?,
         ))
         .await?;
     if c.json && output.is_none() {
@@ -294,6 +310,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             agent,
             repo,
             workspace,
+            read_only,
             timeout,
             network,
             wait: w,
@@ -311,6 +328,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 prompt,
                 repo_path,
                 workspace,
+                read_only,
                 timeout,
                 extra_args,
                 network: network.map(|n| n.to_string()),

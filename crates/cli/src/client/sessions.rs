@@ -1,5 +1,5 @@
 //! `agentvm shell` (start or attach a session from this terminal) and
-//! `agentvm sessions list|show|kill|delete|patch|recording|apply`.
+//! `agentvm sessions list|show|kill|pause|resume|delete|patch|recording|apply`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,10 @@ pub struct ShellArgs {
     /// its state, and its changes stay in it when it ends.
     #[arg(long, value_name = "W", conflicts_with = "attach")]
     workspace: Option<String>,
+    /// With --workspace: read it beside whoever writes it; nothing the
+    /// session changes is kept in it.
+    #[arg(long, requires = "workspace")]
+    workspace_read_only: bool,
     /// The session's name: attach to your live session of that name, or
     /// start one so named.
     #[arg(long, value_name = "NAME")]
@@ -70,6 +74,11 @@ pub enum SessionsCmd {
     Show { id: String },
     /// End a live session (its command gets SIGHUP; recording and patch are kept).
     Kill { id: String },
+    /// Freeze every process of a live session: no CPU, memory kept, input
+    /// ignored, its idle timeout stopped. Viewers stay, read-only.
+    Pause { id: String },
+    /// Let a paused session run on from where it was.
+    Resume { id: String },
     /// Delete an ended session with its recording and patch.
     Delete { id: String },
     /// Print (or save) an ended session's patch.
@@ -192,6 +201,7 @@ async fn create(c: &Client, a: &ShellArgs) -> Result<SessionView, String> {
     let req = SessionRequest {
         repo_path: repo,
         workspace: a.workspace.clone(),
+        read_only: a.workspace_read_only,
         name: a.name.clone(),
         agent: a.agent.clone(),
         command: (!a.command.is_empty()).then(|| a.command.clone()),
@@ -258,6 +268,7 @@ async fn sessions_inner(c: &Client, cmd: SessionsCmd) -> Result<ExitCode, String
                 ("repo_path", opt(s.repo_path.clone())),
                 ("network", opt(s.network.as_ref().map(|n| n.to_string()))),
                 ("idle_timeout", format!("{} s", s.idle_timeout_s)),
+                ("paused", if s.paused { "yes" } else { "no" }.into()),
                 ("created", ago(Some(s.created_at))),
                 ("ended", ago(s.ended_at)),
                 ("exit_code", opt(s.exit_code.map(|e| e.to_string()))),
@@ -290,6 +301,24 @@ async fn sessions_inner(c: &Client, cmd: SessionsCmd) -> Result<ExitCode, String
                 print_json(&s);
             } else {
                 println!("{} ending", s.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        SessionsCmd::Pause { ref id } | SessionsCmd::Resume { ref id } => {
+            let (route, did) = match &cmd {
+                SessionsCmd::Pause { .. } => ("pause", "paused"),
+                _ => ("resume", "resumed"),
+            };
+            let s: SessionView = c
+                .call(c.req(
+                    Method::POST,
+                    &api_path(&["v1", "sessions", id, route], &[])?,
+                ))
+                .await?;
+            if c.json {
+                print_json(&s);
+            } else {
+                println!("{} {did}", s.name);
             }
             Ok(ExitCode::SUCCESS)
         }

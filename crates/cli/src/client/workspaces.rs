@@ -1,4 +1,4 @@
-//! `agentvm workspaces create|list|show|rm|checkpoint|checkpoints|restore|fork|patch|apply|verify`.
+//! `agentvm workspaces create|list|show|rm|checkpoint|checkpoints|restore|fork|diff|patch|apply|verify`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +48,19 @@ pub enum WorkspacesCmd {
         #[arg(long, short = 'o', value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Print (or save) what changed between two checkpoints, or a
+    /// checkpoint and now, as a patch that turns the first into the second.
+    Diff {
+        workspace: String,
+        /// A checkpoint (id or name); default: the repository as it is.
+        #[arg(long, value_name = "CHECKPOINT")]
+        from: Option<String>,
+        /// A checkpoint (id or name); default: the workspace now.
+        #[arg(long, value_name = "CHECKPOINT")]
+        to: Option<String>,
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Put the workspace's patch on a new branch agentvm/<id> of its repository.
     Apply { workspace: String },
     /// Check every layer of the workspace and of its checkpoints against
@@ -73,6 +86,13 @@ fn show(c: &Client, w: &WorkspaceView) {
         ("repo_path", w.repo_path.clone()),
         ("layers", w.layers.to_string()),
         ("bytes", w.bytes.to_string()),
+        (
+            "used",
+            match w.quota_bytes {
+                Some(q) => format!("{} of its quota of {q} bytes", w.used_bytes),
+                None => format!("{} bytes (no quota)", w.used_bytes),
+            },
+        ),
         ("writer", w.writer.clone().unwrap_or_else(|| "-".into())),
         ("created", ago(Some(w.created_at))),
         ("updated", ago(Some(w.updated_at))),
@@ -224,6 +244,22 @@ async fn inner(c: &Client, cmd: WorkspacesCmd) -> Result<ExitCode, String> {
                 ))
                 .await?;
             show(c, &w);
+        }
+        WorkspacesCmd::Diff {
+            workspace,
+            from,
+            to,
+            output,
+        } => {
+            let mut q = Vec::new();
+            if let Some(f) = &from {
+                q.push(("from", f.as_str()));
+            }
+            if let Some(t) = &to {
+                q.push(("to", t.as_str()));
+            }
+            return super::jobs::download_query(c, "workspaces", &workspace, "diff", &q, output)
+                .await;
         }
         WorkspacesCmd::Patch { workspace, output } => {
             return super::jobs::download(c, "workspaces", &workspace, "patch", output).await;

@@ -4,6 +4,7 @@ mod bounds;
 mod capture;
 mod cli;
 mod egress;
+mod freeze;
 mod layers;
 mod newcomer;
 mod policy;

@@ -275,6 +275,7 @@ fn sandbox_terminal_drives_a_session(who: Who) {
             match f {
                 Frame::Output(b) => seen.extend_from_slice(&b),
                 Frame::End(s) => assert_eq!(s, Some(6)),
+                Frame::Paused(p) => panic!("nobody paused it, yet Paused({p})"),
             }
         }
         String::from_utf8_lossy(&seen).into_owned()

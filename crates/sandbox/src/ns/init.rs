@@ -91,6 +91,10 @@ pub(super) fn os(
 }
 
 pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Result<(), SetupError> {
+    // the caller's pause control is the supervisor's, not the sandbox's
+    if let Some(c) = p.spec.control {
+        let _ = nix::unistd::close(c);
+    }
     wait_go(sock)?;
     // Our maps are written: become root of the new user namespace. When the
     // supervisor is the host's root, root's supplementary groups (gid 0

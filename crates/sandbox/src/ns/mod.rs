@@ -42,6 +42,7 @@ use crate::{caps, landlock_layer, seccomp};
 
 mod bridge;
 mod command;
+pub mod control;
 mod init;
 mod mounts;
 mod ports;
@@ -258,7 +259,12 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
 
     let name = format!("agentvm-{}-{}", std::process::id(), unique());
     let cgroup = if spec.layers.cgroup {
-        Cgroup::create(&spec.limits, spec.cgroup_parent.as_deref(), &name)?
+        Cgroup::create(
+            &spec.limits,
+            spec.cgroup_parent.as_deref(),
+            &name,
+            spec.control.is_some(),
+        )?
     } else {
         None
     };

@@ -147,7 +147,10 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
     }
     drop(child_sock);
     let child = Pid::from_raw(pid);
-    let kill_child = |sig| {
+    let mut control = super::control::Control::new(spec.control);
+    // a frozen process would hold the signal until thawed
+    let kill_child = |control: &mut super::control::Control, sig| {
+        control.thaw(cgroup);
         let _ = kill(child, sig);
         let _ = waitpid(child, None);
     };
@@ -175,7 +178,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
             .map_err(|e| SetupError::os(Layer::Supervisor, "releasing init", e))
     })();
     if let Err(e) = setup {
-        kill_child(Signal::SIGKILL);
+        kill_child(&mut control, Signal::SIGKILL);
         return Err(e.into());
     }
 
@@ -197,7 +200,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
             Some(d) => {
                 let left = d.saturating_duration_since(Instant::now());
                 if left.is_zero() {
-                    kill_child(Signal::SIGKILL);
+                    kill_child(&mut control, Signal::SIGKILL);
                     ended = Some(Ended::Timeout);
                     break;
                 }
@@ -206,22 +209,34 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
             }
             None => nix::poll::PollTimeout::NONE,
         };
-        let mut fds = [
+        let mut fds = vec![
             nix::poll::PollFd::new(parent_sock.as_fd(), nix::poll::PollFlags::POLLIN),
             nix::poll::PollFd::new(sigfd.as_fd(), nix::poll::PollFlags::POLLIN),
         ];
+        if let Some(c) = control.fd() {
+            fds.push(nix::poll::PollFd::new(c, nix::poll::PollFlags::POLLIN));
+        }
         match nix::poll::poll(&mut fds, timeout) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
-                kill_child(Signal::SIGKILL);
+                kill_child(&mut control, Signal::SIGKILL);
                 return Err(SetupError::os(Layer::Supervisor, "poll", e).into());
             }
         }
         let sig_ready = fds[1].revents().is_some_and(|r| !r.is_empty());
         let sock_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
+        let control_ready = fds
+            .get(2)
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty());
+        drop(fds);
+        if control_ready {
+            control.handle(cgroup);
+        }
         if sig_ready {
+            control.thaw(cgroup);
             while let Ok(Some(info)) = sigfd.read_signal() {
                 // A terminal's ^C already reached the command (same process
                 // group); forward only what was sent to us explicitly.
@@ -246,7 +261,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
                 };
                 drop(fd);
                 if let Err(e) = sent {
-                    kill_child(Signal::SIGKILL);
+                    kill_child(&mut control, Signal::SIGKILL);
                     return Err(SetupError::os(
                         Layer::Terminal,
                         "handing the terminal to the caller",
@@ -271,7 +286,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
             Ok(Some((Report::Go, _))) => {}
             Ok(None) => break,
             Err(e) => {
-                kill_child(Signal::SIGKILL);
+                kill_child(&mut control, Signal::SIGKILL);
                 return Err(SetupError::os(Layer::Supervisor, "reading init's report", e).into());
             }
         }
@@ -279,6 +294,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
             break;
         }
     }
+    control.thaw(cgroup);
     // Init exits right after its last report (or was killed): reap it. Its
     // death takes down every process left in its pid namespace.
     if let (Some(Ended::Exited(_) | Ended::Signaled(_)), Some(cg)) = (ended, cgroup) {

@@ -30,6 +30,7 @@ pub async fn agent_run(State(st): S, caller: Principal, body: Bytes) -> ApiResul
         extra: &extra,
         network: None,
         workspace: None,
+        read_only: false,
     };
     let job = st.submit(&caller, "agent.run", &ask).await?;
     let body = streamed(|tx| compat_answer(st.clone(), job, tx));

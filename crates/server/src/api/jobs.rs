@@ -45,6 +45,7 @@ pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResu
         extra: &req.extra_args,
         network: req.network.as_deref(),
         workspace: req.workspace.as_deref(),
+        read_only: req.read_only,
     };
     let job = st.submit(&caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);

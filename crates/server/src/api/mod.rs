@@ -192,7 +192,7 @@ impl utoipa::Modify for SecurityAddon {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "AgentVM", description = "Run coding agents in sandboxes. Every route but /health, /openapi.json and /docs needs an API key (X-API-Key or Authorization: Bearer)."),
-    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics, create_session, list_sessions, get_session, delete_session, attach_session, session_patch, apply_session, session_recording, session_port, create_workspace, list_workspaces, get_workspace, delete_workspace, create_checkpoint, list_checkpoints, restore_workspace, workspace_patch, apply_workspace, verify_workspace),
+    paths(health, agent_run, create_job, list_jobs, get_job, job_logs, job_recording, job_patch, cancel_job, apply_job, delete_job, create_key, list_keys, revoke_key, list_audit, metrics, create_session, list_sessions, get_session, delete_session, attach_session, pause_session, resume_session, session_patch, apply_session, session_recording, session_port, create_workspace, list_workspaces, get_workspace, delete_workspace, create_checkpoint, list_checkpoints, restore_workspace, workspace_patch, workspace_diff, apply_workspace, verify_workspace),
     components(schemas(ErrorDetail, FieldError, ValidationError, Health, AgentRunRequest, AgentRunResponse, JobRequest, JobView, JobStatus, JobPage, JobEnd, Applied, KeyRequest, KeyView, NewKey, AuditEventView, AuditPage, SessionRequest, SessionView, SessionPage, ViewerView, AttachMessage, SessionStatus, WorkspaceRequest, WorkspaceView, WorkspacePage, CheckpointRequest, CheckpointView, CheckpointPage, Verified, Damage)),
     modifiers(&SecurityAddon)
 )]

@@ -150,6 +150,7 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
         session: v.live.id.clone(),
         name: v.live.name.clone(),
         writer: v.writer,
+        paused: v.live.screen().is_paused(),
     };
     if sock.send(text(&hello)).await.is_err() {
         return;
@@ -167,6 +168,11 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
             f = v.attached.frames.recv() => match f {
                 Some(Frame::Output(b)) => {
                     if sock.send(Message::Binary(Bytes::copy_from_slice(&b))).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Frame::Paused(paused)) => {
+                    if sock.send(text(&AttachMessage::Paused { paused })).await.is_err() {
                         return;
                     }
                 }
@@ -212,6 +218,17 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
                                     }
                                 }
                             }
+                            Err(InputError::Paused) => {
+                                if !told_read_only {
+                                    told_read_only = true;
+                                    let n = AttachMessage::Notice {
+                                        detail: "the session is paused: input is ignored until it is resumed".into(),
+                                    };
+                                    if sock.send(text(&n)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
                             Err(InputError::Busy) => {
                                 let n = AttachMessage::Notice {
                                     detail: "input dropped: the program is not reading its terminal".into(),
@@ -234,6 +251,8 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
                             Ok(AttachMessage::TakeOver) => {
                                 if !v.writer_allowed() {
                                     Some("this viewer attached read-only and cannot take over".into())
+                                } else if v.live.screen().is_paused() {
+                                    Some("the session is paused: resume it first".into())
                                 } else if v.live.screen().take_over(id) {
                                     v.live.touch();
                                     None
@@ -262,7 +281,7 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
         }
         // once the session has ended nobody writes; its viewers are told
         // that by the exit message, never by a "writer: false" before it
-        let now = v.live.screen().may_write(id);
+        let now = v.live.screen().is_writer(id);
         if now != writer && !v.live.screen().has_ended() {
             writer = now;
             if now {
@@ -277,6 +296,40 @@ async fn view(mut sock: WebSocket, mut v: Viewer, st: Arc<AppState>) {
             }
         }
     }
+}
+
+/// Pause a live session: every process of it is frozen (the freezer
+/// cgroup on v1, cgroup.freeze on v2) and uses no CPU, its memory kept;
+/// input is ignored and its idle timeout's clock stands still. Viewers
+/// stay attached, read-only, and are told. Answers once the kernel says
+/// every process is frozen (one stuck in the kernel for 5 s fails it).
+#[utoipa::path(post, path = "/v1/sessions/{id}/pause", params(("id" = String, Path)),
+    responses((status = 200, body = SessionView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail, description = "Ended, or it could not be frozen (why is said)"),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn pause_session(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<SessionView>> {
+    let s = st.pause_session(&caller, &id, true).await?;
+    Ok(Json(st.session_view(s)))
+}
+
+/// Resume a paused session: its processes run on from where they were.
+#[utoipa::path(post, path = "/v1/sessions/{id}/resume", params(("id" = String, Path)),
+    responses((status = 200, body = SessionView), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail), (status = 409, body = ErrorDetail, description = "Ended"),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn resume_session(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<SessionView>> {
+    let s = st.pause_session(&caller, &id, false).await?;
+    Ok(Json(st.session_view(s)))
 }
 
 /// An ended session's changes as a git patch (empty when it changed

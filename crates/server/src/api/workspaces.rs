@@ -22,7 +22,7 @@ pub async fn create_workspace(State(st): S, caller: Principal, body: Bytes) -> A
     let req: WorkspaceRequest = parse_body(&body)?;
     let w = st.create_workspace(&caller, &req).await?;
     let loc = format!("/v1/workspaces/{}", w.id);
-    Ok(created(&loc, st.workspace_view(w)))
+    Ok(created(&loc, st.workspace_view(w).await))
 }
 
 /// The key's workspaces (everyone's for admin keys), oldest first.
@@ -32,9 +32,11 @@ pub async fn create_workspace(State(st): S, caller: Principal, body: Bytes) -> A
     security(("api_key" = [])))]
 pub async fn list_workspaces(State(st): S, caller: Principal) -> ApiResult<Json<WorkspacePage>> {
     let list = st.list_workspaces(&caller).await?;
-    Ok(Json(WorkspacePage {
-        workspaces: list.into_iter().map(|w| st.workspace_view(w)).collect(),
-    }))
+    let mut workspaces = Vec::with_capacity(list.len());
+    for w in list {
+        workspaces.push(st.workspace_view(w).await);
+    }
+    Ok(Json(WorkspacePage { workspaces }))
 }
 
 /// One workspace: its layers, their size, the job writing it now.
@@ -48,7 +50,8 @@ pub async fn get_workspace(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<WorkspaceView>> {
     Ok(Json(
-        st.workspace_view(st.find_workspace(&caller, &id).await?),
+        st.workspace_view(st.find_workspace(&caller, &id).await?)
+            .await,
     ))
 }
 
@@ -121,7 +124,7 @@ pub async fn restore_workspace(
         .await?;
     let req: CheckpointRequest = parse_body(&body)?;
     let w = st.restore(&caller, &id, &req).await?;
-    Ok(Json(st.workspace_view(w)))
+    Ok(Json(st.workspace_view(w).await))
 }
 
 /// Everything the workspace changed against its repository, as a git
@@ -137,6 +140,39 @@ pub async fn workspace_patch(
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
     let (_, patch) = st.workspace_patch(&caller, &id).await?;
+    Ok(diff_response(patch))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    /// A checkpoint (id or name) of this workspace; absent: the
+    /// repository as it is.
+    pub(super) from: Option<String>,
+    /// A checkpoint (id or name) of this workspace; absent: the workspace
+    /// now.
+    pub(super) to: Option<String>,
+}
+
+/// What changed between two states of the workspace, as a git patch that
+/// turns `from` into `to` (empty when they are the same). Only the paths
+/// either state changed are compared, so the cost follows the changes.
+#[utoipa::path(get, path = "/v1/workspaces/{id}/diff", params(("id" = String, Path, description = ID), DiffQuery),
+    responses((status = 200, description = "A git patch", content_type = "text/x-diff", body = String),
+        (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail, description = "No such workspace, or no such checkpoint in it"),
+        (status = 409, body = ErrorDetail), (status = 422, body = ValidationError), (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn workspace_diff(
+    State(st): S,
+    caller: Principal,
+    UrlPath(id): UrlPath<String>,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::field("query", "from", e.body_text()))?;
+    let (_, patch) = st
+        .workspace_diff(&caller, &id, q.from.as_deref(), q.to.as_deref())
+        .await?;
     Ok(diff_response(patch))
 }
 

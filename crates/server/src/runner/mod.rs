@@ -96,8 +96,39 @@ pub struct Runner {
 
 /// A job over a workspace: the stack it starts from, the layer it makes.
 pub struct Over {
+    /// The workspace; for a reader, with the stack it reads.
     pub ws: agentvm_store::Workspace,
+    /// The layer a writer's changes become (empty for a reader).
     pub layer: String,
+    /// Reads beside the writer: nothing it does is kept.
+    pub reader: bool,
+    /// The most its run may write, when a quota sets it (what the
+    /// workspace's and the server's quotas have left).
+    pub disk: Option<Quota>,
+}
+
+/// What a workspace's quotas leave for one run, and why, in words.
+#[derive(Debug, Clone)]
+pub struct Quota {
+    pub left: u64,
+    pub why: String,
+}
+
+/// Less than this left: no run is started at all.
+pub const QUOTA_FLOOR: u64 = 1 << 20;
+/// The data directory's filesystem always keeps this much free.
+const DISK_RESERVE: u64 = 1 << 30;
+
+/// Bytes the manifests of `layers` say they hold.
+pub(crate) fn layers_bytes<'a>(
+    store: &std::path::Path,
+    layers: impl IntoIterator<Item = &'a String>,
+) -> u64 {
+    layers
+        .into_iter()
+        .filter_map(|l| agentvm_workspace::layer::size(store, l).ok())
+        .map(|m| m.bytes)
+        .sum()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -165,6 +196,13 @@ impl Runner {
     /// whether what it made is kept.
     pub(crate) async fn settle_writer(&self, job: &str, over: &Over, ran: bool) {
         use crate::service::workspaces::SQUASH_AT;
+        if over.reader {
+            // nothing it made is kept; its stack may be swept once unread
+            if let Err(e) = self.store.drop_reader(job).await {
+                tracing::warn!(job, error = %e, "forgetting a workspace's reader failed; done at the next start");
+            }
+            return;
+        }
         let store = self.layer_store();
         let made = agentvm_workspace::layer::size(&store, &over.layer).ok();
         let keep = ran && made.is_some_and(|m| m.entries > 0);
@@ -242,6 +280,11 @@ impl Runner {
     /// ended (cancelled while queued, or never started): nothing it made
     /// is kept.
     pub async fn release_if_ended(&self, id: &str) {
+        if matches!(self.store.reader_stack(id).await, Ok(Some(_)))
+            && matches!(self.writer_ended(id).await, Ok(true))
+        {
+            let _ = self.store.drop_reader(id).await;
+        }
         let Ok(Some(ws)) = self.store.workspace_of_writer(id).await else {
             return;
         };
@@ -272,17 +315,114 @@ impl Runner {
         writer: &str,
     ) -> Result<Option<Over>, agentvm_store::StoreError> {
         let _named = self.layers_lock.lock().await;
-        Ok(self.store.workspace_of_writer(writer).await?.map(|ws| {
-            let layer = crate::service::new_id("l").replace('_', "-");
-            lock(&self.making).insert(layer.clone());
-            Over { ws, layer }
+        let Some(ws) = self.store.workspace_of_writer(writer).await? else {
+            return self.reader_over(writer).await;
+        };
+        let disk = self.quota_left(&ws).await?;
+        let layer = crate::service::new_id("l").replace('_', "-");
+        lock(&self.making).insert(layer.clone());
+        Ok(Some(Over {
+            ws,
+            layer,
+            reader: false,
+            disk,
         }))
+    }
+
+    /// A reader's workspace with the stack it reads (the workspace as it
+    /// was when the reader was accepted, even if deleted since).
+    async fn reader_over(&self, reader: &str) -> Result<Option<Over>, agentvm_store::StoreError> {
+        let Some((ws_id, stack)) = self.store.reader_stack(reader).await? else {
+            return Ok(None);
+        };
+        let ws = match self.store.get_workspace(&ws_id).await? {
+            Some(w) => agentvm_store::Workspace { stack, ..w },
+            None => agentvm_store::Workspace {
+                seq: 0,
+                id: ws_id.clone(),
+                name: ws_id,
+                owner: String::new(),
+                repo_path: String::new(),
+                stack,
+                writer: None,
+                created_at: 0,
+                updated_at: 0,
+            },
+        };
+        Ok(Some(Over {
+            ws,
+            layer: String::new(),
+            reader: true,
+            disk: None,
+        }))
+    }
+
+    /// Bytes the workspace's layers (its checkpoints' too) hold.
+    pub(crate) async fn workspace_used(
+        &self,
+        ws: &agentvm_store::Workspace,
+    ) -> Result<u64, agentvm_store::StoreError> {
+        let mut mine: std::collections::BTreeSet<String> = ws.stack.iter().cloned().collect();
+        for c in self.store.list_checkpoints(&ws.id).await? {
+            mine.extend(c.stack);
+        }
+        Ok(layers_bytes(&self.layer_store(), &mine))
+    }
+
+    /// What the quotas leave for a run over `ws`: the workspace's own, the
+    /// server's total and the data directory's free space (less a
+    /// reserve), the least of them. `None`: no quota binds.
+    pub(crate) async fn quota_left(
+        &self,
+        ws: &agentvm_store::Workspace,
+    ) -> Result<Option<Quota>, agentvm_store::StoreError> {
+        let mut least: Option<Quota> = None;
+        let mut consider = |left: u64, why: String| {
+            if least.as_ref().is_none_or(|q| left < q.left) {
+                least = Some(Quota { left, why });
+            }
+        };
+        if let Some(q) = self.cfg.workspace_quota {
+            let used = self.workspace_used(ws).await?;
+            consider(
+                q.saturating_sub(used),
+                format!(
+                    "workspace {} holds {used} bytes of its quota of {q} (--workspace-quota)",
+                    ws.name
+                ),
+            );
+        }
+        if let Some(t) = self.cfg.workspaces_total {
+            let all = self.store.layers_in_use().await?;
+            let used = layers_bytes(&self.layer_store(), &all);
+            consider(
+                t.saturating_sub(used),
+                format!(
+                    "all workspaces hold {used} bytes of the server's {t} (--workspaces-total)"
+                ),
+            );
+        }
+        if let Ok(st) = nix::sys::statvfs::statvfs(&self.cfg.data_dir) {
+            let free = st.blocks_available().saturating_mul(st.fragment_size());
+            consider(
+                free.saturating_sub(DISK_RESERVE),
+                format!(
+                    "the data directory's disk has {free} bytes free, of which {DISK_RESERVE} stay free"
+                ),
+            );
+        }
+        Ok(least)
     }
 
     /// A workspace held by a job that has ended (or is gone) is let go,
     /// its stack as before that job: what the job made is not on it.
     async fn free_workspaces(&self) -> Result<usize, agentvm_store::StoreError> {
         let mut freed = 0;
+        for r in self.store.list_readers().await? {
+            if self.writer_ended(&r).await? && self.store.drop_reader(&r).await? {
+                freed += 1;
+            }
+        }
         for w in self.store.list_workspaces(None).await? {
             let Some(job) = &w.writer else { continue };
             if self.writer_ended(job).await?
@@ -623,13 +763,16 @@ impl Runner {
         let (out, err) = (child.stdout.take(), child.stderr.take());
         let (truncated, audited) = self.pump(job, tx, out, err, events).await;
         let status = child.wait().await;
+        let quota = over
+            .and_then(|o| o.disk.as_ref())
+            .map(|q| (q.left, q.why.as_str()));
         self.conclude(
             job,
             &dir,
             status,
             &cancelled,
             &interrupted,
-            truncated,
+            (truncated, quota),
             audited,
         )
         .await

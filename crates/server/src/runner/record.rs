@@ -226,7 +226,7 @@ impl Runner {
         status: std::io::Result<std::process::ExitStatus>,
         cancelled: &AtomicBool,
         interrupted: &AtomicBool,
-        truncated: bool,
+        (truncated, quota): (bool, Option<(u64, &str)>),
         audited: std::collections::HashSet<u64>,
     ) -> Finish {
         // what the runner says, typed; anything else is no result at all
@@ -247,6 +247,7 @@ impl Runner {
             timeout_s: job.timeout_s,
             max_patch: self.cfg.max_patch,
             patch_len,
+            quota,
         });
         // a patch past the limit is not written by the runner, nor read here
         let patch = match v.keep_patch {

@@ -189,9 +189,24 @@ impl Runner {
                 agentvm_store::bounded(bad, 64)
             ));
         }
+        if let Some(q) = &o.disk {
+            if q.left < super::QUOTA_FLOOR {
+                return Err(format!(
+                    "no disk is left for it: {}; nothing ran (delete checkpoints or workspaces, or raise the quota)",
+                    q.why
+                ));
+            }
+            let asked = req
+                .limits
+                .disk
+                .unwrap_or(agentvm_sandbox::spec::DEFAULT_DISK);
+            req.limits.disk = Some(asked.min(q.left));
+        }
         let store = self.layer_store();
         req.stack = o.ws.stack.iter().map(|l| store.join(l)).collect();
-        req.layer_out = Some(store.join(&o.layer));
+        if !o.reader {
+            req.layer_out = Some(store.join(&o.layer));
+        }
         Ok(())
     }
 

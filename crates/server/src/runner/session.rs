@@ -1,7 +1,8 @@
 //! What a session's runner gets: the same typed RunRequest as a job's
 //! (profile limits, network policy, secrets only where the profile covers
 //! the session's network), with a terminal whose primary side comes back
-//! over a console socket, and a control socket for port forwards.
+//! over a console socket, a control socket for port forwards and one for
+//! pause and resume.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -15,6 +16,8 @@ use super::*;
 const CONSOLE_FD: i32 = 5;
 /// Where the runner inherits the port-forward control socket.
 const PORTS_FD: i32 = 6;
+/// Where the runner inherits the pause control socket.
+const CONTROL_FD: i32 = 7;
 /// How long a sandbox may take to hand over its terminal.
 const CONSOLE_WAIT: Duration = Duration::from_secs(120);
 
@@ -36,6 +39,8 @@ pub struct SessionSandbox {
     /// Our end of the port-forward control socket (none with the host's
     /// network).
     pub ports: Option<OwnedFd>,
+    /// Our end of the pause control socket (`agentvm_sandbox::control`).
+    pub control: OwnedFd,
 }
 
 fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -129,6 +134,7 @@ impl Runner {
         if ports {
             req.ports_fd = Some(PORTS_FD);
         }
+        req.control_fd = Some(CONTROL_FD);
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
         self.lay_over(&mut req, over)?;
         req.check()?;
@@ -177,6 +183,8 @@ impl Runner {
         } else {
             None
         };
+        let (control, control_theirs) =
+            seqpacket_pair().map_err(|e| format!("creating the control socket: {e}"))?;
         let hi = |fd: &OwnedFd, what: &str| {
             high_fd(fd).map_err(|e| format!("preparing the {what} descriptor: {e}"))
         };
@@ -186,6 +194,8 @@ impl Runner {
             .as_ref()
             .map(|(_, theirs)| hi(theirs, "ports"))
             .transpose()?;
+        let control_hi = hi(&control_theirs, "control")?;
+        let control_raw = control_hi.as_raw_fd();
         let repo_raw = repo_hi.as_ref().map(AsRawFd::as_raw_fd);
         let console_raw = console_hi.as_raw_fd();
         let ports_raw = ports_hi.as_ref().map(AsRawFd::as_raw_fd);
@@ -198,6 +208,7 @@ impl Runner {
                     (repo_raw, REPO_FD),
                     (Some(console_raw), CONSOLE_FD),
                     (ports_raw, PORTS_FD),
+                    (Some(control_raw), CONTROL_FD),
                 ])
             });
         }
@@ -213,6 +224,7 @@ impl Runner {
             .spawn();
         // the child holds the only other ends now
         drop((repo_dir, repo_hi, console_theirs, console_hi, ports_hi));
+        drop((control_theirs, control_hi));
         let ports = ports.map(|(ours, theirs)| {
             drop(theirs);
             ours
@@ -257,6 +269,7 @@ impl Runner {
             child,
             primary,
             ports,
+            control,
         })
     }
 }

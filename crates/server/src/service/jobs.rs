@@ -29,6 +29,8 @@ pub struct Ask<'a> {
     pub network: Option<&'a str>,
     /// Run over this workspace (id or name; then `repo_path` is empty).
     pub workspace: Option<&'a str>,
+    /// Over `workspace`: read it beside its writer, keep nothing in it.
+    pub read_only: bool,
 }
 
 /// What every job request carries, once validated.
@@ -79,6 +81,13 @@ impl Service {
                 "body",
                 "extra_args",
                 "at most 64 arguments of at most 4096 bytes, no NUL",
+            ));
+        }
+        if a.read_only && a.workspace.is_none() {
+            return Err(Error::invalid(
+                "body",
+                "read_only",
+                "read_only is for a job over a workspace (a job over a repository never writes it)",
             ));
         }
         if a.workspace.is_some() {
@@ -142,7 +151,7 @@ impl Service {
         // over a workspace: held for this job from now until it ends
         let (repo, held) = match ask.workspace {
             None => (v.repo, None),
-            Some(w) => match self.hold_workspace(p, w, &id).await {
+            Some(w) => match self.hold_workspace(p, w, &id, ask.read_only).await {
                 Ok(x) => x,
                 Err(e) => return self.rejected(p, action, None, e).await,
             },
@@ -167,6 +176,7 @@ impl Service {
                 if let Some(ws) = held {
                     let _ = self.store.release_workspace(&ws, &id, None).await;
                 }
+                let _ = self.store.drop_reader(&id).await;
                 return Err(e);
             }
         };

@@ -90,6 +90,14 @@ impl Service {
         let id = new.id.clone();
         // over a workspace: held for this session until it ends
         let held = match r.workspace.as_deref() {
+            None if r.read_only => {
+                let e = Error::invalid(
+                    "body",
+                    "read_only",
+                    "read_only is for a session over a workspace",
+                );
+                return self.rejected(p, A, None, e).await;
+            }
             None => None,
             Some(_) if r.repo_path.is_some() => {
                 let e = Error::invalid(
@@ -99,7 +107,7 @@ impl Service {
                 );
                 return self.rejected(p, A, None, e).await;
             }
-            Some(w) => match self.hold_workspace(p, w, &id).await {
+            Some(w) => match self.hold_workspace(p, w, &id, r.read_only).await {
                 Ok((repo, ws)) => {
                     new.repo_path = Some(repo.to_string_lossy().into_owned());
                     ws
@@ -111,6 +119,7 @@ impl Service {
             if let Some(ws) = &held {
                 let _ = self.store.release_workspace(ws, &id, None).await;
             }
+            let _ = self.store.drop_reader(&id).await;
         };
         let who = open.door.map(|d| format!("{} ({d})", p.key.id));
         match self
@@ -328,6 +337,10 @@ impl Service {
                     .collect()
             })
             .unwrap_or_default();
+        let paused = self
+            .sessions
+            .get(&s.id)
+            .is_some_and(|l| l.paused_since().is_some());
         let recording_bytes = std::fs::metadata(self.recording_path(&s.id))
             .ok()
             .map(|m| m.len());
@@ -346,6 +359,7 @@ impl Service {
             exit_code: s.exit_code,
             error: s.error,
             viewers,
+            paused,
             recording_bytes,
         }
     }
@@ -448,6 +462,47 @@ impl Service {
         let _ = std::fs::remove_dir_all(self.runner.session_dir(&s.id));
         self.record(p, A, Some(&s.id), "ok", Some("deleted")).await;
         Ok(None)
+    }
+
+    /// Pause (freeze every process of) or resume `p`'s live session
+    /// (admin: anyone's). Pausing a paused one, or resuming a running one,
+    /// changes nothing and says so in the audit trail.
+    pub async fn pause_session(&self, p: &Principal, id: &str, pause: bool) -> Result<Session> {
+        let a = if pause {
+            "session.pause"
+        } else {
+            "session.resume"
+        };
+        self.need_mut(p, Scope::Run, a, Some(id)).await?;
+        let s = self.find_session(p, id).await?;
+        let Some(live) = self.sessions.get(&s.id) else {
+            let e = Error::Conflict(format!(
+                "Session {} has ended ({}): only a live session can be {}",
+                s.name,
+                s.status,
+                if pause { "paused" } else { "resumed" }
+            ));
+            return self.rejected(p, a, Some(&s.id), e).await;
+        };
+        match live.set_paused(pause).await {
+            Ok(changed) => {
+                let how = match (changed, pause) {
+                    (true, _) => None,
+                    (false, true) => Some("already paused"),
+                    (false, false) => Some("not paused"),
+                };
+                self.record(p, a, Some(&s.id), "ok", how).await;
+                Ok(s)
+            }
+            Err(why) => {
+                let e = Error::Conflict(format!(
+                    "Session {} could not be {}: {why}",
+                    s.name,
+                    if pause { "paused" } else { "resumed" }
+                ));
+                self.rejected(p, a, Some(&s.id), e).await
+            }
+        }
     }
 
     /// An ended session's patch (empty when it changed nothing).

@@ -86,17 +86,23 @@ impl Service {
 
     /// Sizes from the manifests (what the layers hold, not what they share).
     fn bytes_of(&self, stack: &[String]) -> u64 {
-        let store = self.layer_store();
-        stack
-            .iter()
-            .filter_map(|l| layer::size(&store, l).ok())
-            .map(|m| m.bytes)
-            .sum()
+        crate::runner::layers_bytes(&self.layer_store(), stack)
     }
 
-    pub fn workspace_view(&self, w: Workspace) -> WorkspaceView {
+    /// The workspace as the API shows it, with what its layers and its
+    /// checkpoints' hold against its quota.
+    pub async fn workspace_view(&self, w: Workspace) -> WorkspaceView {
+        let used = match self.runner.workspace_used(&w).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(workspace = %w.id, error = %e, "reading a workspace's checkpoints failed");
+                self.bytes_of(&w.stack)
+            }
+        };
         WorkspaceView {
             bytes: self.bytes_of(&w.stack),
+            used_bytes: used,
+            quota_bytes: self.cfg.workspace_quota,
             layers: w.stack.len(),
             id: w.id,
             name: w.name,
@@ -376,9 +382,47 @@ impl Service {
         let store = self.layer_store();
         let max = self.cfg.max_patch;
         let patch =
-            tokio::task::spawn_blocking(move || patch_of(&store, &scratch, &stack, &repo, max))
+            tokio::task::spawn_blocking(move || diff_of(&store, &scratch, &[], &stack, &repo, max))
                 .await
                 .map_err(|_| Error::Internal("internal error while making the patch".into()))??;
+        Ok((w, patch))
+    }
+
+    /// What changed from checkpoint `from` to checkpoint `to` of the
+    /// workspace (ids or names; `from` absent: the repository, `to`
+    /// absent: the workspace now), as a git patch that turns the first
+    /// state into the second. Each side's stack is squashed (hard links)
+    /// and read against the repo; only the paths either changed are
+    /// compared.
+    pub async fn workspace_diff(
+        &self,
+        p: &Principal,
+        id: &str,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> Result<(Workspace, Vec<u8>)> {
+        let w = self.find_workspace(p, id).await?;
+        let from_stack = match from {
+            Some(c) => self.find_checkpoint(&w, c).await?.stack,
+            None => Vec::new(),
+        };
+        let to_stack = match to {
+            Some(c) => self.find_checkpoint(&w, c).await?.stack,
+            None => w.stack.clone(),
+        };
+        let repo = check_repo(&self.roots, &w.repo_path).map_err(|_| {
+            Error::Conflict(
+                "The workspace's repository is gone or no longer inside an allowed root".into(),
+            )
+        })?;
+        let scratch = self.cfg.data_dir.join("layers-scratch");
+        let store = self.layer_store();
+        let max = self.cfg.max_patch;
+        let patch = tokio::task::spawn_blocking(move || {
+            diff_of(&store, &scratch, &from_stack, &to_stack, &repo, max)
+        })
+        .await
+        .map_err(|_| Error::Internal("internal error while making the diff".into()))??;
         Ok((w, patch))
     }
 
@@ -405,6 +449,7 @@ impl Service {
         p: &Principal,
         id_or_name: &str,
         job: &str,
+        read_only: bool,
     ) -> Result<(PathBuf, Option<String>)> {
         let w = self.find_workspace(p, id_or_name).await?;
         let repo = check_repo(&self.roots, &w.repo_path).map_err(|_| {
@@ -412,7 +457,23 @@ impl Service {
                 "The workspace's repository is gone or no longer inside an allowed root".into(),
             )
         })?;
+        if read_only {
+            // beside any writer: the stack as it is now, kept from the
+            // sweep until this reader ends
+            let _named = self.runner.layers_lock.lock().await;
+            let now = self.store.get_workspace(&w.id).await?.unwrap_or(w);
+            self.store.add_reader(job, &now.id, &now.stack).await?;
+            return Ok((repo, None));
+        }
         self.clear_stale_writer(&w).await?;
+        if let Some(q) = self.runner.quota_left(&w).await? {
+            if q.left < crate::runner::QUOTA_FLOOR {
+                return Err(Error::Conflict(format!(
+                    "Workspace {} has no disk left for a job or session: {}. Delete checkpoints or workspaces you no longer need, or raise the quota",
+                    w.name, q.why
+                )));
+            }
+        }
         if !self.store.take_workspace(&w.id, job).await? {
             let now = self.store.get_workspace(&w.id).await?;
             return Err(Error::Conflict(format!(
@@ -467,46 +528,69 @@ impl Service {
     }
 }
 
-/// The patch of `stack` over `repo` (see `Service::workspace_patch`).
-fn patch_of(
+/// The patch from the state stack `from` lays over `repo` to the one
+/// `to` does (an empty stack: the repo itself).
+fn diff_of(
     store: &Path,
     scratch: &Path,
-    stack: &[String],
+    from: &[String],
+    to: &[String],
     repo: &Path,
     max: u64,
 ) -> Result<Vec<u8>> {
     use std::os::fd::AsFd;
-    if stack.is_empty() {
+    if from == to {
         return Ok(Vec::new());
     }
-    let id = new_id("patch").replace('_', "-");
     let internal = |what: &str, e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "{what}");
         Error::Internal(format!("{what} failed"))
     };
-    // the scratch layer is only ever read here, then removed
+    // each side's stack squashed into a scratch layer that is only read
+    // here, then removed (an empty stack: an empty directory)
     let _ = std::fs::create_dir_all(scratch);
-    let squashed = layer::squash_into(store, stack, scratch, &id).map_err(layer_error);
-    let result = squashed.and_then(|_| {
-        let upper = std::fs::File::open(layer::path(scratch, &id))
-            .map_err(|e| internal("opening the squashed layer", &e))?;
+    let mut made = Vec::new();
+    let mut side = |stack: &[String]| -> Result<std::fs::File> {
+        let id = new_id("patch").replace('_', "-");
+        made.push(id.clone());
+        if stack.is_empty() {
+            std::fs::create_dir(layer::path(scratch, &id))
+                .map_err(|e| internal("making an empty scratch layer", &e))?;
+        } else {
+            layer::squash_into(store, stack, scratch, &id).map_err(layer_error)?;
+        }
+        std::fs::File::open(layer::path(scratch, &id))
+            .map_err(|e| internal("opening the squashed layer", &e))
+    };
+    let result = (|| {
         let lower =
             std::fs::File::open(repo).map_err(|e| internal("opening the repository", &e))?;
-        let cap = agentvm_workspace::capture(upper.as_fd(), Some(lower.as_fd()))
-            .map_err(|e| internal("reading the workspace's changes", &e))?;
-        let mut out = Vec::new();
+        let capture = |upper: &std::fs::File| {
+            agentvm_workspace::capture(upper.as_fd(), Some(lower.as_fd()))
+                .map_err(|e| internal("reading the workspace's changes", &e))
+        };
+        let b = capture(&side(to)?)?;
         let opts = agentvm_workspace::PatchOptions {
             max_bytes: max,
             ..Default::default()
         };
-        agentvm_workspace::render(&cap, &opts, &mut out).map_err(|e| match e {
+        let mut out = Vec::new();
+        let rendered = if from.is_empty() {
+            agentvm_workspace::render(&b, &opts, &mut out)
+        } else {
+            let a = capture(&side(from)?)?;
+            agentvm_workspace::render_between(&a, &b, &opts, &mut out)
+        };
+        rendered.map_err(|e| match e {
             agentvm_workspace::RenderError::TooLarge { .. } => Error::Conflict(format!(
-                "The workspace's patch is larger than this server's limit of {max} bytes"
+                "The patch is larger than this server's limit of {max} bytes"
             )),
             e => internal("rendering the workspace's patch", &e),
         })?;
         Ok(out)
-    });
-    let _ = layer::remove(scratch, &id);
+    })();
+    for id in made {
+        let _ = layer::remove(scratch, &id);
+    }
     result
 }

@@ -24,6 +24,8 @@ pub const MAX_VIEWERS: usize = 16;
 /// How long an ended session's command gets after SIGHUP before the
 /// sandbox is killed (its patch is then lost).
 const HANGUP_GRACE: Duration = Duration::from_secs(5);
+/// How long a pause or resume may take (the supervisor gives a freeze 5 s).
+const CONTROL_WAIT: Duration = Duration::from_secs(10);
 /// How often the idle timeout is checked.
 const IDLE_TICK: Duration = Duration::from_millis(500);
 /// Bytes of the runner's own messages kept (the tail) for the session's
@@ -51,6 +53,10 @@ pub struct Live {
     pub term: Arc<Terminal>,
     /// Our end of the sandbox's port-forward control socket.
     ports: Option<Mutex<OwnedFd>>,
+    /// Our end of the pause control socket; one request at a time.
+    control: tokio::sync::Mutex<tokio::io::unix::AsyncFd<OwnedFd>>,
+    /// Since when it is paused (the idle clock stands still meanwhile).
+    paused: Mutex<Option<Instant>>,
     pid: i32,
     idle: Duration,
     /// The last input, attach or detach.
@@ -77,7 +83,7 @@ impl Live {
     }
 
     fn idle_for(&self) -> Option<Duration> {
-        if !self.screen().viewers().is_empty() {
+        if !self.screen().viewers().is_empty() || self.paused_since().is_some() {
             return None;
         }
         Some(lock(&self.active).elapsed())
@@ -104,6 +110,87 @@ impl Live {
         unsafe { libc::kill(pid, libc::SIGHUP) };
     }
 
+    /// Since when the session is paused, if it is.
+    pub fn paused_since(&self) -> Option<Instant> {
+        *lock(&self.paused)
+    }
+
+    /// Freeze (`pause`) or thaw every process of the session, through its
+    /// supervisor; returns once the kernel says it is done. Ok(false): it
+    /// already was. Paused, nobody writes and the idle clock stands still;
+    /// resumed, the idle clock starts again.
+    pub async fn set_paused(&self, pause: bool) -> Result<bool, String> {
+        use agentvm_sandbox::control;
+        let ctl = self.control.lock().await;
+        if lock(&self.ending).is_some() {
+            return Err("the session is ending".into());
+        }
+        if self.paused_since().is_some() == pause {
+            return Ok(false);
+        }
+        let ask = if pause {
+            control::PAUSE
+        } else {
+            control::RESUME
+        };
+        let answer = tokio::time::timeout(CONTROL_WAIT, async {
+            loop {
+                let mut g = ctl.writable().await.map_err(|e| e.to_string())?;
+                match g.try_io(|fd| {
+                    nix::sys::socket::send(
+                        fd.as_raw_fd(),
+                        &[ask],
+                        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    )
+                    .map_err(std::io::Error::from)
+                }) {
+                    Ok(r) => {
+                        r.map_err(|e| e.to_string())?;
+                        break;
+                    }
+                    Err(_) => continue,
+                };
+            }
+            let mut buf = [0u8; 512];
+            loop {
+                let mut g = ctl.readable().await.map_err(|e| e.to_string())?;
+                match g.try_io(|fd| {
+                    nix::sys::socket::recv(
+                        fd.as_raw_fd(),
+                        &mut buf,
+                        nix::sys::socket::MsgFlags::empty(),
+                    )
+                    .map_err(std::io::Error::from)
+                }) {
+                    Ok(r) => return r.map(|n| buf[..n].to_vec()).map_err(|e| e.to_string()),
+                    Err(_) => continue,
+                }
+            }
+        })
+        .await;
+        let answer = match answer {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => return Err(format!("the session's supervisor is not there ({e})")),
+            Err(_) => return Err("the session's supervisor did not answer in time".into()),
+        };
+        match answer.first() {
+            Some(&control::PAUSED) if pause => {
+                *lock(&self.paused) = Some(Instant::now());
+                self.screen().set_paused(true);
+                Ok(true)
+            }
+            Some(&control::RESUMED) if !pause => {
+                *lock(&self.paused) = None;
+                self.touch();
+                self.screen().set_paused(false);
+                Ok(true)
+            }
+            Some(&control::FAILED) => Err(String::from_utf8_lossy(&answer[1..]).into_owned()),
+            None => Err("the session's supervisor went away".into()),
+            _ => Err("the session's supervisor answered something else".into()),
+        }
+    }
+
     /// A signal from the writer for the command: INT, TERM, HUP or QUIT,
     /// which the runner forwards (anything else would hit the runner
     /// itself and lose the session's patch). False if not passed.
@@ -111,6 +198,7 @@ impl Live {
         if ![libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
             || self.pid <= 0
             || lock(&self.ending).is_some()
+            || self.paused_since().is_some()
         {
             return false;
         }
@@ -348,12 +436,23 @@ impl SessionHost {
                 return Err(fail(format!("taking the session's terminal: {e}")).await);
             }
         };
+        let control = match nonblocking(sb.control) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                drop_over(over).await;
+                return Err(fail(format!("taking the session's control socket: {e}")).await);
+            }
+        };
         let live = Arc::new(Live {
             id: s.id.clone(),
             owner: s.owner.clone(),
             name: s.name.clone(),
             term: term.clone(),
             ports: sb.ports.map(Mutex::new),
+            control: tokio::sync::Mutex::new(control),
+            paused: Mutex::new(None),
             pid,
             idle: Duration::from_secs(u64::try_from(s.idle_timeout_s).unwrap_or(1).max(1)),
             active: Mutex::new(Instant::now()),
@@ -513,6 +612,14 @@ impl SessionHost {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+fn nonblocking(fd: OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    super::terminal::set_nonblocking(&fd)?;
+    // SAFETY: the AsyncFd owns the descriptor; nothing else closes or
+    // replaces it while registered.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// A command line as a header shows it.

@@ -28,6 +28,8 @@ pub enum Frame {
     Output(Arc<[u8]>),
     /// The session ended with this exit status (`None`: killed, lost).
     End(Option<i32>),
+    /// The session was paused (true) or resumed (false).
+    Paused(bool),
 }
 
 /// Why an attach was refused.
@@ -74,6 +76,9 @@ struct Inner {
     writer: Option<u64>,
     next: u64,
     ended: Option<Option<i32>>,
+    /// Paused: nobody's input counts (the writer keeps the role for when
+    /// it resumes).
+    paused: bool,
 }
 
 /// A session's screen.
@@ -93,6 +98,7 @@ impl Screen {
                 writer: None,
                 next: 1,
                 ended: None,
+                paused: false,
             }),
             replay_cap,
             queue: queue.max(1),
@@ -195,7 +201,7 @@ impl Screen {
                 who: who.to_string(),
             },
         );
-        let writer = want_write && g.writer.is_none();
+        let writer = want_write && g.writer.is_none() && !g.paused;
         if writer {
             g.writer = Some(id);
         }
@@ -231,14 +237,39 @@ impl Screen {
 
     /// May viewer `id`'s input reach the session?
     pub fn may_write(&self, id: u64) -> bool {
+        let g = self.lock();
+        g.writer == Some(id) && !g.paused
+    }
+
+    /// Does viewer `id` hold the writer's role (whether or not the
+    /// session is paused)?
+    pub fn is_writer(&self, id: u64) -> bool {
         self.lock().writer == Some(id)
     }
 
+    /// Is the session paused?
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// The session was paused or resumed: every viewer is told (one whose
+    /// queue is full is behind anyway, and is dropped by the next output).
+    pub fn set_paused(&self, paused: bool) {
+        let mut g = self.lock();
+        if g.ended.is_some() || g.paused == paused {
+            return;
+        }
+        g.paused = paused;
+        for v in g.viewers.values() {
+            let _ = v.tx.try_send(Frame::Paused(paused));
+        }
+    }
+
     /// Viewer `id` becomes the writer (the previous one reads only).
-    /// False if `id` is not attached.
+    /// False if `id` is not attached or the session is paused.
     pub fn take_over(&self, id: u64) -> bool {
         let mut g = self.lock();
-        if !g.viewers.contains_key(&id) {
+        if !g.viewers.contains_key(&id) || g.paused {
             return false;
         }
         g.writer = Some(id);
@@ -290,6 +321,7 @@ mod tests {
             match f {
                 Frame::Output(b) => out.extend_from_slice(&b),
                 Frame::End(s) => end = Some(s),
+                Frame::Paused(_) => {}
             }
         }
         (out, end)

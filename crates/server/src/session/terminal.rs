@@ -39,6 +39,8 @@ pub enum InputError {
     Busy,
     /// The terminal is gone.
     Closed,
+    /// The session is paused: nothing is taken until it resumes.
+    Paused,
     /// Rows and columns must be 1 to 1000.
     BadSize,
 }
@@ -172,7 +174,7 @@ pub struct Terminal {
     recording: Mutex<Option<Recording>>,
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+pub(super) fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     // SAFETY: fcntl on a descriptor we own, integer arguments.
     unsafe {
         let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
@@ -280,6 +282,9 @@ impl Terminal {
     /// Input from viewer `id`: written only if it is the writer, never
     /// waiting on a program that does not read.
     pub fn input(&self, id: u64, bytes: &[u8]) -> Result<(), InputError> {
+        if self.screen.is_paused() {
+            return Err(InputError::Paused);
+        }
         if !self.screen.may_write(id) {
             return Err(InputError::ReadOnly);
         }

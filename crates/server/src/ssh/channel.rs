@@ -146,6 +146,7 @@ async fn shell(
         ));
     }
     // two connections racing to start one name: the loser attaches
+    let mut last = String::new();
     for _ in 0..2 {
         if let Ok(s) = svc.find_session(p, user).await {
             if s.status == SessionStatus::Running {
@@ -166,12 +167,13 @@ async fn shell(
             ..Default::default()
         };
         match open(svc, p, &r, false).await {
-            Err(Error::Conflict(_)) => continue,
+            // the name was taken between the two calls: attach to it
+            Err(Error::Conflict(why)) => last = why,
             other => return other.map(|v| (v, true)).map_err(|e| e.to_string()),
         }
     }
     Err(format!(
-        "session {user} could not be started or attached; try again"
+        "session {user} could not be started or attached: {last}"
     ))
 }
 
@@ -326,6 +328,11 @@ async fn run(
                         let n = "\r\nagentvm: another viewer is typing in this session; yours is ignored until they detach\r\n";
                         let _ = wr.extended_data_bytes(1, n.as_bytes().to_vec()).await;
                     }
+                    Err(InputError::Paused) if !told => {
+                        told = true;
+                        let n = "\r\nagentvm: the session is paused; input is ignored until it is resumed\r\n";
+                        let _ = wr.extended_data_bytes(1, n.as_bytes().to_vec()).await;
+                    }
                     Err(_) => {}
                 }
             }
@@ -404,6 +411,16 @@ async fn output(
                 }
                 let ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
                 last_out.store(ms, Ordering::Relaxed);
+            }
+            Some(Frame::Paused(p)) => {
+                let n = if p {
+                    format!("\r\nagentvm: session {} is paused (agentvm sessions resume {} lets it go on)\r\n", v.live.name, v.live.id)
+                } else {
+                    format!("\r\nagentvm: session {} resumed\r\n", v.live.name)
+                };
+                if wr.extended_data_bytes(1, n.into_bytes()).await.is_err() {
+                    return;
+                }
             }
             Some(Frame::End(code)) => {
                 let s = svc.store.get_session(&v.live.id).await.ok().flatten();

@@ -15,6 +15,7 @@ mod compat;
 mod egress;
 mod keys;
 mod lifecycle;
+mod pause;
 mod recovery;
 mod secrets;
 mod sessions;

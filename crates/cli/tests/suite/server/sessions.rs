@@ -9,10 +9,10 @@ use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, Message, W
 
 use super::*;
 
-type Ws = WebSocket<TcpStream>;
+pub(super) type Ws = WebSocket<TcpStream>;
 
 /// Attach over the WebSocket (`query` such as "?read_only=true").
-fn ws(s: &Server, key: &str, id: &str, query: &str) -> Result<Ws, (u16, String)> {
+pub(super) fn ws(s: &Server, key: &str, id: &str, query: &str) -> Result<Ws, (u16, String)> {
     let url = format!(
         "{}/v1/sessions/{id}/attach{query}",
         s.url.replacen("http://", "ws://", 1)
@@ -34,7 +34,7 @@ fn ws(s: &Server, key: &str, id: &str, query: &str) -> Result<Ws, (u16, String)>
 
 /// The next text message as JSON (binary messages before it are skipped
 /// into `out`).
-fn next_text(w: &mut Ws, out: &mut Vec<u8>) -> Value {
+pub(super) fn next_text(w: &mut Ws, out: &mut Vec<u8>) -> Value {
     loop {
         match w.read() {
             Ok(Message::Text(t)) => return serde_json::from_str(&t).unwrap_or(Value::Null),
@@ -46,7 +46,7 @@ fn next_text(w: &mut Ws, out: &mut Vec<u8>) -> Value {
 }
 
 /// Read terminal bytes until `want` appears in what was read (or 20 s).
-fn read_until(w: &mut Ws, want: &str) -> String {
+pub(super) fn read_until(w: &mut Ws, want: &str) -> String {
     let mut seen = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -64,12 +64,12 @@ fn read_until(w: &mut Ws, want: &str) -> String {
     String::from_utf8_lossy(&seen).into_owned()
 }
 
-fn type_in(w: &mut Ws, text: &str) {
+pub(super) fn type_in(w: &mut Ws, text: &str) {
     w.send(Message::Binary(text.as_bytes().to_vec().into()))
         .unwrap();
 }
 
-fn create(s: &Server, body: Value) -> Value {
+pub(super) fn create(s: &Server, body: Value) -> Value {
     let (code, v) = s.json("POST", "/v1/sessions", Some(body));
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["status"], "running", "{v}");
@@ -77,7 +77,7 @@ fn create(s: &Server, body: Value) -> Value {
 }
 
 /// Poll the session until it has ended.
-fn wait_ended(s: &Server, id: &str, within: Duration) -> Value {
+pub(super) fn wait_ended(s: &Server, id: &str, within: Duration) -> Value {
     let deadline = Instant::now() + within;
     loop {
         let (_, v) = s.json("GET", &format!("/v1/sessions/{id}"), None);
@@ -88,7 +88,7 @@ fn wait_ended(s: &Server, id: &str, within: Duration) -> Value {
     }
 }
 
-fn new_key(s: &Server, scopes: &[&str]) -> String {
+pub(super) fn new_key(s: &Server, scopes: &[&str]) -> String {
     let (code, v) = s.json(
         "POST",
         "/v1/keys",
@@ -113,7 +113,7 @@ fn attach_detach_reattach_one_writer_patch_apply_and_recording() {
     let hello = next_text(&mut a, &mut junk);
     assert_eq!(
         hello,
-        json!({"type": "hello", "session": id, "name": "work", "writer": true})
+        json!({"type": "hello", "session": id, "name": "work", "writer": true, "paused": false})
     );
     type_in(&mut a, "export KEEP=kept-$((6*7)); stty size\r");
     let out = read_until(&mut a, "30 100");

@@ -66,6 +66,50 @@ fn workspaces_carry_jobs_checkpoints_restores_and_forks() {
     );
     assert_eq!(code, 409, "a checkpoint name that exists: {again}");
     run_in(&s, "w", "rm f1.txt && echo three > f3.txt");
+    // the diff between two checkpoints turns one state into the other:
+    // a copy of the repo brought to c1, then the diff c1 -> c2, is c2
+    let (code, c2) = s.json(
+        "POST",
+        "/v1/workspaces/w/checkpoints",
+        Some(json!({"name": "c2"})),
+    );
+    assert_eq!(code, 201, "{c2}");
+    let d = s.text("/v1/workspaces/w/diff?from=c1&to=c2");
+    assert!(
+        d.contains("deleted file mode") && d.contains("+++ b/f3.txt") && !d.contains("f2.txt"),
+        "{d}"
+    );
+    assert_eq!(
+        s.text("/v1/workspaces/w/diff?from=c1"),
+        d,
+        "c1 to now is c1 to c2"
+    );
+    assert_eq!(
+        s.text(&format!("/v1/workspaces/w/diff?from={c1_id}&to=c1")),
+        ""
+    );
+    let state = |to: &str| {
+        let d = tempdir();
+        let c = sh(
+            d.path(),
+            &format!("cp -R {}/. . && rm -rf .git", repo.display()),
+        );
+        assert!(c.status.success());
+        let p = s.text(&format!("/v1/workspaces/w/diff?to={to}"));
+        std::fs::write(d.path().join("to.patch"), p).unwrap();
+        let a = sh(d.path(), "git apply to.patch && rm to.patch");
+        assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+        d
+    };
+    let (at_c1, at_c2) = (state("c1"), state("c2"));
+    std::fs::write(at_c1.path().join("d.patch"), &d).unwrap();
+    let a = sh(at_c1.path(), "git apply d.patch && rm d.patch");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert_eq!(manifest(at_c1.path()), manifest(at_c2.path()));
+    let (code, e) = s.json("GET", "/v1/workspaces/w/diff?from=nope", None);
+    assert_eq!(code, 404, "{e}");
+    let (code, e) = s.json("GET", "/v1/workspaces/w/diff?since=c1", None);
+    assert_eq!(code, 422, "{e}");
     let (_, _, ls) = run_in(&s, "w", "ls");
     assert!(ls.contains("f3.txt") && !ls.contains("f1.txt"), "{ls}");
     let (code, r) = s.json(
@@ -82,7 +126,7 @@ fn workspaces_carry_jobs_checkpoints_restores_and_forks() {
     let (_, list) = s.json("GET", "/v1/workspaces/w/checkpoints", None);
     assert_eq!(
         list["checkpoints"].as_array().map(Vec::len),
-        Some(1),
+        Some(2),
         "{list}"
     );
     assert_eq!(list["checkpoints"][0]["layers"], 2, "{list}");
@@ -138,7 +182,8 @@ fn workspaces_carry_jobs_checkpoints_restores_and_forks() {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("f1.txt"))
-        .find(|p| p.exists())
+        // a file, not the whiteout of a layer that deleted it
+        .find(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
         .unwrap_or_else(|| panic!("no layer holds f1.txt"));
     std::fs::write(&damaged, b"0ne\n").unwrap();
     let (code, e) = s.json(
@@ -482,4 +527,121 @@ fn a_session_over_a_workspace_builds_on_it_and_holds_it() {
     let both = json!({"workspace": "w", "repo_path": repo_s});
     let (code, v) = s.json("POST", "/v1/sessions", Some(both));
     assert_eq!(code, 422, "{v}");
+}
+
+/// A workspace's quota and the server's total bound what its jobs may
+/// write: past it, ENOSPC inside and a job error saying which quota; once
+/// it is used up, no job starts over it (409); GET reports the use.
+#[test]
+fn quotas_give_enospc_inside_and_say_which() {
+    let (_t, repo, s) = setup(&["--workspace-quota", "3M", "--workspaces-total", "5M"]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "q", "repo_path": repo_s}));
+    let (_, d, _) = run_in(&s, "q", "head -c 1048576 /dev/zero > one.bin");
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let (_, w) = s.json("GET", "/v1/workspaces/q", None);
+    assert_eq!(w["quota_bytes"], 3 << 20, "{w}");
+    assert_eq!(w["used_bytes"], 1 << 20, "{w}");
+    // 2M left: a job writing 5M meets ENOSPC inside and says why
+    let (_, d, logs) = run_in(&s, "q", "head -c 5242880 /dev/zero > big.bin");
+    assert_eq!(d["status"], "failed", "{d}");
+    assert!(logs.contains("No space left on device"), "{logs}");
+    let err = d["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("its disk (2097152 bytes) was full")
+            && err.contains("workspace q holds 1048576 bytes of its quota of 3145728"),
+        "{d}"
+    );
+    assert_eq!(d["result"]["disk_full"], true, "{d}");
+    // what it wrote until then is kept: the quota is used up, and the
+    // next job is refused before it is queued
+    let (code, e) = s.json("POST", "/v1/jobs", Some(ws_job("q", "true")));
+    assert_eq!(code, 409, "{e}");
+    assert!(
+        e["detail"].as_str().unwrap_or("").contains("no disk left"),
+        "{e}"
+    );
+    let (code, e) = s.json("POST", "/v1/sessions", Some(json!({"workspace": "q"})));
+    assert_eq!(code, 409, "{e}");
+    // the server's total binds a second workspace sooner than its own quota
+    make(&s, json!({"name": "r", "repo_path": repo_s}));
+    let (_, d, _) = run_in(&s, "r", "head -c 3145728 /dev/zero > big.bin");
+    assert_eq!(d["status"], "failed", "{d}");
+    assert!(
+        d["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--workspaces-total"),
+        "{d}"
+    );
+    // deleting what holds the bytes gives them back
+    let (code, _) = s.json("DELETE", "/v1/workspaces/q", None);
+    assert_eq!(code, 204);
+    let (_, d, _) = run_in(&s, "r", "head -c 1048576 /dev/zero > more.bin");
+    assert_eq!(d["status"], "succeeded", "{d}");
+}
+
+/// Read-only use beside a writer: a job or session that reads a busy
+/// workspace runs at once, over its state when accepted, and leaves
+/// nothing in it; a second writer is still refused.
+#[test]
+fn readers_run_beside_the_writer_and_leave_nothing() {
+    let (_t, repo, s) = setup(&[]);
+    let repo_s = repo.to_string_lossy().into_owned();
+    make(&s, json!({"name": "w", "repo_path": repo_s}));
+    let (_, d, _) = run_in(&s, "w", "echo one > one.txt");
+    assert_eq!(d["status"], "succeeded", "{d}");
+    // a writer that takes its time
+    let (code, wj) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(ws_job("w", "sleep 2; echo two > two.txt")),
+    );
+    assert_eq!(code, 202, "{wj}");
+    let writer = wj["id"].as_str().unwrap_or("").to_string();
+    s.wait_running(&writer);
+    let (code, e) = s.json("POST", "/v1/jobs", Some(ws_job("w", "true")));
+    assert_eq!(code, 409, "a second writer: {e}");
+    // a reader runs now, sees the state, writes only its own patch
+    let mut rj = ws_job(
+        "w",
+        "cat one.txt; test -e two.txt || echo no-two; echo r > r.txt",
+    );
+    rj["read_only"] = json!(true);
+    let (code, r) = s.json("POST", "/v1/jobs", Some(rj));
+    assert_eq!(code, 202, "{r}");
+    let reader = r["id"].as_str().unwrap_or("").to_string();
+    let rd = s.wait(&reader);
+    assert_eq!(rd["status"], "succeeded", "{rd}");
+    assert_eq!(s.text(&format!("/v1/jobs/{reader}/logs")), "one\nno-two\n");
+    assert!(s
+        .text(&format!("/v1/jobs/{reader}/patch"))
+        .contains("+++ b/r.txt"));
+    let (_, w) = s.json("GET", "/v1/workspaces/w", None);
+    assert_eq!(w["writer"], json!(writer), "the reader took no hold: {w}");
+    // a session may read it too
+    let (code, v) = s.json(
+        "POST",
+        "/v1/sessions",
+        Some(json!({"workspace": "w", "read_only": true, "command": ["sh", "-c", "cat one.txt > seen; sleep 30"]})),
+    );
+    assert_eq!((code, &v["status"]), (201, &json!("running")), "{v}");
+    let sid = v["id"].as_str().unwrap_or("").to_string();
+    let wd = s.wait(&writer);
+    assert_eq!(wd["status"], "succeeded", "{wd}");
+    let (code, _) = s.json("DELETE", &format!("/v1/sessions/{sid}"), None);
+    assert_eq!(code, 202);
+    // the writer's change is kept; the readers' are not
+    let (_, _, ls) = run_in(&s, "w", "ls");
+    assert!(
+        ls.contains("two.txt") && !ls.contains("r.txt") && !ls.contains("seen"),
+        "{ls}"
+    );
+    // read_only is for a workspace only
+    let (code, e) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(json!({"agent": "shell", "prompt": "true", "repo_path": repo_s, "read_only": true})),
+    );
+    assert_eq!(code, 422, "{e}");
 }
