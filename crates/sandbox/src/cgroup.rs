@@ -426,6 +426,16 @@ impl Cgroup {
         freeze_dir(&self.version, d, FREEZE_WAIT)
     }
 
+    /// Where this cgroup is frozen from (v1's freezer directory, v2's own),
+    /// or why it cannot be.
+    pub fn freezer(&self) -> Result<&Path, String> {
+        if let Some(why) = &self.no_freezer {
+            return Err(why.clone());
+        }
+        self.dir("freezer")
+            .ok_or_else(|| "it was made without a freezer".to_string())
+    }
+
     /// Let every process in the cgroup run again.
     pub fn thaw(&self) -> Result<(), String> {
         match self.dir("freezer") {

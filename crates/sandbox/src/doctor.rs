@@ -130,20 +130,40 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
                 &limits,
                 cgroup_parent,
                 &format!("agentvm-doctor-{}", std::process::id()),
-                false,
+                true,
             );
-            let (ok, why) = match probe {
+            let (ok, why, freezer) = match probe {
                 Ok(Some(cg)) => {
+                    let f = match cg.freezer() {
+                        Ok(d) => Ok(match h.version {
+                            cgroup::Version::V1 => format!("v1 freezer at {}", d.display()),
+                            cgroup::Version::V2 => "v2 cgroup.freeze".to_string(),
+                        }),
+                        Err(e) => Err(e),
+                    };
                     cg.destroy();
-                    (true, "can create limited cgroups here".to_string())
+                    (true, "can create limited cgroups here".to_string(), f)
                 }
-                Ok(None) => (false, "nothing to create".to_string()),
-                Err(e) => (false, e.message),
+                Ok(None) => (
+                    false,
+                    "nothing to create".to_string(),
+                    Err("no cgroup".into()),
+                ),
+                Err(e) => (false, e.message, Err("no cgroup could be made".into())),
             };
             add(
                 "cgroup",
                 ok,
                 format!("{:?} with {}; {why}", h.version, ctrls.join(", ")).to_lowercase(),
+            );
+            // sessions pause with it; without it everything else works
+            add(
+                "freezer",
+                freezer.is_ok(),
+                match freezer {
+                    Ok(how) => format!("sessions can be paused ({how})"),
+                    Err(why) => format!("sessions cannot be paused: {why}"),
+                },
             );
         }
     }

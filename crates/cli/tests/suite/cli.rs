@@ -454,6 +454,7 @@ fn doctor_reports_every_layer() {
         "seccomp",
         "landlock",
         "cgroup",
+        "freezer",
         "sandbox",
     ] {
         assert!(layers.contains(&l), "{l} missing: {layers:?}");
