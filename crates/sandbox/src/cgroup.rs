@@ -55,6 +55,23 @@ fn owner_pid(name: &str) -> Option<i32> {
     pid.parse().ok().filter(|&p: &i32| p > 0)
 }
 
+/// Is the supervisor `pid` gone: no such process, or a zombie nobody has
+/// reaped yet (a supervisor killed with its server is reparented, and
+/// its new parent may take its time)?
+fn owner_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // the state follows the command, which is in parentheses
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => {
+            // SAFETY: signal 0 only checks that the pid exists.
+            let r = unsafe { libc::kill(pid, 0) };
+            r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+        }
+    }
+}
+
 /// Remove, under `base`, the cgroups of earlier sandboxes whose supervisor
 /// was killed before it could clean up (SIGKILL, a crashed host process):
 /// named by [`owner_pid`] for a pid that no longer exists, holding no
@@ -69,10 +86,7 @@ pub fn sweep(base: &Path) -> usize {
         let Some(pid) = e.file_name().to_str().and_then(owner_pid) else {
             continue;
         };
-        // SAFETY: signal 0 only checks that the pid exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if !gone {
+        if !owner_gone(pid) {
             continue;
         }
         let p = e.path();
@@ -220,8 +234,12 @@ pub fn needed(limits: &Limits) -> Vec<&'static str> {
 pub struct Cgroup {
     version: Version,
     dirs: Vec<(String, PathBuf)>,
-    /// Why this cgroup cannot be frozen, when asked for and it cannot.
-    no_freezer: Option<String>,
+    /// Why this cgroup cannot be frozen, when asked for and it cannot
+    /// (set late too: joining the freezer can fail).
+    no_freezer: std::sync::Mutex<Option<String>>,
+    /// Its directories serve the freezer only (no limit was asked for):
+    /// a failure with them costs the pause, not the sandbox.
+    freeze_only: bool,
 }
 
 fn write(path: &Path, value: &str) -> Result<(), SetupError> {
@@ -286,6 +304,13 @@ pub fn thaw_dir(version: &Version, d: &Path) -> Result<(), String> {
     fs::write(d.join(file), value).map_err(|e| format!("thawing {}: {e}", d.display()))
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
 impl Cgroup {
     /// Create the cgroup for `limits` under `parent` (relative to each
     /// hierarchy's root; default: the caller's own cgroup). `None` when no
@@ -308,7 +333,10 @@ impl Cgroup {
                 return Ok(Some(Cgroup {
                     version: Version::V1,
                     dirs: Vec::new(),
-                    no_freezer: Some("no cgroup hierarchy is mounted on this host".into()),
+                    no_freezer: std::sync::Mutex::new(Some(
+                        "no cgroup hierarchy is mounted on this host".into(),
+                    )),
+                    freeze_only: true,
                 }));
             }
             return Err(SetupError::new(
@@ -319,7 +347,8 @@ impl Cgroup {
         let mut cg = Cgroup {
             version: h.version.clone(),
             dirs: Vec::new(),
-            no_freezer: None,
+            no_freezer: std::sync::Mutex::new(None),
+            freeze_only: need.is_empty(),
         };
         let base_for = |ctrl: &str| -> Result<PathBuf, SetupError> {
             let mount = h
@@ -373,20 +402,26 @@ impl Cgroup {
                         cg.mkdir("freezer", &base.join(name))
                     });
                     if let Err(e) = made {
-                        cg.no_freezer = Some(e.message);
+                        cg.set_no_freezer(e.message);
                     }
                 }
             }
             Version::V2 => {
-                let base = base_for("memory")?;
-                sweep(&base);
-                let enable: String = need.iter().map(|c| format!("+{c} ")).collect();
-                // Best effort: the parent may already delegate them.
-                if !need.is_empty() {
-                    let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
+                let made = base_for("memory").and_then(|base| {
+                    sweep(&base);
+                    let enable: String = need.iter().map(|c| format!("+{c} ")).collect();
+                    // Best effort: the parent may already delegate them.
+                    if !need.is_empty() {
+                        let _ = fs::write(base.join("cgroup.subtree_control"), enable.trim());
+                    }
+                    cg.mkdir("unified", &base.join(name))
+                });
+                match made {
+                    Ok(()) => {}
+                    // only the freezer wanted it: the sandbox runs without
+                    Err(e) if cg.freeze_only => cg.set_no_freezer(e.message),
+                    Err(e) => return Err(e),
                 }
-                let dir = base.join(name);
-                cg.mkdir("unified", &dir)?;
             }
         }
         if let Err(e) = cg.apply(limits) {
@@ -417,7 +452,7 @@ impl Cgroup {
     /// they are (at most [`FREEZE_WAIT`]; a freeze that does not complete
     /// is undone). Frozen tasks use no CPU and keep their memory.
     pub fn freeze(&self) -> Result<(), String> {
-        if let Some(why) = &self.no_freezer {
+        if let Some(why) = lock(&self.no_freezer).as_ref() {
             return Err(format!("this sandbox cannot be frozen: {why}"));
         }
         let d = self
@@ -429,7 +464,7 @@ impl Cgroup {
     /// Where this cgroup is frozen from (v1's freezer directory, v2's own),
     /// or why it cannot be.
     pub fn freezer(&self) -> Result<&Path, String> {
-        if let Some(why) = &self.no_freezer {
+        if let Some(why) = lock(&self.no_freezer).as_ref() {
             return Err(why.clone());
         }
         self.dir("freezer")
@@ -504,10 +539,22 @@ impl Cgroup {
 
     /// Move `pid` into the cgroup (each hierarchy's directory).
     pub fn add(&self, pid: i32) -> Result<(), SetupError> {
-        for (_, d) in &self.dirs {
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        for (ctrl, d) in &self.dirs {
+            match write(&d.join("cgroup.procs"), &pid.to_string()) {
+                Ok(()) => {}
+                // the freezer is for pausing only: without it the sandbox
+                // runs and a pause says why not
+                Err(e) if ctrl == "freezer" || self.freeze_only => {
+                    self.set_no_freezer(format!("joining its freezer cgroup: {}", e.message))
+                }
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    fn set_no_freezer(&self, why: String) {
+        *lock(&self.no_freezer) = Some(why);
     }
 
     /// Move `pid` back to the parent cgroup, so that once every other

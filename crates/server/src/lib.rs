@@ -263,6 +263,10 @@ pub fn router(st: Arc<api::AppState>) -> Router {
             "/v1/workspaces/{id}/checkpoints",
             post(api::create_checkpoint).get(api::list_checkpoints),
         )
+        .route(
+            "/v1/workspaces/{id}/checkpoints/{checkpoint}",
+            axum::routing::delete(api::delete_checkpoint),
+        )
         .route("/v1/workspaces/{id}/restore", post(api::restore_workspace))
         .route("/v1/workspaces/{id}/patch", get(api::workspace_patch))
         .route("/v1/workspaces/{id}/diff", get(api::workspace_diff))

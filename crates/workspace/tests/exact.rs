@@ -68,6 +68,22 @@ fn round_trip(old: &Path, upper: &Path, opts: &PatchOptions) -> (tempfile::TempD
     (copy, patch)
 }
 
+/// `repo_with` for names that may hold a directory.
+fn repo_nested(files: &[(String, Vec<u8>)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    assert!(git(d.path(), &["init", "-q"]).status.success());
+    for (n, c) in files {
+        let p = d.path().join(n);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(p, c).unwrap();
+    }
+    git(d.path(), &["add", "-A"]);
+    git(d.path(), &["commit", "-qm", "init", "--allow-empty"]);
+    d
+}
+
 fn repo_with(files: &[(String, Vec<u8>)]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     assert!(git(d.path(), &["init", "-q"]).status.success());
@@ -139,6 +155,8 @@ enum Fate {
     Same,
     Deleted,
     Written(Vec<u8>),
+    /// Written and executable.
+    Exec(Vec<u8>),
     Link(String),
 }
 
@@ -147,6 +165,7 @@ fn fate() -> impl Strategy<Value = Fate> {
         3 => Just(Fate::Same),
         1 => Just(Fate::Deleted),
         4 => content().prop_map(Fate::Written),
+        1 => content().prop_map(Fate::Exec),
         1 => "[a-z]{1,8}".prop_map(Fate::Link),
     ]
 }
@@ -155,7 +174,12 @@ fn fate() -> impl Strategy<Value = Fate> {
 fn upper_with(fates: &[Fate]) -> tempfile::TempDir {
     let u = tempfile::tempdir().unwrap();
     for (i, f) in fates.iter().enumerate() {
-        let p = u.path().join(format!("f{i}"));
+        let p = u.path().join(name(i));
+        if let Some(d) = p.parent() {
+            if !matches!(f, Fate::Same) {
+                std::fs::create_dir_all(d).unwrap();
+            }
+        }
         match f {
             Fate::Same => {}
             Fate::Deleted => nix::sys::stat::mknod(
@@ -166,26 +190,52 @@ fn upper_with(fates: &[Fate]) -> tempfile::TempDir {
             )
             .unwrap(),
             Fate::Written(c) => std::fs::write(&p, c).unwrap(),
+            Fate::Exec(c) => {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::write(&p, c).unwrap();
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
             Fate::Link(t) => std::os::unix::fs::symlink(t, &p).unwrap(),
         }
     }
     u
 }
 
-/// Every name under `d` (but .git) with its kind and bytes.
+/// File `i`'s path: every other one in a subdirectory.
+fn name(i: usize) -> String {
+    if i % 2 == 1 {
+        format!("d/f{i}")
+    } else {
+        format!("f{i}")
+    }
+}
+
+/// Every file and symlink under `d` (but .git) with its kind (and
+/// whether it is executable) and bytes; directories only by what they hold.
 fn snapshot(d: &Path) -> Vec<(String, String, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
     let mut v = Vec::new();
-    for e in std::fs::read_dir(d).unwrap().flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        if n == ".git" {
-            continue;
-        }
-        let m = std::fs::symlink_metadata(e.path()).unwrap();
-        if m.file_type().is_symlink() {
-            let t = std::fs::read_link(e.path()).unwrap();
-            v.push((n, "link".into(), t.to_string_lossy().as_bytes().to_vec()));
-        } else {
-            v.push((n, "file".into(), std::fs::read(e.path()).unwrap()));
+    let mut todo = vec![(d.to_path_buf(), String::new())];
+    while let Some((dir, prefix)) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let n = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if n == ".git" {
+                continue;
+            }
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.file_type().is_symlink() {
+                let t = std::fs::read_link(e.path()).unwrap();
+                v.push((n, "link".into(), t.to_string_lossy().as_bytes().to_vec()));
+            } else if m.is_dir() {
+                todo.push((e.path(), format!("{n}/")));
+            } else {
+                let kind = if m.permissions().mode() & 0o100 != 0 {
+                    "exec"
+                } else {
+                    "file"
+                };
+                v.push((n, kind.into(), std::fs::read(e.path()).unwrap()));
+            }
         }
     }
     v.sort();
@@ -204,8 +254,8 @@ proptest! {
         let root = nix::unistd::geteuid().is_root();
         let undeleted = |f: &Fate| if matches!(f, Fate::Deleted) && !root { Fate::Same } else { f.clone() };
         let old: Vec<(String, Vec<u8>)> = files.iter().enumerate()
-            .filter_map(|(i, (o, _, _))| o.clone().map(|c| (format!("f{i}"), c))).collect();
-        let repo = repo_with(&old);
+            .filter_map(|(i, (o, _, _))| o.clone().map(|c| (name(i), c))).collect();
+        let repo = repo_nested(&old);
         let a = upper_with(&files.iter().map(|(_, a, _)| undeleted(a)).collect::<Vec<_>>());
         let b = upper_with(&files.iter().map(|(_, _, b)| undeleted(b)).collect::<Vec<_>>());
         let opts = PatchOptions::default();

@@ -25,8 +25,14 @@ pub enum WorkspacesCmd {
     List,
     /// Show one workspace (id or name).
     Show { workspace: String },
-    /// Delete a workspace and its checkpoints (forks keep what they need).
-    Rm { workspace: String },
+    /// Delete a workspace and its checkpoints, or with --checkpoint only
+    /// that checkpoint (forks keep what they need either way).
+    Rm {
+        workspace: String,
+        /// Delete only this checkpoint (id or name) of the workspace.
+        #[arg(long, value_name = "CHECKPOINT")]
+        checkpoint: Option<String>,
+    },
     /// Take a checkpoint NAME of the workspace as it is now.
     Checkpoint { workspace: String, name: String },
     /// List a workspace's checkpoints, oldest first.
@@ -158,7 +164,25 @@ async fn inner(c: &Client, cmd: WorkspacesCmd) -> Result<ExitCode, String> {
                 .await?;
             show(c, &w);
         }
-        WorkspacesCmd::Rm { workspace } => {
+        WorkspacesCmd::Rm {
+            workspace,
+            checkpoint: Some(cp),
+        } => {
+            c.send(c.req(
+                Method::DELETE,
+                &api_path(&["v1", "workspaces", &workspace, "checkpoints", &cp], &[])?,
+            ))
+            .await?;
+            if c.json {
+                print_json(&json!({"workspace": workspace, "checkpoint": cp, "deleted": true}));
+            } else {
+                println!("checkpoint {cp} of {workspace} deleted");
+            }
+        }
+        WorkspacesCmd::Rm {
+            workspace,
+            checkpoint: None,
+        } => {
             c.send(c.req(
                 Method::DELETE,
                 &api_path(&["v1", "workspaces", &workspace], &[])?,

@@ -143,6 +143,24 @@ pub async fn workspace_patch(
     Ok(diff_response(patch))
 }
 
+/// Delete one checkpoint (id or name). Forks made from it, and the
+/// workspace itself, keep every layer they name; only layers nothing names
+/// any more are removed.
+#[utoipa::path(delete, path = "/v1/workspaces/{id}/checkpoints/{checkpoint}",
+    params(("id" = String, Path, description = ID), ("checkpoint" = String, Path, description = "Checkpoint id, or its name in this workspace")),
+    responses((status = 204, description = "Deleted"), (status = 401, body = ErrorDetail), (status = 403, body = ErrorDetail),
+        (status = 404, body = ErrorDetail, description = "No such workspace, or no such checkpoint in it"),
+        (status = 429, body = ErrorDetail)),
+    security(("api_key" = [])))]
+pub async fn delete_checkpoint(
+    State(st): S,
+    caller: Principal,
+    UrlPath((id, checkpoint)): UrlPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    st.delete_checkpoint(&caller, &id, &checkpoint).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct DiffQuery {
@@ -169,7 +187,17 @@ pub async fn workspace_diff(
     UrlPath(id): UrlPath<String>,
     q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::field("query", "from", e.body_text()))?;
+    let Query(q) = q.map_err(|e| {
+        let text = e.body_text();
+        // the parameter serde names (`unknown field `x``), else both
+        let name = text
+            .split('`')
+            .nth(1)
+            .filter(|n| n.len() <= 64)
+            .unwrap_or("from")
+            .to_string();
+        ApiError::field("query", &name, text)
+    })?;
     let (_, patch) = st
         .workspace_diff(&caller, &id, q.from.as_deref(), q.to.as_deref())
         .await?;

@@ -282,6 +282,26 @@ impl Service {
         Ok(())
     }
 
+    /// Delete one checkpoint of the workspace. The layers it named stay
+    /// for whatever else names them (the workspace, its other
+    /// checkpoints, forks made from it, readers); the rest are swept.
+    pub async fn delete_checkpoint(&self, p: &Principal, id: &str, checkpoint: &str) -> Result<()> {
+        const A: &str = "workspace.checkpoint.delete";
+        self.need_mut(p, Scope::Run, A, Some(id)).await?;
+        let w = self.find_workspace(p, id).await?;
+        let c = match self.find_checkpoint(&w, checkpoint).await {
+            Ok(c) => c,
+            Err(e) => return self.rejected(p, A, Some(&w.id), e).await,
+        };
+        if !self.store.delete_checkpoint(&c.id).await? {
+            let e = Error::NotFound(format!("No checkpoint {} in workspace {}", c.name, w.name));
+            return self.rejected(p, A, Some(&w.id), e).await;
+        }
+        self.record(p, A, Some(&w.id), "ok", Some(&c.id)).await;
+        self.sweep_layers().await;
+        Ok(())
+    }
+
     /// Take a checkpoint: the workspace's stack as it is now, named. No
     /// byte is copied (layers are never written).
     pub async fn checkpoint(
@@ -381,6 +401,8 @@ impl Service {
         let stack = w.stack.clone();
         let store = self.layer_store();
         let max = self.cfg.max_patch;
+        // no sweep removes a layer while it is read
+        let _named = self.runner.layers_lock.lock().await;
         let patch =
             tokio::task::spawn_blocking(move || diff_of(&store, &scratch, &[], &stack, &repo, max))
                 .await
@@ -402,6 +424,8 @@ impl Service {
         to: Option<&str>,
     ) -> Result<(Workspace, Vec<u8>)> {
         let w = self.find_workspace(p, id).await?;
+        // an empty parameter is an absent one
+        let (from, to) = (from.filter(|f| !f.is_empty()), to.filter(|t| !t.is_empty()));
         let from_stack = match from {
             Some(c) => self.find_checkpoint(&w, c).await?.stack,
             None => Vec::new(),
@@ -418,6 +442,8 @@ impl Service {
         let scratch = self.cfg.data_dir.join("layers-scratch");
         let store = self.layer_store();
         let max = self.cfg.max_patch;
+        // no sweep removes a layer while it is read
+        let _named = self.runner.layers_lock.lock().await;
         let patch = tokio::task::spawn_blocking(move || {
             diff_of(&store, &scratch, &from_stack, &to_stack, &repo, max)
         })

@@ -118,8 +118,16 @@ impl Live {
     /// Freeze (`pause`) or thaw every process of the session, through its
     /// supervisor; returns once the kernel says it is done. Ok(false): it
     /// already was. Paused, nobody writes and the idle clock stands still;
-    /// resumed, the idle clock starts again.
-    pub async fn set_paused(&self, pause: bool) -> Result<bool, String> {
+    /// resumed, the idle clock starts again from zero. Runs as a task of
+    /// its own, so a caller that goes away never cuts an exchange in half.
+    pub async fn set_paused(self: &Arc<Self>, pause: bool) -> Result<bool, String> {
+        let me = self.clone();
+        tokio::spawn(async move { me.pause_or_resume(pause).await })
+            .await
+            .unwrap_or_else(|_| Err("internal error while pausing".into()))
+    }
+
+    async fn pause_or_resume(&self, pause: bool) -> Result<bool, String> {
         use agentvm_sandbox::control;
         let ctl = self.control.lock().await;
         if lock(&self.ending).is_some() {
@@ -133,48 +141,16 @@ impl Live {
         } else {
             control::RESUME
         };
-        let answer = tokio::time::timeout(CONTROL_WAIT, async {
-            loop {
-                let mut g = ctl.writable().await.map_err(|e| e.to_string())?;
-                match g.try_io(|fd| {
-                    nix::sys::socket::send(
-                        fd.as_raw_fd(),
-                        &[ask],
-                        nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-                    )
-                    .map_err(std::io::Error::from)
-                }) {
-                    Ok(r) => {
-                        r.map_err(|e| e.to_string())?;
-                        break;
-                    }
-                    Err(_) => continue,
-                };
-            }
-            let mut buf = [0u8; 512];
-            loop {
-                let mut g = ctl.readable().await.map_err(|e| e.to_string())?;
-                match g.try_io(|fd| {
-                    nix::sys::socket::recv(
-                        fd.as_raw_fd(),
-                        &mut buf,
-                        nix::sys::socket::MsgFlags::empty(),
-                    )
-                    .map_err(std::io::Error::from)
-                }) {
-                    Ok(r) => return r.map(|n| buf[..n].to_vec()).map_err(|e| e.to_string()),
-                    Err(_) => continue,
-                }
-            }
-        })
-        .await;
-        let answer = match answer {
-            Ok(Ok(a)) => a,
-            Ok(Err(e)) => return Err(format!("the session's supervisor is not there ({e})")),
-            Err(_) => return Err("the session's supervisor did not answer in time".into()),
-        };
+        let answer = exchange(&ctl, ask).await?;
         match answer.first() {
             Some(&control::PAUSED) if pause => {
+                // an end that came meanwhile (its SIGHUP may have reached
+                // the supervisor before this request did) must find it
+                // running: a frozen task would hold even SIGKILL
+                if lock(&self.ending).is_some() {
+                    let _ = exchange(&ctl, control::RESUME).await;
+                    return Err("the session is ending".into());
+                }
                 *lock(&self.paused) = Some(Instant::now());
                 self.screen().set_paused(true);
                 Ok(true)
@@ -216,6 +192,10 @@ impl Live {
         };
         if port == 0 {
             return Err("port 0 is not a port".into());
+        }
+        // its forwarder is frozen too: nothing would answer
+        if self.paused_since().is_some() {
+            return Err("the session is paused: resume it to reach its ports".into());
         }
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -611,6 +591,48 @@ impl SessionHost {
         while self.tasks.load(Ordering::SeqCst) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// One request to the session's supervisor and its answer (at most
+/// [`CONTROL_WAIT`]). An answer left over from an exchange that timed out
+/// is read and dropped first, so each request gets its own answer.
+async fn exchange(ctl: &tokio::io::unix::AsyncFd<OwnedFd>, ask: u8) -> Result<Vec<u8>, String> {
+    use nix::sys::socket::{recv, send, MsgFlags};
+    let mut buf = [0u8; 512];
+    while let Ok(n) = recv(ctl.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+        if n == 0 {
+            return Err("the session's supervisor went away".into());
+        }
+    }
+    let answer = tokio::time::timeout(CONTROL_WAIT, async {
+        loop {
+            let mut g = ctl.writable().await.map_err(|e| e.to_string())?;
+            match g.try_io(|fd| {
+                send(fd.as_raw_fd(), &[ask], MsgFlags::MSG_NOSIGNAL).map_err(std::io::Error::from)
+            }) {
+                Ok(r) => {
+                    r.map_err(|e| e.to_string())?;
+                    break;
+                }
+                Err(_) => continue,
+            };
+        }
+        loop {
+            let mut g = ctl.readable().await.map_err(|e| e.to_string())?;
+            match g.try_io(|fd| {
+                recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(std::io::Error::from)
+            }) {
+                Ok(r) => return r.map(|n| buf[..n].to_vec()).map_err(|e| e.to_string()),
+                Err(_) => continue,
+            }
+        }
+    })
+    .await;
+    match answer {
+        Ok(Ok(a)) => Ok(a),
+        Ok(Err(e)) => Err(format!("the session's supervisor is not there ({e})")),
+        Err(_) => Err("the session's supervisor did not answer in time".into()),
     }
 }
 

@@ -79,6 +79,9 @@ struct Inner {
     /// Paused: nobody's input counts (the writer keeps the role for when
     /// it resumes).
     paused: bool,
+    /// Viewers that asked to write while paused with nobody writing: the
+    /// first still here writes at resume.
+    wants: Vec<u64>,
 }
 
 /// A session's screen.
@@ -99,6 +102,7 @@ impl Screen {
                 next: 1,
                 ended: None,
                 paused: false,
+                wants: Vec::new(),
             }),
             replay_cap,
             queue: queue.max(1),
@@ -202,6 +206,9 @@ impl Screen {
             },
         );
         let writer = want_write && g.writer.is_none() && !g.paused;
+        if want_write && g.writer.is_none() && g.paused {
+            g.wants.push(id);
+        }
         if writer {
             g.writer = Some(id);
         }
@@ -219,6 +226,7 @@ impl Screen {
 
     fn remove(g: &mut Inner, id: u64) {
         g.viewers.remove(&id);
+        g.wants.retain(|w| *w != id);
         if g.writer == Some(id) {
             g.writer = None;
         }
@@ -260,6 +268,10 @@ impl Screen {
             return;
         }
         g.paused = paused;
+        let wants = std::mem::take(&mut g.wants);
+        if !paused && g.writer.is_none() {
+            g.writer = wants.into_iter().find(|w| g.viewers.contains_key(w));
+        }
         for v in g.viewers.values() {
             let _ = v.tx.try_send(Frame::Paused(paused));
         }
@@ -325,6 +337,25 @@ mod tests {
             }
         }
         (out, end)
+    }
+
+    #[test]
+    fn paused_nobody_writes_and_who_asked_writes_at_resume() {
+        let s = Screen::new(64, 4, 4);
+        let (mut w, writes) = s.attach("w", true).unwrap();
+        assert!(writes);
+        s.set_paused(true);
+        assert_eq!(w.frames.try_recv().ok(), Some(Frame::Paused(true)));
+        assert!(!s.may_write(w.id) && s.is_writer(w.id), "the role is kept");
+        assert!(!s.take_over(w.id), "no take-over while paused");
+        s.detach(w.id);
+        // a viewer that attaches paused, wanting to write, reads until resume
+        let (late, writes) = s.attach("late", true).unwrap();
+        assert!(!writes && !s.may_write(late.id));
+        let (watch, _) = s.attach("watch", false).unwrap();
+        s.set_paused(false);
+        assert!(s.may_write(late.id), "the one that asked writes at resume");
+        assert!(!s.may_write(watch.id));
     }
 
     #[test]

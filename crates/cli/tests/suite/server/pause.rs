@@ -38,6 +38,7 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// freezer.state, or v2's cgroup.events.
 fn freezer_state(pid: i32) -> String {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut v2 = None;
     for line in cg.lines() {
         let mut p = line.splitn(3, ':');
         let (_, ctrls, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
@@ -48,8 +49,23 @@ fn freezer_state(pid: i32) -> String {
                 .trim()
                 .to_string();
         }
+        if ctrls.is_empty() {
+            v2 = Some(path.to_string());
+        }
     }
-    String::new()
+    // a v2 host: cgroup.events says `frozen 1`, told as v1 would
+    match v2 {
+        Some(path) => {
+            let ev = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/cgroup.events"))
+                .unwrap_or_default();
+            if ev.lines().any(|l| l.trim() == "frozen 1") {
+                "FROZEN".into()
+            } else {
+                "THAWED".into()
+            }
+        }
+        None => String::new(),
+    }
 }
 
 fn sessions_cpu_while(pid: i32, d: Duration) -> u64 {
@@ -116,6 +132,19 @@ fn pause_freezes_every_process_and_resume_continues() {
         .unwrap();
     let n = next_text(&mut w2, &mut Vec::new());
     assert!(n["detail"].as_str().unwrap_or("").contains("paused"), "{n}");
+    // its ports answer at once that it is paused (its forwarder is frozen)
+    let t0 = Instant::now();
+    let (code, _, body) = s.req(
+        "GET",
+        &format!("/v1/sessions/{id}/ports/8080/"),
+        Some(&s.key),
+        None,
+    );
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("paused") && t0.elapsed() < Duration::from_secs(5),
+        "{body}"
+    );
     drop((w, w2));
     // no viewer for longer than its idle timeout: paused, the clock stands
     std::thread::sleep(Duration::from_secs(5));
@@ -146,6 +175,22 @@ fn pause_freezes_every_process_and_resume_continues() {
     assert_eq!(v["status"], "killed", "{v}");
     assert!(v["error"].as_str().unwrap_or("").contains("idle"), "{v}");
     assert!(pids_with(&mark).is_empty(), "the loop outlived its session");
+
+    // the control socket never reaches the command
+    let v = create(
+        &s,
+        json!({"name": "fds", "command": ["sh", "-c", "ls -l /proc/self/fd/ > /tmp/fds; cat /tmp/fds; echo fds-done; sleep 30"]}),
+    );
+    let fid = v["id"].as_str().unwrap_or("").to_string();
+    let mut w = ws(&s, &s.key, &fid, "").unwrap();
+    let seen = super::sessions::read_until(&mut w, "fds-done");
+    assert!(seen.contains("fds-done"), "{seen}");
+    assert!(
+        !seen.contains("socket:"),
+        "a socket reached the command: {seen}"
+    );
+    drop(w);
+    let _ = s.json("DELETE", &format!("/v1/sessions/{fid}"), None);
 
     // an ended session cannot be paused; another key's is not there
     let (code, v) = s.json("POST", &format!("/v1/sessions/{id}/pause"), None);
@@ -214,7 +259,16 @@ fn a_server_killed_while_paused_leaves_nothing_frozen() {
     s.signal(libc::SIGKILL);
     assert!(s.wait_exit(Duration::from_secs(10)).is_some());
     std::thread::sleep(Duration::from_millis(500));
+    // the runner died with the server, its sandbox still frozen (v1 holds
+    // the SIGKILL init's parent-death signal sent); on v2 it is gone
     let frozen_left = freezer_state(pid) == "FROZEN";
+    let v1 = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .contains("freezer");
+    assert!(
+        frozen_left || !v1,
+        "a v1-frozen sandbox should outlive its killed server until the sweep"
+    );
     let root = t.path().join("root").to_string_lossy().into_owned();
     let s2 = Server::start(&t.path().join("data"), &["--allowed-root", &root]);
     let deadline = Instant::now() + Duration::from_secs(10);

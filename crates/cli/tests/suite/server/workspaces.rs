@@ -216,6 +216,30 @@ fn workspaces_carry_jobs_checkpoints_restores_and_forks() {
         assert!(actions.contains(&a), "{a} in {actions:?}");
     }
 
+    // deleting a checkpoint (the CLI's, then the API's) keeps what the
+    // workspace and the forks made from it need
+    let home = tempdir();
+    let o = s.cli(
+        home.path(),
+        &["workspaces", "rm", "w", "--checkpoint", "c2"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (code, e) = s.json("GET", "/v1/workspaces/w/diff?to=c2", None);
+    assert_eq!(code, 404, "a deleted checkpoint: {e}");
+    let (code, e) = s.json("DELETE", "/v1/workspaces/w/checkpoints/c2", None);
+    assert_eq!(code, 404, "deleted twice: {e}");
+    let (code, _, _) = s.req(
+        "DELETE",
+        &format!("/v1/workspaces/w/checkpoints/{c1_id}"),
+        Some(&s.key),
+        None,
+    );
+    assert_eq!(code, 204);
+    let (_, _, lb) = run_in(&s, "fb", "cat f1.txt");
+    assert_eq!(
+        lb, "one\n",
+        "a fork keeps its layers when its checkpoint goes"
+    );
     // deleting the workspace keeps what the forks need
     let (code, _, _) = s.req("DELETE", "/v1/workspaces/w", Some(&s.key), None);
     assert_eq!(code, 204);
