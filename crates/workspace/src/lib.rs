@@ -19,6 +19,7 @@
 //! names; know about sandboxes, HTTP or storage.
 
 pub mod apply;
+mod between;
 mod capture;
 mod fsx;
 pub mod layer;
@@ -26,6 +27,7 @@ mod patch;
 pub mod protect;
 
 pub use apply::{apply_to_branch, ApplyError};
+pub use between::render_between;
 pub use capture::{capture, Capture, CaptureError, Change, Entry, Kind, MAX_CHANGES, MAX_PATH};
-pub use patch::{render, render_between, PatchOptions, RenderError, Rendered};
+pub use patch::{render, PatchOptions, RenderError, Rendered};
 pub use protect::Protected;
