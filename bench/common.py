@@ -48,6 +48,15 @@ def serve(work, root, *extra):
     return srv, host, int(port), key
 
 
+def stop(srv):
+    """Stop a server `serve` started: SIGTERM, then SIGKILL after 30 s."""
+    srv.terminate()
+    try:
+        srv.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+
+
 def http(host, port, key, method, path, body=None):
     """One request to the server (a connection of its own): the status and
     the body, parsed when it is JSON."""

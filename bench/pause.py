@@ -18,7 +18,7 @@ usage: bench/pause.py [ROUNDS]   (default 30)
 """
 import os, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import WsClient, build, http, serve
+from common import WsClient, build, http, serve, stop
 
 rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 build()
@@ -123,5 +123,4 @@ try:
     s = show("SIGCONT -> first instruction (peer)", sig_ms)
     print(f"resume vs peer: {r / s:.2f}x   target: resume under 10 ms: {'met' if max(resume_ms) < 10 else 'NOT met'} (max {max(resume_ms):.3f} ms)")
 finally:
-    srv.terminate()
-    srv.wait()
+    stop(srv)

@@ -23,7 +23,7 @@ usage: bench/sessions.py [KEYSTROKES] [SESSIONS]   (defaults 2000 and 8)
 """
 import json, os, pty, re, select, socket, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import AGENTVM, WsClient, build, http
+from common import AGENTVM, WsClient, build, http, stop
 
 keys_n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
 sessions_n = int(sys.argv[2]) if len(sys.argv) > 2 else 8
@@ -345,8 +345,4 @@ try:
           f"(server {m['server_per_detached_kib']:.0f} KiB of it), attached viewer +{m['server_per_viewer_kib']:.0f} KiB "
           f"on the server; sleeping sandbox {m['sleeping_sandbox_kib']:.0f} KiB; detached/sandbox {m['ratio']:.2f}x")
 finally:
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
+    stop(srv)

@@ -20,7 +20,7 @@ usage: bench/workspaces.py [N]   (default 20)
 """
 import os, statistics, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import build, http, serve
+from common import build, http, serve, stop
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
 build()
@@ -127,9 +127,5 @@ try:
           f"{med(chain_setup):.0f} ms; fresh workspace {med(fresh_setup):.0f} ms; "
           f"ratio {med(chain_setup) / max(med(fresh_setup), 1):.2f}x (target within 1.5x)", flush=True)
 finally:
-    srv.terminate()
-    try:
-        srv.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        srv.kill()
+    stop(srv)
     subprocess.run(["rm", "-rf", work])
