@@ -468,6 +468,10 @@ pub struct RunResult {
     pub disk_limit_bytes: Option<u64>,
     pub oom_kills: u64,
     pub memory_peak_bytes: Option<u64>,
+    /// CPU time the sandbox's processes used, user and system, where a
+    /// cgroup counted it (one is made when a limit asks for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
     /// The memory limit in force (none unless asked for).
     pub memory_limit_bytes: Option<u64>,
     pub timeout_ms: Option<u64>,
@@ -501,6 +505,7 @@ impl RunResult {
             disk_limit_bytes: None,
             oom_kills: 0,
             memory_peak_bytes: None,
+            cpu_ms: None,
             memory_limit_bytes: req.limits.memory,
             timeout_ms: req.limits.timeout_ms,
             network: NetworkKind::from(&req.network),

@@ -684,6 +684,7 @@ pub fn execute(args: RunRequest) -> ExitCode {
             result.setup_ms = Some(o.setup.as_millis() as u64);
             result.oom_kills = o.oom_kills;
             result.memory_peak_bytes = o.memory_peak;
+            result.cpu_ms = o.cpu_time.map(|t| t.as_millis() as u64);
             result.landlock_abi = o.landlock_abi;
             result.disk_limit_bytes = Some(limits.disk);
             // the scratch filesystem the upper lives on holds /tmp and HOME

@@ -27,7 +27,7 @@ pub struct Hierarchy {
     pub mounts: Vec<(String, PathBuf)>,
 }
 
-const CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuset", "freezer"];
+const CONTROLLERS: [&str; 6] = ["memory", "pids", "cpu", "cpuset", "freezer", "cpuacct"];
 
 /// How long a freeze may take before it is given up (and undone): tasks
 /// in uninterruptible sleep (a slow disk, a FUSE server) can hold it off.
@@ -405,6 +405,18 @@ impl Cgroup {
                         cg.set_no_freezer(e.message);
                     }
                 }
+                // the CPU time it used, for the result: best effort (v2
+                // counts it in every cgroup)
+                if let Ok(base) = base_for("cpuacct") {
+                    let dir = base.join(name);
+                    if cg.dirs.iter().any(|(_, d)| *d == dir) {
+                        // co-mounted with cpu: the same directory
+                        cg.dirs.push(("cpuacct".into(), dir));
+                    } else {
+                        sweep(&base);
+                        let _ = cg.mkdir("cpuacct", &dir);
+                    }
+                }
             }
             Version::V2 => {
                 let made = base_for("memory").and_then(|base| {
@@ -547,6 +559,8 @@ impl Cgroup {
                 Err(e) if ctrl == "freezer" || self.freeze_only => {
                     self.set_no_freezer(format!("joining its freezer cgroup: {}", e.message))
                 }
+                // accounting only: without it the result has no CPU time
+                Err(_) if ctrl == "cpuacct" => {}
                 Err(e) => return Err(e),
             }
         }
@@ -592,6 +606,32 @@ impl Cgroup {
             Version::V2 => "memory.peak",
         };
         fs::read_to_string(d.join(file)).ok()?.trim().parse().ok()
+    }
+
+    /// CPU time every process in the cgroup has used so far (v1's
+    /// cpuacct.usage, v2's cpu.stat), where the kernel counts it.
+    pub fn cpu_usage(&self) -> Option<Duration> {
+        match self.version {
+            Version::V1 => {
+                let d = self.dir("cpuacct")?;
+                let ns: u64 = fs::read_to_string(d.join("cpuacct.usage"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(Duration::from_nanos(ns))
+            }
+            Version::V2 => {
+                let d = self.dir("unified")?;
+                let text = fs::read_to_string(d.join("cpu.stat")).ok()?;
+                let us = text
+                    .lines()
+                    .filter_map(|l| l.split_once(' '))
+                    .find(|(k, _)| *k == "usage_usec")
+                    .and_then(|(_, v)| v.trim().parse().ok())?;
+                Some(Duration::from_micros(us))
+            }
+        }
     }
 
     /// Remove the cgroup. Every process in it must be gone; the kernel may

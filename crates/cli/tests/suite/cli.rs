@@ -312,6 +312,51 @@ fn limits_are_applied() {
     }
 }
 
+/// The CPU time a run used, counted by its cgroup: a busy loop's is most
+/// of its wall time, a sleep's next to nothing.
+#[test]
+fn the_result_counts_the_cpu_time_the_cgroup_saw() {
+    if !is_root() {
+        skip(
+            "the CPU time in the result",
+            "a cgroup of its own needs root here",
+        );
+        return;
+    }
+    let d = tempdir();
+    let j = d.path().join("r.json");
+    let js = j.to_string_lossy().into_owned();
+    let cpu = |script: &str| -> serde_json::Value {
+        let o = agentvm(
+            Who::Me,
+            &[
+                "run",
+                "--memory",
+                "200M",
+                "--result-json",
+                &js,
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        );
+        assert!(o.status.success(), "{o:?}");
+        serde_json::from_slice(&std::fs::read(&j).unwrap_or_default()).unwrap_or_default()
+    };
+    // spins (in sh and in the date processes it starts) for 400 ms of wall time
+    let busy =
+        cpu("end=$(($(date +%s%N) + 400000000)); while [ $(date +%s%N) -lt $end ]; do :; done");
+    let idle = cpu("sleep 0.4");
+    let (b, i) = (busy["cpu_ms"].as_u64(), idle["cpu_ms"].as_u64());
+    assert!(b.is_some_and(|b| b >= 100), "busy: {busy}");
+    assert!(
+        b <= busy["duration_ms"].as_u64().map(|d| 2 * d + 50),
+        "more CPU than 2 cores could give: {busy}"
+    );
+    assert!(i.is_some_and(|i| i < 100), "idle: {idle}");
+}
+
 #[test]
 fn cgroups_left_by_killed_supervisors_are_swept() {
     if !is_root() {

@@ -89,6 +89,8 @@ pub struct Outcome {
     pub base: Option<OwnedFd>,
     pub oom_kills: u64,
     pub memory_peak: Option<u64>,
+    /// CPU time the sandbox's processes used, where a cgroup counted it.
+    pub cpu_time: Option<Duration>,
     /// Landlock ABI in force for the command (0: layer off).
     pub landlock_abi: u32,
     /// The repo was shown through an idmapped mount (its owner is root

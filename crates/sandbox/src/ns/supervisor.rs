@@ -354,6 +354,7 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
         base,
         oom_kills,
         memory_peak: cgroup.and_then(|c| c.memory_peak()),
+        cpu_time: cgroup.and_then(|c| c.cpu_usage()),
         landlock_abi,
         repo_idmapped: p.repo_tree.is_some(),
         cgroup: cgroup.is_some(),

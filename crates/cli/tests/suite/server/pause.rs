@@ -1,6 +1,6 @@
 //! Pause and resume of a live session: every process frozen (the kernel's
-//! own CPU counters stand still), input ignored and viewers told, the idle
-//! clock stopped; resumed, it runs on. Ending a paused session, and a
+//! own CPU counters, the process's and its cgroup's, stand still), input
+//! ignored and viewers told, the idle clock stopped; resumed, it runs on. Ending a paused session, and a
 //! server killed while one is paused, leave nothing frozen behind.
 
 use tokio_tungstenite::tungstenite::Message;
@@ -68,6 +68,47 @@ fn freezer_state(pid: i32) -> String {
     }
 }
 
+/// CPU time (ns) the cgroup that holds `pid` has charged, read from the
+/// kernel: v1's cpuacct.usage, v2's cpu.stat. Panics unless the cgroup is
+/// the sandbox's own (an `agentvm-` one), so the figure is the session's.
+fn cgroup_cpu_ns(pid: i32) -> u64 {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    for line in cg.lines() {
+        let mut p = line.splitn(3, ':');
+        let (_, ctrls, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
+        let (file, v2) = if ctrls.split(',').any(|c| c == "cpuacct") {
+            (format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage"), false)
+        } else if ctrls.is_empty() && !cg.contains("cpuacct") {
+            (format!("/sys/fs/cgroup{path}/cpu.stat"), true)
+        } else {
+            continue;
+        };
+        assert!(
+            path.contains("/agentvm-"),
+            "not the sandbox's own cgroup: {line}"
+        );
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+        return if v2 {
+            text.lines()
+                .find_map(|l| l.strip_prefix("usage_usec "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|us| us * 1000)
+                .unwrap_or_else(|| panic!("no usage_usec in {file}"))
+        } else {
+            text.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{file}: {text}"))
+        };
+    }
+    panic!("no CPU accounting cgroup for {pid}: {cg}")
+}
+
+fn cgroup_cpu_while(pid: i32, d: Duration) -> u64 {
+    let a = cgroup_cpu_ns(pid);
+    std::thread::sleep(d);
+    cgroup_cpu_ns(pid).saturating_sub(a)
+}
+
 fn sessions_cpu_while(pid: i32, d: Duration) -> u64 {
     let a = cpu_ticks(pid);
     std::thread::sleep(d);
@@ -101,6 +142,10 @@ fn pause_freezes_every_process_and_resume_continues() {
         sessions_cpu_while(pid, Duration::from_millis(500)) > 2,
         "the busy loop does not run"
     );
+    assert!(
+        cgroup_cpu_while(pid, Duration::from_millis(500)) > 50_000_000,
+        "the session's cgroup counts no CPU for the busy loop"
+    );
 
     let (code, v) = s.json("POST", &format!("/v1/sessions/{id}/pause"), None);
     assert_eq!(code, 200, "{v}");
@@ -110,6 +155,11 @@ fn pause_freezes_every_process_and_resume_continues() {
         sessions_cpu_while(pid, Duration::from_secs(1)),
         0,
         "a paused session used CPU"
+    );
+    assert_eq!(
+        cgroup_cpu_while(pid, Duration::from_secs(1)),
+        0,
+        "a paused session's cgroup was charged CPU"
     );
     // the viewer is told, and its input is not taken
     let told = next_text(&mut w, &mut Vec::new());
@@ -169,6 +219,10 @@ fn pause_freezes_every_process_and_resume_continues() {
     assert!(
         sessions_cpu_while(pid, Duration::from_millis(500)) > 2,
         "the loop did not run on after resume"
+    );
+    assert!(
+        cgroup_cpu_while(pid, Duration::from_millis(500)) > 50_000_000,
+        "the session's cgroup counts no CPU after resume"
     );
     // the idle clock starts again at resume: it ends 3 s later
     let v = wait_ended(&s, &id, Duration::from_secs(30));
