@@ -2,6 +2,7 @@
 
 mod agents;
 mod client;
+mod images;
 mod serve;
 
 use std::process::ExitCode;
@@ -72,6 +73,9 @@ enum Command {
         #[command(subcommand)]
         cmd: client::WorkspacesCmd,
     },
+    /// Images a sandbox can run on: import, list, show, rm, gc (the data
+    /// directory's store; no server needed).
+    Images(images::ImagesArgs),
     /// Create, list and revoke API keys on a server (admin).
     Keys {
         #[command(flatten)]
@@ -140,7 +144,7 @@ fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     match cli.command {
-        Command::Run(args) => run::main(*args),
+        Command::Run(args) => images::run(*args),
         Command::RunRequest { file } => run::main_request(&file),
         Command::Serve(args) => serve::serve(*args),
         Command::Jobs { conn, cmd } => client::jobs(conn, cmd),
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
         Command::Workspaces { conn, cmd } => client::workspaces(conn, cmd),
         Command::Audit { conn, limit, job } => client::audit(conn, limit, job),
         Command::Backup(args) => serve::backup(args),
+        Command::Images(args) => images::images(args),
         Command::Restore(args) => serve::restore(args),
         Command::Doctor {
             json,

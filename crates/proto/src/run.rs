@@ -27,6 +27,10 @@ pub struct RunRequest {
     /// [`MAX_STACK`]. The patch is of what this run changed over them.
     #[serde(default)]
     pub stack: Vec<PathBuf>,
+    /// The image the sandbox runs on instead of the host's system
+    /// directories (resolved from the image store by the caller).
+    #[serde(default)]
+    pub image: Option<ImageRun>,
     /// Save what this run changed as a new layer here (an absolute path
     /// that does not exist yet; its name is the layer's id, its parent the
     /// layer store). Written once the command has ended.
@@ -254,6 +258,19 @@ pub fn valid_env_key(k: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// An image to run on: its unpacked layers and what its config sets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageRun {
+    /// `sha256:...`, for the result.
+    pub digest: String,
+    /// Layer directories, bottom first (as the image lists them).
+    pub layers: Vec<PathBuf>,
+    /// The config's Env (`KEY=VALUE`), applied before the sandbox's own
+    /// variables and --env.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
 impl RunRequest {
     /// A request for `command` with every default.
     pub fn new(command: Vec<OsString>) -> RunRequest {
@@ -261,6 +278,7 @@ impl RunRequest {
             command,
             repo: None,
             stack: Vec::new(),
+            image: None,
             layer_out: None,
             patch_out: None,
             result_json: None,
@@ -326,7 +344,17 @@ impl RunRequest {
                 self.stack.len()
             ));
         }
-        for l in self.stack.iter().chain(&self.layer_out) {
+        if let Some(img) = &self.image {
+            if img.layers.is_empty() || img.layers.len() > MAX_STACK {
+                return Err(format!(
+                    "image {}: {} layers; 1 to {MAX_STACK}",
+                    img.digest,
+                    img.layers.len()
+                ));
+            }
+        }
+        let image_layers = self.image.iter().flat_map(|i| i.layers.iter());
+        for l in self.stack.iter().chain(&self.layer_out).chain(image_layers) {
             let plain = l.is_absolute()
                 && !l
                     .components()
@@ -468,6 +496,9 @@ pub struct RunResult {
     pub disk_limit_bytes: Option<u64>,
     pub oom_kills: u64,
     pub memory_peak_bytes: Option<u64>,
+    /// The image it ran on (`sha256:...`); none: the host's system.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// CPU time the sandbox's processes used, user and system, where a
     /// cgroup counted it (one is made when a limit asks for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -506,6 +537,7 @@ impl RunResult {
             oom_kills: 0,
             memory_peak_bytes: None,
             cpu_ms: None,
+            image: req.image.as_ref().map(|i| i.digest.clone()),
             memory_limit_bytes: req.limits.memory,
             timeout_ms: req.limits.timeout_ms,
             network: NetworkKind::from(&req.network),

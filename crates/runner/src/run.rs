@@ -28,6 +28,15 @@ pub struct RunArgs {
     /// passes the descriptor it checked).
     #[arg(long, value_name = "FD", hide = true, value_parser = clap::value_parser!(i32).range(3..))]
     repo_fd: Option<i32>,
+    /// Run on this image (a tag, or a digest or its first 12+ hex digits,
+    /// from `agentvm images list`) instead of the host's system
+    /// directories.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
+    /// The data directory whose image store --image names from (as
+    /// `agentvm serve`'s).
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Write every change under /workspace as a git-style patch (empty when nothing changed).
     #[arg(long, value_name = "FILE")]
     patch_out: Option<PathBuf>,
@@ -245,6 +254,21 @@ fn build_env(args: &RunRequest) -> Result<Vec<(OsString, OsString)>, String> {
         env.retain(|(x, _)| x != k);
         env.push((k.to_string(), v));
     };
+    // the image's Env (its PATH, its tools' variables), but never what is
+    // the sandbox's own: HOME, PWD, TMPDIR, HOSTNAME, the user
+    if let Some(img) = &args.image {
+        for kv in &img.env {
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            if valid_env_key(k)
+                && !v.contains('\0')
+                && !["HOME", "PWD", "TMPDIR", "HOSTNAME", "USER", "LOGNAME"].contains(&k)
+            {
+                set(k, v.into());
+            }
+        }
+    }
     for k in ENV_PASS_THROUGH {
         if let Some(v) = std::env::var_os(k) {
             set(k, v);
@@ -348,6 +372,13 @@ pub fn main(args: RunArgs) -> ExitCode {
     execute(args.into_request())
 }
 
+/// `agentvm run` on an image the caller resolved (`--image`).
+pub fn main_on(args: RunArgs, image: Option<agentvm_proto::run::ImageRun>) -> ExitCode {
+    let mut req = args.into_request();
+    req.image = image;
+    execute(req)
+}
+
 /// The largest request file `run-request` reads (a prompt is most of it).
 pub const REQUEST_MAX: u64 = 64 << 20;
 
@@ -443,6 +474,22 @@ pub fn execute(args: RunRequest) -> ExitCode {
             }
         }
     }
+    // the image's layers, newest first for overlayfs, opened the same way
+    let mut image = Vec::new();
+    if let Some(img) = &args.image {
+        for l in img.layers.iter().rev() {
+            match open_dir_with(l, libc::O_NOFOLLOW) {
+                Ok(fd) => image.push((l.clone(), fd)),
+                Err(e) => {
+                    return fail(&format!(
+                        "the image {}'s layer {}: {e}",
+                        img.digest,
+                        l.display()
+                    ))
+                }
+            }
+        }
+    }
     let env = match build_env(&args) {
         Ok(e) => e,
         Err(e) => return fail(&e),
@@ -527,13 +574,8 @@ pub fn execute(args: RunRequest) -> ExitCode {
         env,
         repo: repo.clone(),
         repo_fd: repo_dir.as_ref().map(|fd| fd.as_raw_fd()),
-        stack: stack
-            .iter()
-            .map(|(path, fd)| agentvm_sandbox::StackLayer {
-                path: path.clone(),
-                fd: fd.as_raw_fd(),
-            })
-            .collect(),
+        stack: stack_layers(&stack),
+        image: stack_layers(&image),
         ro_binds,
         stdio: agentvm_sandbox::Stdio::Inherit,
         network: match args.network {
@@ -750,6 +792,17 @@ pub fn execute(args: RunRequest) -> ExitCode {
 
 // the runner checks a request against the sandbox's own limit
 const _: () = assert!(agentvm_proto::run::MAX_STACK == agentvm_sandbox::MAX_STACK);
+
+/// Opened layer directories as the sandbox takes them (the descriptors
+/// stay ours, open until the run ends).
+fn stack_layers(v: &[(PathBuf, std::os::fd::OwnedFd)]) -> Vec<agentvm_sandbox::StackLayer> {
+    v.iter()
+        .map(|(path, fd)| agentvm_sandbox::StackLayer {
+            path: path.clone(),
+            fd: fd.as_raw_fd(),
+        })
+        .collect()
+}
 
 /// Save the upper directory as the layer `out` (its parent is the store).
 fn save_layer(

@@ -83,6 +83,7 @@ mod tests {
             control: None,
             cgroup_parent: None,
             stack: Vec::new(),
+            image: Vec::new(),
         };
         let e = Namespaces.run(&spec).err().map(|e| e.to_string());
         let _ = tx.send(());

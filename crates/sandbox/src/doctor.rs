@@ -188,6 +188,7 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         root_maps_to: DEFAULT_ROOT_MAPS_TO,
         cgroup_parent: None,
         stack: Vec::new(),
+        image: Vec::new(),
         proxy_socket: None,
         ports_listener: None,
         control: None,

@@ -29,7 +29,8 @@ pub struct EtcView {
     pub bind_dirs: Vec<String>,
 }
 
-fn synthesized() -> [(&'static str, String); 4] {
+/// The files of /etc that are the sandbox's own, whatever is under them.
+pub(crate) fn synthesized() -> [(&'static str, String); 4] {
     [
         (
             "passwd",

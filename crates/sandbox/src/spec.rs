@@ -127,6 +127,11 @@ pub struct SandboxSpec {
     /// workspace's state: overlayfs upper trees frozen by
     /// `agentvm_workspace::layer`), at most [`MAX_STACK`]. Read-only.
     pub stack: Vec<StackLayer>,
+    /// An image's layers, newest first (directories unpacked by
+    /// `agentvm_image`): stacked read-only with overlayfs, they are the
+    /// sandbox's system directories and /etc instead of the host's. Empty:
+    /// the host's, as always.
+    pub image: Vec<StackLayer>,
     pub ro_binds: Vec<RoBind>,
     pub stdio: Stdio,
     pub network: Network,

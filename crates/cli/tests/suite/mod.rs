@@ -5,6 +5,7 @@ mod capture;
 mod cli;
 mod egress;
 mod freeze;
+mod images;
 mod layers;
 mod newcomer;
 mod policy;

@@ -122,6 +122,8 @@ struct Prepared<'a> {
     /// layer store is not the sandbox user's to walk. Empty when rootless
     /// (the store is the caller's own, reopened by path inside).
     stack_trees: Vec<OwnedFd>,
+    /// The same for the image's layers, in `spec.image`'s order.
+    image_trees: Vec<OwnedFd>,
 }
 
 enum SystemDir {
@@ -237,17 +239,34 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
         }
         _ => None,
     };
-    let stack_trees = if nix::unistd::geteuid().is_root() {
-        spec.stack
+    if spec.image.len() > crate::spec::MAX_STACK {
+        return Err(SetupError::new(
+            Layer::Spec,
+            format!(
+                "an image of {} layers; at most {}",
+                spec.image.len(),
+                crate::spec::MAX_STACK
+            ),
+        )
+        .into());
+    }
+    // as root, detached clones (the stores are not the sandbox user's to
+    // walk); rootless, reopened inside by path and checked
+    let clones = |layers: &[crate::spec::StackLayer]| -> Result<Vec<OwnedFd>, SetupError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(Vec::new());
+        }
+        layers
             .iter()
             .map(|l| rootfs::clone_tree(l.fd, &l.path))
-            .collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
+            .collect()
     };
+    let stack_trees = clones(&spec.stack)?;
+    let image_trees = clones(&spec.image)?;
     let prepared = Prepared {
         repo_tree,
         stack_trees,
+        image_trees,
         spec,
         program: argv[0].clone(),
         argv,

@@ -365,6 +365,153 @@ pub(super) fn host(p: &Path) -> PathBuf {
     Path::new("/oldroot").join(p.strip_prefix("/").unwrap_or(p))
 }
 
+/// Layers (newest first) placed read-only at PREFIX.0, PREFIX.1, ...: each
+/// moved from its detached clone (root), or bound from the descriptor the
+/// caller opened, reopened here and checked to be that very directory
+/// (rootless). Returns overlayfs's lowerdir list of them.
+fn place_layers(
+    prefix: &str,
+    layers: &[crate::spec::StackLayer],
+    trees: &[OwnedFd],
+    ro: u64,
+    what: &str,
+) -> Result<String, SetupError> {
+    if layers.len() > crate::spec::MAX_STACK {
+        return Err(SetupError::new(
+            Layer::Mounts,
+            format!(
+                "{} {what}s; at most {}",
+                layers.len(),
+                crate::spec::MAX_STACK
+            ),
+        ));
+    }
+    let mut lowers = Vec::new();
+    for (i, l) in layers.iter().enumerate() {
+        let at = PathBuf::from(format!("{prefix}.{i}"));
+        mkdir_p(&at)?;
+        // the layer's id: where the caller keeps layers is not the
+        // command's to know
+        let lname = l
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let named =
+            |e: SetupError| SetupError::new(Layer::Mounts, format!("the {what} {lname}: {e}"));
+        if let Some(tree) = trees.get(i) {
+            move_mount(tree, &at).map_err(named)?;
+            set_attr(&at, ro, true).map_err(named)?;
+        } else {
+            let opened = nix::fcntl::open(
+                &host(&l.path),
+                nix::fcntl::OFlag::O_PATH
+                    | nix::fcntl::OFlag::O_DIRECTORY
+                    | nix::fcntl::OFlag::O_NOFOLLOW
+                    | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(os(Layer::Mounts, format!("opening the {what} {lname}")))?;
+            // SAFETY: open just returned this descriptor; we own it.
+            let opened = unsafe { OwnedFd::from_raw_fd(opened) };
+            let a = nix::sys::stat::fstat(l.fd).map_err(os(Layer::Mounts, "checking a layer"))?;
+            let b = nix::sys::stat::fstat(opened.as_raw_fd())
+                .map_err(os(Layer::Mounts, "checking a layer"))?;
+            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+                return Err(SetupError::new(
+                    Layer::Mounts,
+                    format!("the {what} {lname} was replaced while the sandbox was being set up"),
+                ));
+            }
+            let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
+            bind(&via, &at, ro).map_err(named)?;
+        }
+        lowers.push(at.display().to_string());
+    }
+    Ok(lowers.join(":"))
+}
+
+/// Top-level names of an image that are the sandbox's own, never the
+/// image's: laid over it exactly as over the host's system directories.
+const OWN_TOP: [&str; 7] = ["etc", "proc", "dev", "sys", "tmp", "home", "workspace"];
+
+/// The image's layers, stacked read-only at /image (staging), shown in
+/// the new root: each top-level directory bound read-only, each top-level
+/// symlink made again, and /etc the image's with the sandbox's own passwd,
+/// group, hostname and hosts over it.
+fn image_root(p: &Prepared, root: &Path, ro: u64) -> Result<(), SetupError> {
+    let lowers = place_layers("/img", &p.spec.image, &p.image_trees, ro, "image layer")?;
+    let image = Path::new("/image");
+    mkdir_p(image)?;
+    // one layer: bound as it is; more: overlayfs (which needs two at least
+    // as lowers of a read-only mount)
+    if p.spec.image.len() == 1 {
+        bind(Path::new("/img.0"), image, ro)?;
+    } else {
+        do_mount(
+            Some(Path::new("overlay")),
+            image,
+            Some("overlay"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+            Some(&format!("lowerdir={lowers},userxattr")),
+        )?;
+    }
+    let entries = std::fs::read_dir(image)
+        .map_err(|e| SetupError::os(Layer::Mounts, "reading the image's root", e))?;
+    for e in entries {
+        let e = e.map_err(|e| SetupError::os(Layer::Mounts, "reading the image's root", e))?;
+        let name = e.file_name();
+        if OWN_TOP.iter().any(|o| name.as_bytes() == o.as_bytes()) {
+            continue;
+        }
+        let src = image.join(&name);
+        let dst = root.join(&name);
+        let ft = e
+            .file_type()
+            .map_err(|e| SetupError::os(Layer::Mounts, format!("reading {}", src.display()), e))?;
+        if ft.is_symlink() {
+            let t = std::fs::read_link(&src).map_err(|e| {
+                SetupError::os(Layer::Mounts, format!("reading {}", src.display()), e)
+            })?;
+            symlink(&t, &dst)?;
+        } else if ft.is_dir() {
+            mkdir_p(&dst)?;
+            bind(&src, &dst, ro)?;
+        }
+        // a top-level file (rare) is not shown
+    }
+    // /etc: the sandbox's own files over the image's
+    let own = Path::new("/etc-own");
+    mkdir_p(own)?;
+    for (name, text) in crate::etc::synthesized() {
+        std::fs::write(own.join(name), text)
+            .map_err(|e| SetupError::os(Layer::Mounts, format!("writing /etc/{name}"), e))?;
+    }
+    if p.spec.network == Network::Host {
+        if let Ok(r) = std::fs::read(host(Path::new("/etc/resolv.conf"))) {
+            let _ = std::fs::write(own.join("resolv.conf"), r);
+        }
+    }
+    let etc = root.join("etc");
+    mkdir_p(&etc)?;
+    if image.join("etc").is_dir() {
+        do_mount(
+            Some(Path::new("overlay")),
+            &etc,
+            Some("overlay"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+            Some(&format!(
+                "lowerdir={}:{},userxattr",
+                own.display(),
+                image.join("etc").display()
+            )),
+        )?;
+    } else {
+        bind(own, &etc, ro)?;
+    }
+    Ok(())
+}
+
 /// Build the sandbox's root and pivot into it. Returns the overlay's upper
 /// directory (and the base it lies over), which the supervisor reads the
 /// changes from.
@@ -424,25 +571,28 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
         chmod(&scratch.join(d), mode)?;
     }
 
-    // System directories, read-only (or the same symlinks the host has).
     let ro = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
-    for d in &p.system_dirs {
-        match d {
-            SystemDir::Symlink(name, target) => symlink(target, &root.join(name))?,
-            SystemDir::Bind(name) => {
-                let dst = root.join(name);
-                mkdir_p(&dst)?;
-                bind(&host(Path::new("/").join(name).as_path()), &dst, ro)?;
+    if spec.image.is_empty() {
+        // System directories, read-only (or the same symlinks the host has).
+        for d in &p.system_dirs {
+            match d {
+                SystemDir::Symlink(name, target) => symlink(target, &root.join(name))?,
+                SystemDir::Bind(name) => {
+                    let dst = root.join(name);
+                    mkdir_p(&dst)?;
+                    bind(&host(Path::new("/").join(name).as_path()), &dst, ro)?;
+                }
             }
         }
-    }
-
-    // /etc: the prepared allowlist view, with a few host directories on top.
-    let etc = root.join("etc");
-    mkdir_p(&etc)?;
-    bind(&host(&p.etc.dir), &etc, ro)?;
-    for name in &p.etc.bind_dirs {
-        bind(&host(&Path::new("/etc").join(name)), &etc.join(name), ro)?;
+        // /etc: the prepared allowlist view, with a few host directories on top.
+        let etc = root.join("etc");
+        mkdir_p(&etc)?;
+        bind(&host(&p.etc.dir), &etc, ro)?;
+        for name in &p.etc.bind_dirs {
+            bind(&host(&Path::new("/etc").join(name)), &etc.join(name), ro)?;
+        }
+    } else {
+        image_root(p, root, ro)?;
     }
 
     // Writable areas, all on the scratch tmpfs.
@@ -496,66 +646,9 @@ pub(super) fn build_root(p: &Prepared) -> Result<Built, SetupError> {
     // A workspace's layers over the repo, newest first, each bound from
     // the descriptor the caller opened (without following a symlink): the
     // layer store is the caller's, not the sandbox's user's to walk.
-    if spec.stack.len() > crate::spec::MAX_STACK {
-        return Err(SetupError::new(
-            Layer::Mounts,
-            format!(
-                "{} layers over the repo; at most {}",
-                spec.stack.len(),
-                crate::spec::MAX_STACK
-            ),
-        ));
-    }
-    let mut lowers = String::new();
-    for (i, l) in spec.stack.iter().enumerate() {
-        let at = PathBuf::from(format!("/lower.{i}"));
-        mkdir_p(&at)?;
-        // the layer's id: where the server keeps layers is not the
-        // client's to know
-        let lname = l
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let named = |e: SetupError| {
-            SetupError::new(Layer::Mounts, format!("the workspace layer {}: {e}", lname))
-        };
-        if let Some(tree) = p.stack_trees.get(i) {
-            move_mount(tree, &at).map_err(named)?;
-            set_attr(&at, ro, true).map_err(named)?;
-        } else {
-            // rootless: the store is ours; reopen it here and check it is
-            // the directory the caller opened
-            let opened = nix::fcntl::open(
-                &host(&l.path),
-                nix::fcntl::OFlag::O_PATH
-                    | nix::fcntl::OFlag::O_DIRECTORY
-                    | nix::fcntl::OFlag::O_NOFOLLOW
-                    | nix::fcntl::OFlag::O_CLOEXEC,
-                nix::sys::stat::Mode::empty(),
-            )
-            .map_err(os(
-                Layer::Mounts,
-                format!("opening the workspace layer {}", lname),
-            ))?;
-            // SAFETY: open just returned this descriptor; we own it.
-            let opened = unsafe { OwnedFd::from_raw_fd(opened) };
-            let a = nix::sys::stat::fstat(l.fd).map_err(os(Layer::Mounts, "checking a layer"))?;
-            let b = nix::sys::stat::fstat(opened.as_raw_fd())
-                .map_err(os(Layer::Mounts, "checking a layer"))?;
-            if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
-                return Err(SetupError::new(
-                    Layer::Mounts,
-                    format!(
-                        "the workspace layer {} was replaced while the sandbox was being set up",
-                        lname
-                    ),
-                ));
-            }
-            let via = PathBuf::from(format!("/oldroot/proc/self/fd/{}", opened.as_raw_fd()));
-            bind(&via, &at, ro).map_err(named)?;
-        }
-        lowers.push_str(&format!("{}:", at.display()));
+    let mut lowers = place_layers("/lower", &spec.stack, &p.stack_trees, ro, "workspace layer")?;
+    if !lowers.is_empty() {
+        lowers.push(':');
     }
     lowers.push_str("/lower");
     let ws = root.join(WORKSPACE_DIR.trim_start_matches('/'));

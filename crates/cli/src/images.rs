@@ -1,0 +1,253 @@
+//! `agentvm images`: the image store of the data directory, without a
+//! server (`serve` sees the same store).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use agentvm_image::{Image, ImageError, Limits, Store};
+use clap::{Args, Subcommand};
+
+use crate::serve::default_data_dir;
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// The data directory whose store to use (as `agentvm serve`'s).
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: ImagesCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagesCmd {
+    /// Import an OCI image layout (a directory or its tar) or a `docker
+    /// save` archive: every blob checked against its digest, the layers
+    /// unpacked once into the store.
+    Import {
+        file: PathBuf,
+        /// Name it (else its org.opencontainers.image.ref.name, or the
+        /// archive's RepoTags).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Refuse an image whose files hold more than this (e.g. 8G).
+        #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = agentvm_proto::units::parse_size)]
+        max_size: u64,
+        /// Refuse an image of more entries than this.
+        #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+        max_entries: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The images in the store, oldest import first.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image: its digest, tags, layers and config.
+    Show {
+        /// A tag, a digest or at least 12 of its hex digits.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an image (its layers go at the next `gc` unless another
+    /// image uses them).
+    Rm { name: String },
+    /// Remove the layers no image uses, and imports that did not finish.
+    Gc {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn fail(e: ImageError) -> ExitCode {
+    eprintln!("agentvm images: {e}");
+    ExitCode::from(match e {
+        ImageError::NotFound(_) => 2,
+        _ => 1,
+    })
+}
+
+fn short(d: &str) -> &str {
+    d.strip_prefix("sha256:")
+        .map(|h| &h[..12.min(h.len())])
+        .unwrap_or(d)
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("agentvm images: {e}"),
+    }
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn line(i: &Image) -> String {
+    let tags = if i.tags.is_empty() {
+        "-".to_string()
+    } else {
+        i.tags.join(",")
+    };
+    format!(
+        "{}  {:<30}  {:>2} layers  {:>10}  {}",
+        short(&i.digest),
+        tags,
+        i.layers.len(),
+        mib(i.bytes),
+        i.format
+    )
+}
+
+pub fn images(a: ImagesArgs) -> ExitCode {
+    let dir = a.data_dir.unwrap_or_else(default_data_dir);
+    let store = match Store::open(&dir) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    match a.cmd {
+        ImagesCmd::Import {
+            file,
+            tag,
+            max_size,
+            max_entries,
+            json,
+        } => {
+            let limits = Limits {
+                bytes: max_size,
+                entries: max_entries,
+            };
+            let mut progress = |l: &str| eprintln!("agentvm: {l}");
+            match store.import(&file, tag.as_deref(), limits, &mut progress) {
+                Ok(img) => {
+                    if json {
+                        print_json(&img);
+                    } else {
+                        println!("{}", img.digest);
+                        let mut notes = Vec::new();
+                        if img.devices_skipped > 0 {
+                            notes.push(format!(
+                                "{} device nodes or fifos not made",
+                                img.devices_skipped
+                            ));
+                        }
+                        if img.setid_dropped > 0 {
+                            notes.push(format!("{} setuid/setgid bits dropped", img.setid_dropped));
+                        }
+                        eprintln!(
+                            "agentvm: imported {} ({} layers, {} files, {}){}",
+                            if img.tags.is_empty() {
+                                short(&img.digest).to_string()
+                            } else {
+                                img.tags.join(", ")
+                            },
+                            img.layers.len(),
+                            img.entries,
+                            mib(img.bytes),
+                            if notes.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; {}", notes.join(", "))
+                            }
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        ImagesCmd::List { json } => match store.list() {
+            Ok(all) if json => {
+                print_json(&all);
+                ExitCode::SUCCESS
+            }
+            Ok(all) => {
+                for i in &all {
+                    println!("{}", line(i));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        ImagesCmd::Show { name, json } => match store.find(&name) {
+            Ok(i) if json => {
+                print_json(&i);
+                ExitCode::SUCCESS
+            }
+            Ok(i) => {
+                println!("digest:  {}", i.digest);
+                println!("tags:    {}", i.tags.join(", "));
+                println!("format:  {} ({}/{})", i.format, i.os, i.architecture);
+                println!("files:   {} entries, {}", i.entries, mib(i.bytes));
+                for (n, l) in i.layers.iter().enumerate() {
+                    println!("layer {n}: {l}");
+                }
+                for e in &i.config.env {
+                    println!("env:     {e}");
+                }
+                if !i.config.working_dir.is_empty() {
+                    println!("workdir: {}", i.config.working_dir);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        ImagesCmd::Rm { name } => match store.remove(&name) {
+            Ok(i) => {
+                eprintln!(
+                    "agentvm: removed {}; `agentvm images gc` frees its layers",
+                    i.digest
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        ImagesCmd::Gc { json } => match store.gc() {
+            Ok(g) if json => {
+                print_json(&g);
+                ExitCode::SUCCESS
+            }
+            Ok(g) => {
+                eprintln!(
+                    "agentvm: removed {} layers and {} unfinished imports; {} layers in use",
+                    g.layers_removed, g.unfinished_removed, g.layers_kept
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+/// `agentvm run`, with `--image NAME` resolved from the store first.
+pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
+    let Some(name) = args.image.clone() else {
+        return agentvm_runner::run::main(args);
+    };
+    let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    let found = Store::open(&dir).and_then(|s| {
+        let img = s.find(&name)?;
+        let layers = img
+            .layers
+            .iter()
+            .map(|l| s.layer_dir(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(agentvm_proto::run::ImageRun {
+            digest: img.digest,
+            layers,
+            env: img.config.env,
+        })
+    });
+    match found {
+        Ok(img) => agentvm_runner::run::main_on(args, Some(img)),
+        Err(e) => {
+            eprintln!(
+                "agentvm: --image {name}: {e} (in {}; `agentvm images list` shows what there is)",
+                dir.join("images").display()
+            );
+            ExitCode::from(agentvm_runner::EXIT_SETUP)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Images end to end through the CLI: an OCI image the test builds itself
+//! (scripts/tiny-image.sh: the host's dash, cat, ls and env and their
+//! libraries, plus a program found nowhere else), imported, run on, and
+//! the escape checks run once more with an image as the root.
+
+use std::path::Path;
+
+use crate::common::*;
+
+/// Build `image.tar` in `dir` with scripts/tiny-image.sh (an OCI layout's
+/// tar, tagged `tiny`, two layers: the second deletes /usr/bin/ls with a
+/// whiteout and adds a file), the probe and its libraries in it too.
+fn build_image(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
+    let o = sh(
+        dir,
+        &format!("sh '{}' '{}'", script.display(), probe_path().display()),
+    );
+    assert!(o.status.success(), "building the test image: {o:?}");
+}
+
+fn with_data<'a>(data: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    v.extend_from_slice(&["--data-dir", data]);
+    v
+}
+
+#[test]
+fn an_imported_image_is_the_sandboxs_root() {
+    let t = tempdir();
+    build_image(t.path());
+    let data = t.path().join("data");
+    let data = data.to_string_lossy().into_owned();
+    let tar = t.path().join("image.tar");
+    let tar = tar.to_string_lossy().into_owned();
+
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "import", &tar]));
+    assert!(o.status.success(), "{o:?}");
+    let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("layer 2/2"),
+        "no progress: {o:?}"
+    );
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "list", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v[0]["digest"], digest.as_str(), "{v}");
+    assert_eq!(v[0]["tags"], serde_json::json!(["tiny"]), "{v}");
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "show", "tiny"]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("FOO=from-image"),
+        "{o:?}"
+    );
+
+    // AGENTVM_DATA_DIR finds the same store as --data-dir
+    let run = |script: &str, extra: &[&str]| {
+        let mut args = vec!["run", "--image", "tiny"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "sh", "-c", script]);
+        agentvm_with(Who::Me, &args, &[("AGENTVM_DATA_DIR", &data)], None)
+    };
+    let o = run("only-in-image", &["--env", "BAR=from-flag"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "only in the image: FOO=from-image BAR=from-flag\n"
+    );
+    // the image's files, not the host's; the whiteout of layer 2 holds;
+    // the sandbox's own /etc/passwd, HOME and /workspace over it
+    let o = run(
+        "cat /etc/os-release /opt/second-layer; test -e /usr/bin/ls || echo LS-GONE; \
+         cat /etc/debian_version 2>&1; test -e /usr/bin/git && echo HOST-GIT; cat /etc/passwd; \
+         echo HOME=$HOME; cd /workspace && pwd",
+        &[],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("ID=agentvm-test-image\nsecond\n"), "{out}");
+    assert!(
+        out.contains("LS-GONE"),
+        "the whiteout did not hide ls: {out}"
+    );
+    assert!(
+        out.contains("root:x:0:0:agent:/home/agent"),
+        "not the sandbox's passwd: {out}"
+    );
+    assert!(
+        out.contains("/etc/debian_version: No such file"),
+        "the host's /etc shows: {out}"
+    );
+    assert!(
+        !out.contains("HOST-GIT") && !out.contains("image passwd"),
+        "{out}"
+    );
+    assert!(out.contains("HOME=/home/agent\n/workspace\n"), "{out}");
+    // the result names the image
+    let r = t.path().join("r.json");
+    let rs = r.to_string_lossy().into_owned();
+    let o = run("true", &["--result-json", &rs]);
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&r).unwrap_or_default()).unwrap_or_default();
+    assert_eq!(v["image"], digest.as_str(), "{v}");
+    // a repo over an image: /workspace is the repo's
+    let repo = fixture_repo(Who::Me);
+    let o = run(
+        "echo /workspace/*",
+        &["--repo", &repo.path().to_string_lossy()],
+    );
+    assert!(
+        o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("/workspace/*"),
+        "{o:?}"
+    );
+
+    // bad names: a clear error, exit 125 (set-up), nothing run
+    let o = agentvm_with(
+        Who::Me,
+        &["run", "--image", "nope", "--", "echo", "RAN"],
+        &[("AGENTVM_DATA_DIR", &data)],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--image nope: no image nope"),
+        "{o:?}"
+    );
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("RAN"));
+    let o = agentvm(
+        Who::Me,
+        &with_data(&data, &["images", "import", "/nonexistent.tar"]),
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not an image archive"),
+        "{o:?}"
+    );
+
+    // rm, then gc frees its layers
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "rm", "tiny"]));
+    assert!(o.status.success(), "{o:?}");
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "gc", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v["layers_removed"], 2, "{v}");
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "show", "tiny"]));
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
+
+/// The escape checks once more, as root, with an image as the root.
+#[test]
+fn the_escape_checks_hold_on_an_image_as_root() {
+    if !is_root() {
+        skip(
+            "the escape checks on an image",
+            "run as root (the server's case)",
+        );
+        return;
+    }
+    let t = tempdir();
+    build_image(t.path());
+    let data = t.path().join("data").to_string_lossy().into_owned();
+    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "import", &tar]));
+    assert!(o.status.success(), "{o:?}");
+    let img: &[&str] = &["--image", "tiny", "--data-dir", &data];
+    for (check, arg) in [
+        ("status", None),
+        ("write-outside", None),
+        ("mount", None),
+        ("unshare", None),
+        ("nested-userns", None),
+        ("init", None),
+        ("modify_ldt", None),
+        ("read", Some("/etc/shadow")),
+        ("read", Some("/root")),
+    ] {
+        let (code, v, all) = probe(Who::Me, img, check, arg);
+        assert_eq!(
+            v["blocked"], true,
+            "{check} {arg:?} on an image: not blocked\n{all}"
+        );
+        assert_eq!(code, 0, "{check}: exit {code}\n{all}");
+    }
+}
+
+/// Rootless: an unprivileged user imports into a store of its own and
+/// runs on it (the layers are bound from its own descriptors).
+#[test]
+fn an_unprivileged_user_imports_and_runs_an_image() {
+    if !is_root() {
+        skip_part("images as uid 65534", "switching to uid 65534 needs root");
+    }
+    let t = tempdir();
+    build_image(t.path());
+    let data = t.path().join("data-nobody");
+    std::fs::create_dir(&data).unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    }
+    let data = data.to_string_lossy().into_owned();
+    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    for who in runners().into_iter().rev().take(1) {
+        let o = agentvm(who, &with_data(&data, &["images", "import", &tar]));
+        assert!(o.status.success(), "{who:?} {o:?}");
+        let o = agentvm(
+            who,
+            &[
+                "run",
+                "--image",
+                "tiny",
+                "--data-dir",
+                &data,
+                "--",
+                "only-in-image",
+            ],
+        );
+        assert!(o.status.success(), "{who:?} {o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("FOO=from-image"),
+            "{who:?} {o:?}"
+        );
+    }
+}
