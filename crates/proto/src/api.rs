@@ -206,6 +206,11 @@ pub struct JobRequest {
     /// its size before parsing it, and audits a refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Run on this image (a tag or digest of the server's image store,
+    /// `agentvm images list`) instead of its profile's image or the
+    /// host's system directories. Resolved to its digest when accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// A job as the API shows it.
@@ -221,6 +226,9 @@ pub struct JobView {
     /// The job's own network policy (null: its profile's).
     #[cfg_attr(feature = "schema", schema(value_type = Option<String>))]
     pub network: Option<NetworkMode>,
+    /// The image it runs on (`sha256:...`; null: the host's system).
+    #[serde(default)]
+    pub image: Option<String>,
     pub status: JobStatus,
     /// The key that made the job (its owner).
     pub key_id: Option<String>,

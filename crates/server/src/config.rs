@@ -34,6 +34,10 @@ pub struct Profile {
     pub pids: Option<u64>,
     #[serde(default)]
     pub disk: Option<String>,
+    /// The image its jobs run on (a tag or digest of the image store);
+    /// none: the host's system directories. A job's own `image` wins.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Flags a request's extra_args may not carry: those that change where
     /// the agent's traffic or credentials go (`--flag`, `--flag=value`,
     /// an abbreviation of a long flag, a short flag alone or bundled).
@@ -97,6 +101,7 @@ pub struct ProfileConfig {
     pub memory: Option<String>,
     pub pids: Option<u64>,
     pub disk: Option<String>,
+    pub image: Option<String>,
     pub refused_args: Option<Vec<String>>,
     pub allowed_args: Option<Vec<String>>,
     pub search: Option<Vec<String>>,
@@ -131,6 +136,7 @@ pub fn profiles(
                     memory: t.memory,
                     pids: t.pids,
                     disk: t.disk,
+                    image: t.image,
                     refused_args: t.refused_args.unwrap_or_default(),
                     allowed_args: t.allowed_args.unwrap_or_default(),
                     search: t.search.unwrap_or_default(),
@@ -157,6 +163,7 @@ pub fn profiles(
                 p.memory = t.memory.or(p.memory);
                 p.pids = t.pids.or(p.pids);
                 p.disk = t.disk.or(p.disk);
+                p.image = t.image.or(p.image);
                 p.refused_args = t.refused_args.unwrap_or(p.refused_args);
                 p.allowed_args = t.allowed_args.unwrap_or(p.allowed_args);
                 p.search = t.search.unwrap_or(p.search);

@@ -241,6 +241,7 @@ mod tests {
                 extra_args: Vec::new(),
                 key_id: None,
                 network: None,
+                image: None,
             })
             .await
             .unwrap();

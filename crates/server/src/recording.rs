@@ -252,6 +252,7 @@ mod tests {
             timeout_s: 1,
             extra_args: Vec::new(),
             network: None,
+            image: None,
             status: JobStatus::Succeeded,
             key_id: None,
             created_at: 1_000,

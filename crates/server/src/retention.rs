@@ -147,6 +147,7 @@ mod tests {
                 extra_args: vec![],
                 key_id: None,
                 network: None,
+                image: None,
             })
             .await
             .unwrap();

@@ -46,6 +46,7 @@ pub fn new_job(id: &str) -> NewJob {
         extra_args: vec!["--x".into()],
         key_id: Some("k1".into()),
         network: None,
+        image: None,
     }
 }
 
@@ -55,10 +56,18 @@ pub async fn job_lifecycle_and_recovery(s: &Store, d: &Path) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let b = s
-        .create_job(&new_job("b"))
+        .create_job(&NewJob {
+            image: Some(format!("sha256:{}", "ab".repeat(32))),
+            ..new_job("b")
+        })
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(a.seq < b.seq);
+    // the image a job was accepted with comes back as it was
+    assert_eq!(a.image, None);
+    let got = s.get_job("b").await.ok().flatten().and_then(|j| j.image);
+    assert_eq!(got, b.image);
+    assert!(got.is_some_and(|d| d.starts_with("sha256:ab")));
     assert_eq!(a.status, JobStatus::Queued);
     assert!(s.mark_running("a").await.unwrap_or(false));
     assert!(!s.mark_running("a").await.unwrap_or(true), "running twice");

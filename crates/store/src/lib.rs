@@ -53,6 +53,8 @@ pub struct NewJob {
     pub key_id: Option<String>,
     /// The job's own network policy; `None`: its profile's.
     pub network: Option<NetworkMode>,
+    /// The image it runs on (`sha256:...`); `None`: the host's system.
+    pub image: Option<String>,
 }
 
 /// A stored job (without its patch and output, which are fetched apart).
@@ -66,6 +68,8 @@ pub struct Job {
     pub timeout_s: i64,
     pub extra_args: Vec<String>,
     pub network: Option<NetworkMode>,
+    /// The image it runs on (`sha256:...`); `None`: the host's system.
+    pub image: Option<String>,
     pub status: JobStatus,
     pub key_id: Option<String>,
     pub created_at: i64,

@@ -16,7 +16,7 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
-const JOB_COLS: &str = "seq, id, agent, prompt, repo_path, timeout_s, extra_args, network, status, key_id, created_at, started_at, finished_at, exit_code, error, result, supervisor_pid, supervisor_start";
+const JOB_COLS: &str = "seq, id, agent, prompt, repo_path, timeout_s, extra_args, network, image, status, key_id, created_at, started_at, finished_at, exit_code, error, result, supervisor_pid, supervisor_start";
 
 /// A stored network policy, parsed: one that no longer parses is refused,
 /// never read as "none given" (that would give the job its profile's,
@@ -45,6 +45,7 @@ fn job_from(row: &sqlx::sqlite::SqliteRow) -> Result<Job> {
         timeout_s: row.try_get("timeout_s")?,
         extra_args: serde_json::from_str(&extra).unwrap_or_default(),
         network: network_from(row, "a job")?,
+        image: row.try_get("image")?,
         status: status.parse().unwrap_or(JobStatus::Failed),
         key_id: row.try_get("key_id")?,
         created_at: row.try_get("created_at")?,
@@ -140,8 +141,8 @@ impl Jobs for SqliteStore {
     async fn create_job(&self, j: &NewJob) -> Result<Job> {
         let extra = serde_json::to_string(&j.extra_args).unwrap_or_else(|_| "[]".into());
         let row = sqlx::query(&format!(
-            "INSERT INTO jobs (id, agent, prompt, repo_path, timeout_s, extra_args, network, status, key_id, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING {JOB_COLS}"
+            "INSERT INTO jobs (id, agent, prompt, repo_path, timeout_s, extra_args, network, image, status, key_id, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?) RETURNING {JOB_COLS}"
         ))
         .bind(&j.id)
         .bind(&j.agent)
@@ -150,6 +151,7 @@ impl Jobs for SqliteStore {
         .bind(j.timeout_s)
         .bind(extra)
         .bind(j.network.as_ref().map(|n| n.to_string()))
+        .bind(&j.image)
         .bind(&j.key_id)
         .bind(now_ms())
         .fetch_one(&self.pool)

@@ -44,6 +44,10 @@ pub enum JobsCmd {
         /// key was granted more.
         #[arg(long, value_name = "MODE", value_parser = NetworkMode::parse)]
         network: Option<NetworkMode>,
+        /// Run on this image of the server's store (a tag or digest)
+        /// instead of the profile's or the host's system directories.
+        #[arg(long, value_name = "NAME")]
+        image: Option<String>,
         /// Wait until the job ends (a spinner shows progress); exit 0 only if it succeeded.
         #[arg(long)]
         wait: bool,
@@ -313,6 +317,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
             read_only,
             timeout,
             network,
+            image,
             wait: w,
             follow: f,
             egress,
@@ -332,6 +337,7 @@ async fn jobs_inner(c: &Client, cmd: JobsCmd) -> Result<ExitCode, String> {
                 timeout,
                 extra_args,
                 network: network.map(|n| n.to_string()),
+                image,
             };
             let job: JobView = c.call(c.req(Method::POST, "/v1/jobs").json(&body)).await?;
             let id = job.id.clone();

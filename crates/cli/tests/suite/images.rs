@@ -10,7 +10,7 @@ use crate::common::*;
 /// Build `image.tar` in `dir` with scripts/tiny-image.sh (an OCI layout's
 /// tar, tagged `tiny`, two layers: the second deletes /usr/bin/ls with a
 /// whiteout and adds a file), the probe and its libraries in it too.
-fn build_image(dir: &Path) {
+pub(crate) fn build_image(dir: &Path) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
     let o = sh(
         dir,
@@ -219,4 +219,79 @@ fn an_unprivileged_user_imports_and_runs_an_image() {
             "{who:?} {o:?}"
         );
     }
+}
+
+/// The server's jobs on an image: a job's own `image`, its profile's, a
+/// name the store lacks; the job records the digest it was accepted with.
+#[test]
+fn server_jobs_run_on_an_image_by_request_or_profile() {
+    use crate::suite::server::Server;
+    let t = tempdir();
+    build_image(t.path());
+    let root = t.path().join("root");
+    let repo = fixture_repo(Who::Me);
+    let r = root.join("repo");
+    std::fs::create_dir_all(&root).unwrap();
+    let c = sh(
+        t.path(),
+        &format!("cp -R {}/. {}", repo.path().display(), r.display()),
+    );
+    assert!(c.status.success());
+    let cfg = t.path().join("agentvm.toml");
+    std::fs::write(
+        &cfg,
+        "[agents.tool]\nargv = [\"sh\", \"-c\", \"{prompt}\"]\nimage = \"tiny\"\n",
+    )
+    .unwrap();
+    let root_s = root.to_string_lossy().into_owned();
+    let cfg_s = cfg.to_string_lossy().into_owned();
+    let s = Server::start(
+        &t.path().join("data"),
+        &["--allowed-root", &root_s, "--config", &cfg_s],
+    );
+    let job = |agent: &str, image: Option<&str>| {
+        let mut b = serde_json::json!({"agent": agent, "prompt": "only-in-image", "repo_path": r.to_string_lossy(), "timeout": 30});
+        if let Some(i) = image {
+            b["image"] = i.into();
+        }
+        s.json("POST", "/v1/jobs", Some(b))
+    };
+    // the profile names an image the server does not have yet
+    let (code, v) = job("tool", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap_or("").contains("images import"),
+        "{v}"
+    );
+    // a name the store lacks: a field error
+    let (code, v) = job("shell", Some("nope"));
+    assert_eq!(code, 422, "{v}");
+    assert!(v.to_string().contains("image"), "{v}");
+
+    let data = s.data.to_string_lossy().into_owned();
+    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    let o = agentvm(Who::Me, &["images", "import", &tar, "--data-dir", &data]);
+    assert!(o.status.success(), "{o:?}");
+    let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+
+    for (agent, image) in [("shell", Some("tiny")), ("tool", None)] {
+        let (code, v) = job(agent, image);
+        assert_eq!(code, 202, "{v}");
+        assert_eq!(v["image"], digest.as_str(), "{v}");
+        let id = v["id"].as_str().unwrap_or("").to_string();
+        let done = s.wait(&id);
+        assert_eq!(done["status"], "succeeded", "{agent}: {done}");
+        assert_eq!(done["result"]["image"], digest.as_str(), "{done}");
+        let logs = s.text(&format!("/v1/jobs/{id}/logs"));
+        assert!(
+            logs.contains("only in the image: FOO=from-image"),
+            "{agent}: {logs}"
+        );
+    }
+    // without one: the host's system, where the program is not
+    let (code, v) = job("shell", None);
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(v["image"], serde_json::Value::Null, "{v}");
+    let done = s.wait(v["id"].as_str().unwrap_or(""));
+    assert_eq!(done["status"], "failed", "{done}");
 }

@@ -31,6 +31,7 @@ pub async fn agent_run(State(st): S, caller: Principal, body: Bytes) -> ApiResul
         network: None,
         workspace: None,
         read_only: false,
+        image: None,
     };
     let job = st.submit(&caller, "agent.run", &ask).await?;
     let body = streamed(|tx| compat_answer(st.clone(), job, tx));

@@ -14,6 +14,7 @@ pub fn job_view(j: Job) -> JobView {
         timeout_s: j.timeout_s,
         extra_args: j.extra_args,
         network: j.network,
+        image: j.image,
         status: j.status,
         key_id: j.key_id,
         created_at: j.created_at,
@@ -46,6 +47,7 @@ pub async fn create_job(State(st): S, caller: Principal, body: Bytes) -> ApiResu
         network: req.network.as_deref(),
         workspace: req.workspace.as_deref(),
         read_only: req.read_only,
+        image: req.image.as_deref(),
     };
     let job = st.submit(&caller, "job.create", &ask).await?;
     let loc = format!("/v1/jobs/{}", job.id);

@@ -163,9 +163,39 @@ impl Runner {
                 .collect();
         }
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
+        if let Some(d) = &job.image {
+            req.image = Some(self.image_run(d)?);
+        }
         self.lay_over(&mut req, over)?;
         req.check()?;
         Ok(req)
+    }
+
+    /// The image `digest` (the job's, resolved when it was accepted) as
+    /// the runner takes it: its layers' directories and its Env.
+    pub(crate) fn image_run(&self, digest: &str) -> Result<agentvm_proto::run::ImageRun, String> {
+        let gone = |e: agentvm_image::ImageError| {
+            format!("the image {digest} is no longer in the server's store ({e}); nothing ran")
+        };
+        let store = agentvm_image::Store::open(&self.cfg.data_dir).map_err(gone)?;
+        let img = store.find(digest).map_err(gone)?;
+        let layers = img
+            .layers
+            .iter()
+            .map(|l| store.layer_dir(l))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(gone)?;
+        if let Some(l) = layers.iter().find(|l| !l.is_dir()) {
+            return Err(format!(
+                "the image {digest} lacks its layer {} (was `agentvm images gc` run while it was in use?); nothing ran",
+                l.display()
+            ));
+        }
+        Ok(agentvm_proto::run::ImageRun {
+            digest: img.digest,
+            layers,
+            env: img.config.env,
+        })
     }
 
     /// A workspace's stack under the request, and where its new layer goes.

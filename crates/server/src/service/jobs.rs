@@ -31,6 +31,8 @@ pub struct Ask<'a> {
     pub workspace: Option<&'a str>,
     /// Over `workspace`: read it beside its writer, keep nothing in it.
     pub read_only: bool,
+    /// The image (a tag or digest) instead of the profile's.
+    pub image: Option<&'a str>,
 }
 
 /// What every job request carries, once validated.
@@ -42,6 +44,8 @@ struct Valid {
     extra_args: Vec<String>,
     /// The job's own network policy; `None`: its profile's.
     network: Option<NetworkMode>,
+    /// The image's digest; `None`: the host's system.
+    image: Option<String>,
 }
 
 /// Which jobs a list shows.
@@ -124,6 +128,10 @@ impl Service {
             None => None,
             Some(n) => Some(check_network(profile, a.agent, n, p)?),
         };
+        let image = match a.image.or(profile.image.as_deref()) {
+            None => None,
+            Some(name) => Some(self.resolve_image(name, a.image.is_some())?),
+        };
         let repo = match a.workspace {
             // checked with the workspace, in submit
             Some(_) => PathBuf::new(),
@@ -136,6 +144,7 @@ impl Service {
             timeout: a.timeout,
             extra_args: a.extra.to_vec(),
             network,
+            image,
         })
     }
 
@@ -167,6 +176,7 @@ impl Service {
                 extra_args: v.extra_args,
                 key_id: Some(p.key.id.clone()),
                 network: v.network,
+                image: v.image,
             })
             .await
             .map_err(submit_error);
@@ -355,6 +365,37 @@ impl Service {
         }
         self.record(p, A, Some(id), "ok", None).await;
         Ok(())
+    }
+}
+
+impl Service {
+    /// The digest of the image `name` names in the server's store: a
+    /// request's own (`asked`) or its profile's.
+    pub(super) fn resolve_image(&self, name: &str, asked: bool) -> Result<String> {
+        if name.is_empty() || name.len() > 255 || name.contains('\0') {
+            return Err(Error::invalid(
+                "body",
+                "image",
+                "image must be a tag or digest of at most 255 bytes",
+            ));
+        }
+        let found = agentvm_image::Store::open(&self.cfg.data_dir).and_then(|s| s.find(name));
+        match found {
+            Ok(img) => Ok(img.digest),
+            Err(agentvm_image::ImageError::NotFound(_)) if asked => Err(Error::invalid(
+                "body",
+                "image",
+                format!(
+                    "no image {} on this server (agentvm images import, then agentvm images list)",
+                    bounded(name, 64)
+                ),
+            )),
+            Err(agentvm_image::ImageError::NotFound(_)) => Err(Error::Conflict(format!(
+                "the agent's profile names the image {}, which this server does not have (agentvm images import)",
+                bounded(name, 64)
+            ))),
+            Err(e) => Err(Error::Internal(format!("reading the image store: {e}"))),
+        }
     }
 }
 
