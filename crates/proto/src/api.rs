@@ -324,6 +324,10 @@ pub struct SessionRequest {
     /// Process limit, at most the profile's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Run on this image of the server's store (a tag or digest) instead
+    /// of its profile's or the host's system directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// The terminal's first size (default 24 x 80; 1 to 1000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<u16>,

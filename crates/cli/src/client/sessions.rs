@@ -49,6 +49,9 @@ pub struct ShellArgs {
     /// Memory limit ("512M", "2G"), at most the profile's.
     #[arg(long)]
     memory: Option<String>,
+    /// Run on this image of the server's store (a tag or digest).
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
     /// Record what is typed too (off by default: it holds passwords).
     #[arg(long)]
     record_input: bool,
@@ -209,6 +212,7 @@ async fn create(c: &Client, a: &ShellArgs) -> Result<SessionView, String> {
         idle_timeout: a.idle_timeout,
         memory: a.memory.clone(),
         pids: None,
+        image: a.image.clone(),
         rows,
         cols,
         record_input: a.record_input,

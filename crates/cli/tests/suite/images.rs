@@ -221,10 +221,10 @@ fn an_unprivileged_user_imports_and_runs_an_image() {
     }
 }
 
-/// The server's jobs on an image: a job's own `image`, its profile's, a
-/// name the store lacks; the job records the digest it was accepted with.
+/// The server's jobs and sessions on an image: a job's own `image`, its
+/// profile's, a name the store lacks; the job records the digest it was accepted with.
 #[test]
-fn server_jobs_run_on_an_image_by_request_or_profile() {
+fn server_jobs_and_sessions_run_on_an_image_by_request_or_profile() {
     use crate::suite::server::Server;
     let t = tempdir();
     build_image(t.path());
@@ -288,6 +288,30 @@ fn server_jobs_run_on_an_image_by_request_or_profile() {
             "{agent}: {logs}"
         );
     }
+    // a session on it (its profile's image, or its own)
+    let (code, v) = s.json(
+        "POST",
+        "/v1/sessions",
+        Some(serde_json::json!({"name": "img", "command": ["sh", "-c", "only-in-image"], "image": "tiny"})),
+    );
+    assert_eq!(code, 201, "{v}");
+    let sid = v["id"].as_str().unwrap_or("").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        let (_, v) = s.json("GET", &format!("/v1/sessions/{sid}"), None);
+        if v["status"] != "running" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cast = s.text(&format!("/v1/sessions/{sid}/recording"));
+    assert!(cast.contains("only in the image: FOO=from-image"), "{cast}");
+    let (code, v) = s.json(
+        "POST",
+        "/v1/sessions",
+        Some(serde_json::json!({"name": "img2", "command": ["true"], "image": "nope"})),
+    );
+    assert_eq!(code, 422, "{v}");
     // without one: the host's system, where the program is not
     let (code, v) = job("shell", None);
     assert_eq!(code, 202, "{v}");

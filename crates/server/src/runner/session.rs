@@ -29,6 +29,8 @@ pub struct SessionLimits {
     pub disk: Option<u64>,
     /// A terminal with no line discipline (`ssh HOST COMMAND` without -t).
     pub raw: bool,
+    /// The image's digest (resolved when accepted); `None`: the host's.
+    pub image: Option<String>,
 }
 
 /// A started session sandbox.
@@ -136,6 +138,9 @@ impl Runner {
         }
         req.control_fd = Some(CONTROL_FD);
         req.cgroup_parent = self.cfg.cgroup_parent.clone();
+        if let Some(d) = &limits.image {
+            req.image = Some(self.image_run(d)?);
+        }
         self.lay_over(&mut req, over)?;
         req.check()?;
         Ok(req)

@@ -282,6 +282,10 @@ impl Service {
             None => None,
             Some(rp) => Some(check_repo(&self.roots, rp)?),
         };
+        let image = match r.image.as_deref().or(profile.image.as_deref()) {
+            None => None,
+            Some(name) => Some(self.resolve_image(name, r.image.is_some())?),
+        };
         Ok((
             NewSession {
                 id: new_session_id(),
@@ -298,6 +302,7 @@ impl Service {
                 pids,
                 disk: None,
                 raw: false,
+                image,
             },
             rows,
             cols,
