@@ -14,16 +14,36 @@ pub struct AgentsArgs {
     /// The server's config file (its [agents.NAME] profiles count too).
     #[arg(long, value_name = "FILE", env = "AGENTVM_CONFIG")]
     config: Option<PathBuf>,
+    /// Probe the CLIs on this image (a tag or digest of the data
+    /// directory's store) instead of each profile's own image or the
+    /// host's system: which agents the image provides.
+    #[arg(long, value_name = "NAME")]
+    image: Option<String>,
+    /// The data directory whose image store --image names from.
+    #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
 
+/// Where the probe's sandbox runs: an image (and its store), or the host.
+struct On<'a> {
+    image: Option<&'a str>,
+    data_dir: Option<&'a std::path::Path>,
+}
+
 /// `None`: not present (not found, not executable, or no sandbox).
 /// `Some(version)`: present; the version is empty when `--version` failed.
-fn probe(argv0: &str, binds: &[String], set_env: &[(String, String)]) -> Option<String> {
+fn probe(argv0: &str, binds: &[String], set_env: &[(String, String)], on: &On) -> Option<String> {
     let exe = std::env::current_exe().ok()?;
     let mut c = Command::new(exe);
     c.args(["run", "--timeout", "30s", "--memory", "2G"]);
+    if let Some(i) = on.image {
+        c.args(["--image", i]);
+        if let Some(d) = on.data_dir {
+            c.arg("--data-dir").arg(d);
+        }
+    }
     for b in binds {
         c.args(["--ro-bind", b]);
     }
@@ -88,7 +108,11 @@ pub fn main(a: AgentsArgs) -> ExitCode {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let version = probe(&argv0, &p.ro_binds, &env);
+        let on = On {
+            image: a.image.as_deref().or(p.image.as_deref()),
+            data_dir: a.data_dir.as_deref(),
+        };
+        let version = probe(&argv0, &p.ro_binds, &env, &on);
         let hint = match &version {
             Some(_) => None,
             None if argv0.contains('/') => Some(format!("{argv0} is not there, or the sandbox cannot run it")),
@@ -101,7 +125,7 @@ pub fn main(a: AgentsArgs) -> ExitCode {
                 }
             )),
         };
-        rows.push(json!({"name": name, "command": argv0, "present": version.is_some(), "version": version, "network": p.network, "hint": hint}));
+        rows.push(json!({"name": name, "command": argv0, "present": version.is_some(), "version": version, "network": p.network, "image": on.image, "hint": hint}));
     }
     if a.json {
         println!(

@@ -135,6 +135,21 @@ fn an_imported_image_is_the_sandboxs_root() {
         "{o:?}"
     );
 
+    // which agent CLIs the image provides: a shell, none of the real agents
+    let o = agentvm(
+        Who::Me,
+        &["agents", "--image", "tiny", "--data-dir", &data, "--json"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    let present = |n: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == n))
+            .map(|r| (r["present"].clone(), r["image"].clone()))
+    };
+    assert_eq!(present("shell"), Some((true.into(), "tiny".into())), "{v}");
+    assert_eq!(present("claude").map(|p| p.0), Some(false.into()), "{v}");
+
     // rm, then gc frees its layers
     let o = agentvm(Who::Me, &with_data(&data, &["images", "rm", "tiny"]));
     assert!(o.status.success(), "{o:?}");

@@ -431,6 +431,9 @@ fn place_layers(
     Ok(lowers.join(":"))
 }
 
+/// The most top-level entries of an image's / that are shown.
+const IMAGE_TOP_MAX: usize = 256;
+
 /// Top-level names of an image that are the sandbox's own, never the
 /// image's: laid over it exactly as over the host's system directories.
 const OWN_TOP: [&str; 7] = ["etc", "proc", "dev", "sys", "tmp", "home", "workspace"];
@@ -458,7 +461,16 @@ fn image_root(p: &Prepared, root: &Path, ro: u64) -> Result<(), SetupError> {
     }
     let entries = std::fs::read_dir(image)
         .map_err(|e| SetupError::os(Layer::Mounts, "reading the image's root", e))?;
-    for e in entries {
+    for (n, e) in entries.enumerate() {
+        // a mount per entry: an image's / holds a few dozen at most
+        if n >= IMAGE_TOP_MAX {
+            return Err(SetupError::new(
+                Layer::Mounts,
+                format!(
+                    "the image's / holds more than {IMAGE_TOP_MAX} entries; not a root filesystem"
+                ),
+            ));
+        }
         let e = e.map_err(|e| SetupError::os(Layer::Mounts, "reading the image's root", e))?;
         let name = e.file_name();
         if OWN_TOP.iter().any(|o| name.as_bytes() == o.as_bytes()) {
