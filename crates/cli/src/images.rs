@@ -251,3 +251,58 @@ pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
         }
     }
 }
+
+/// The doctor's `images` line: the store and what it holds (read only:
+/// doctor makes no store).
+pub fn doctor_check(data_dir: Option<PathBuf>) -> agentvm_sandbox::doctor::Check {
+    let dir = data_dir.unwrap_or_else(default_data_dir);
+    let at = dir.join("images");
+    let (ok, detail) = if !at.is_dir() {
+        (
+            true,
+            format!(
+                "no image store yet at {} (agentvm images import FILE makes one); sandboxes use the host's system directories",
+                at.display()
+            ),
+        )
+    } else {
+        match Store::open(&dir).and_then(|s| s.list()) {
+            Ok(all) => {
+                let names: Vec<String> = all
+                    .iter()
+                    .map(|i| {
+                        i.tags
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| short(&i.digest).to_string())
+                    })
+                    .collect();
+                (
+                    true,
+                    format!(
+                        "{} in {}{}; run one with --image NAME",
+                        match all.len() {
+                            1 => "1 image".to_string(),
+                            n => format!("{n} images"),
+                        },
+                        at.display(),
+                        if names.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", names.join(", "))
+                        }
+                    ),
+                )
+            }
+            Err(e) => (
+                false,
+                format!("the image store at {} cannot be read: {e}", at.display()),
+            ),
+        }
+    };
+    agentvm_sandbox::doctor::Check {
+        layer: "images",
+        ok,
+        detail,
+    }
+}

@@ -114,6 +114,9 @@ enum Command {
         /// Cgroup to test creating limited cgroups under (as `run` would).
         #[arg(long, value_name = "PATH", env = "AGENTVM_CGROUP_PARENT")]
         cgroup_parent: Option<std::path::PathBuf>,
+        /// The data directory whose image store to report on.
+        #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
+        data_dir: Option<std::path::PathBuf>,
     },
 }
 
@@ -161,12 +164,18 @@ fn main() -> ExitCode {
         Command::Doctor {
             json,
             cgroup_parent,
-        } => doctor(json, cgroup_parent.as_deref()),
+            data_dir,
+        } => doctor(json, cgroup_parent.as_deref(), data_dir),
     }
 }
 
-fn doctor(json: bool, cgroup_parent: Option<&std::path::Path>) -> ExitCode {
-    let report = agentvm_sandbox::doctor::check(cgroup_parent);
+fn doctor(
+    json: bool,
+    cgroup_parent: Option<&std::path::Path>,
+    data_dir: Option<std::path::PathBuf>,
+) -> ExitCode {
+    let mut report = agentvm_sandbox::doctor::check(cgroup_parent);
+    report.checks.push(images::doctor_check(data_dir));
     if json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),

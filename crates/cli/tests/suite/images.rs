@@ -135,6 +135,14 @@ fn an_imported_image_is_the_sandboxs_root() {
         "{o:?}"
     );
 
+    // doctor names the store and what it holds
+    let o = agentvm(Who::Me, &["doctor", "--data-dir", &data]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("images") && l.contains("1 image") && l.contains("tiny")),
+        "{out}"
+    );
     // which agent CLIs the image provides: a shell, none of the real agents
     let o = agentvm(
         Who::Me,
