@@ -2,7 +2,7 @@
 # Build a small OCI image in the current directory, from the host's own
 # programs (no registry, no daemon): image.tar, the tar of an OCI image
 # layout tagged "tiny", with two layers:
-#   l1.tar.gz  dash (as sh), true, cat, ls, env and their libraries, any
+#   l1.tar.gz  dash (as sh), true, cat, ls, env, sleep and their libraries, any
 #              program given as an argument and its libraries, and
 #              /opt/tool/only-in-image (a script found nowhere else);
 #              /etc/os-release ID=agentvm-test-image, /etc/passwd of its own
@@ -15,7 +15,7 @@ R=rootfs; L=layout
 rm -rf $R two $L
 mkdir -p $R/usr/bin $R/usr/lib $R/usr/lib64 $R/etc $R/opt/tool $L/blobs/sha256 two/usr/bin two/opt
 ln -s usr/bin $R/bin; ln -s usr/lib $R/lib; ln -s usr/lib64 $R/lib64
-for b in /usr/bin/dash /usr/bin/true /usr/bin/cat /usr/bin/ls /usr/bin/env "$@"; do
+for b in /usr/bin/dash /usr/bin/true /usr/bin/cat /usr/bin/ls /usr/bin/env /usr/bin/sleep "$@"; do
   case $b in /usr/bin/*) cp "$b" $R/usr/bin/ ;; esac
   for f in $(ldd "$b" | grep -o '/[^ ]*'); do
     d=$R$(dirname "$f" | sed 's|^/lib|/usr/lib|'); mkdir -p "$d"; cp "$(readlink -f "$f")" "$d/$(basename "$f")"
