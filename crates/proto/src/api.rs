@@ -393,6 +393,11 @@ pub struct WorkspaceRequest {
     /// Start from this checkpoint (its id) instead: a fork.
     #[serde(default)]
     pub from_checkpoint: Option<String>,
+    /// The image its jobs and sessions run on unless they name their own
+    /// (a tag or digest of the server's store, kept as its digest); a
+    /// fork takes its workspace's unless it names one.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// A workspace as the API shows it.
@@ -416,6 +421,10 @@ pub struct WorkspaceView {
     #[serde(default)]
     pub quota_bytes: Option<u64>,
     /// The job writing it now, if any.
+    /// The image its jobs and sessions run on unless they name their
+    /// own (`sha256:...`; null: their profile's).
+    #[serde(default)]
+    pub image: Option<String>,
     pub writer: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,

@@ -415,9 +415,21 @@ pub async fn workspaces_one_writer_checkpoints_and_layers(s: &Store, _: &Path) {
         owner: owner.into(),
         repo_path: "/r".into(),
         stack: vec![],
+        image: None,
     };
     let w = ok(s.create_workspace(&nw("ws_1", "main", "k1")).await);
-    assert!(w.stack.is_empty() && w.writer.is_none());
+    assert!(w.stack.is_empty() && w.writer.is_none() && w.image.is_none());
+    // the image it was made with comes back as it was
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    let wi = ok(s
+        .create_workspace(&NewWorkspace {
+            image: Some(digest.clone()),
+            ..nw("ws_img", "with-image", "k-img")
+        })
+        .await);
+    assert_eq!(wi.image.as_deref(), Some(digest.as_str()));
+    assert_eq!(some(s.get_workspace("ws_img").await).image, Some(digest));
+    assert!(ok(s.delete_workspace("ws_img").await));
     assert!(matches!(
         s.create_workspace(&nw("ws_2", "main", "k1")).await,
         Err(StoreError::Taken(_))

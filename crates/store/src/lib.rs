@@ -301,6 +301,8 @@ pub struct NewWorkspace {
     pub repo_path: String,
     /// Layer ids, newest first (empty: the repo as it is).
     pub stack: Vec<String>,
+    /// The image its jobs and sessions run on unless they name their own.
+    pub image: Option<String>,
 }
 
 /// A stored workspace.
@@ -312,6 +314,8 @@ pub struct Workspace {
     pub owner: String,
     pub repo_path: String,
     pub stack: Vec<String>,
+    /// The image its jobs and sessions run on unless they name their own.
+    pub image: Option<String>,
     /// The job that holds it for writing (queued or running).
     pub writer: Option<String>,
     pub created_at: i64,

@@ -689,7 +689,7 @@ impl Sessions for SqliteStore {
 }
 
 const WORKSPACE_COLS: &str =
-    "seq, id, name, owner, repo_path, stack, writer, created_at, updated_at";
+    "seq, id, name, owner, repo_path, stack, image, writer, created_at, updated_at";
 const CHECKPOINT_COLS: &str = "seq, id, workspace_id, name, stack, created_at";
 
 fn stack_from(row: &sqlx::sqlite::SqliteRow, what: &str, id: &str) -> Result<Vec<String>> {
@@ -712,6 +712,7 @@ fn workspace_from(row: &sqlx::sqlite::SqliteRow) -> Result<Workspace> {
         owner: row.try_get("owner")?,
         repo_path: row.try_get("repo_path")?,
         stack: stack_from(row, "workspace", &id)?,
+        image: row.try_get("image")?,
         writer: row.try_get("writer")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -736,14 +737,15 @@ impl Workspaces for SqliteStore {
     async fn create_workspace(&self, w: &NewWorkspace) -> Result<Workspace> {
         let now = now_ms();
         let row = sqlx::query(&format!(
-            "INSERT INTO workspaces (id, name, owner, repo_path, stack, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {WORKSPACE_COLS}"
+            "INSERT INTO workspaces (id, name, owner, repo_path, stack, image, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {WORKSPACE_COLS}"
         ))
         .bind(&w.id)
         .bind(&w.name)
         .bind(&w.owner)
         .bind(&w.repo_path)
         .bind(stack_json(&w.stack))
+        .bind(&w.image)
         .bind(now)
         .bind(now)
         .fetch_one(&self.pool)

@@ -20,6 +20,10 @@ pub enum WorkspacesCmd {
         name: String,
         #[arg(long, value_name = "DIR")]
         repo: PathBuf,
+        /// The image its jobs and sessions run on unless they name their
+        /// own (a tag or digest of the server's store).
+        #[arg(long, value_name = "NAME")]
+        image: Option<String>,
     },
     /// List your workspaces, oldest first.
     List,
@@ -100,6 +104,7 @@ fn show(c: &Client, w: &WorkspaceView) {
             },
         ),
         ("writer", w.writer.clone().unwrap_or_else(|| "-".into())),
+        ("image", w.image.clone().unwrap_or_else(|| "-".into())),
         ("created", ago(Some(w.created_at))),
         ("updated", ago(Some(w.updated_at))),
     ] {
@@ -121,12 +126,13 @@ async fn checkpoint_id(c: &Client, ws: &str, which: &str) -> Result<String, Stri
 async fn inner(c: &Client, cmd: WorkspacesCmd) -> Result<ExitCode, String> {
     let post = |path: String, body: serde_json::Value| c.req(Method::POST, &path).json(&body);
     match cmd {
-        WorkspacesCmd::Create { name, repo } => {
+        WorkspacesCmd::Create { name, repo, image } => {
             let repo = std::fs::canonicalize(&repo).unwrap_or(repo);
             let body = WorkspaceRequest {
                 name,
                 repo_path: Some(repo.to_string_lossy().into_owned()),
                 from_checkpoint: None,
+                image,
             };
             let w: WorkspaceView = c
                 .call(

@@ -247,7 +247,7 @@ fn an_unprivileged_user_imports_and_runs_an_image() {
 /// The server's jobs and sessions on an image: a job's own `image`, its
 /// profile's, a name the store lacks; the job records the digest it was accepted with.
 #[test]
-fn server_jobs_and_sessions_run_on_an_image_by_request_or_profile() {
+fn server_jobs_sessions_and_workspaces_run_on_an_image() {
     use crate::suite::server::Server;
     let t = tempdir();
     build_image(t.path());
@@ -311,6 +311,52 @@ fn server_jobs_and_sessions_run_on_an_image_by_request_or_profile() {
             "{agent}: {logs}"
         );
     }
+    // a workspace with an image: its jobs run on it, its forks keep it
+    let (code, w) = s.json(
+        "POST",
+        "/v1/workspaces",
+        Some(
+            serde_json::json!({"name": "wsimg", "repo_path": r.to_string_lossy(), "image": "tiny"}),
+        ),
+    );
+    assert_eq!(code, 201, "{w}");
+    assert_eq!(w["image"], digest.as_str(), "{w}");
+    let (code, v) = s.json(
+        "POST",
+        "/v1/jobs",
+        Some(serde_json::json!({"agent": "shell", "prompt": "only-in-image > made-on-image", "workspace": "wsimg", "timeout": 30})),
+    );
+    assert_eq!(
+        (code, &v["image"]),
+        (202, &serde_json::json!(digest)),
+        "{v}"
+    );
+    let done = s.wait(v["id"].as_str().unwrap_or(""));
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let (code, c) = s.json(
+        "POST",
+        "/v1/workspaces/wsimg/checkpoints",
+        Some(serde_json::json!({"name": "c1"})),
+    );
+    assert_eq!(code, 201, "{c}");
+    let (code, f) = s.json(
+        "POST",
+        "/v1/workspaces",
+        Some(serde_json::json!({"name": "wsfork", "from_checkpoint": c["id"]})),
+    );
+    assert_eq!(
+        (code, &f["image"]),
+        (201, &serde_json::json!(digest)),
+        "{f}"
+    );
+    let (code, v) = s.json(
+        "POST",
+        "/v1/workspaces",
+        Some(
+            serde_json::json!({"name": "wsbad", "repo_path": r.to_string_lossy(), "image": "nope"}),
+        ),
+    );
+    assert_eq!(code, 422, "{v}");
     // a session on it (its profile's image, or its own)
     let (code, v) = s.json(
         "POST",

@@ -344,6 +344,7 @@ impl Runner {
                 owner: String::new(),
                 repo_path: String::new(),
                 stack,
+                image: None,
                 writer: None,
                 created_at: 0,
                 updated_at: 0,

@@ -128,10 +128,8 @@ impl Service {
             None => None,
             Some(n) => Some(check_network(profile, a.agent, n, p)?),
         };
-        let image = match a.image.or(profile.image.as_deref()) {
-            None => None,
-            Some(name) => Some(self.resolve_image(name, a.image.is_some())?),
-        };
+        // over a workspace: chosen in submit
+        let image = self.asked_image(profile, a.image, a.workspace.is_some())?;
         let repo = match a.workspace {
             // checked with the workspace, in submit
             Some(_) => PathBuf::new(),
@@ -157,6 +155,13 @@ impl Service {
             Err(e) => return self.rejected(p, action, None, e).await,
         };
         let id = new_job_id();
+        let mut v = v;
+        if let (None, Some(w)) = (ask.image, ask.workspace) {
+            match self.workspace_image(p, w, ask.agent).await {
+                Ok(i) => v.image = i,
+                Err(e) => return self.rejected(p, action, None, e).await,
+            }
+        }
         // over a workspace: held for this job from now until it ends
         let (repo, held) = match ask.workspace {
             None => (v.repo, None),
@@ -369,6 +374,49 @@ impl Service {
 }
 
 impl Service {
+    /// The image a job or session over workspace `w` runs on when it names
+    /// none: the workspace's, else its agent's profile's.
+    pub(super) async fn workspace_image(
+        &self,
+        p: &Principal,
+        w: &str,
+        agent: &str,
+    ) -> Result<Option<String>> {
+        let ws = self.find_workspace(p, w).await?;
+        if ws.image.is_some() {
+            return Ok(ws.image);
+        }
+        match self
+            .cfg
+            .agents
+            .get(agent)
+            .and_then(|pr| pr.image.as_deref())
+        {
+            Some(name) => Ok(Some(self.resolve_image(name, false)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The image a request runs on, checked at validation: its own, else
+    /// (not over a workspace, whose image is found later with
+    /// `workspace_image`) its profile's.
+    pub(super) fn asked_image(
+        &self,
+        profile: &crate::config::Profile,
+        asked: Option<&str>,
+        over_workspace: bool,
+    ) -> Result<Option<String>> {
+        match (asked, over_workspace) {
+            (Some(name), _) => Ok(Some(self.resolve_image(name, true)?)),
+            (None, true) => Ok(None),
+            (None, false) => profile
+                .image
+                .as_deref()
+                .map(|name| self.resolve_image(name, false))
+                .transpose(),
+        }
+    }
+
     /// The digest of the image `name` names in the server's store: a
     /// request's own (`asked`) or its profile's.
     pub(super) fn resolve_image(&self, name: &str, asked: bool) -> Result<String> {

@@ -87,6 +87,13 @@ impl Service {
             Err(e) => return self.rejected(p, A, None, e).await,
         };
         ask.raw = open.raw;
+        if let (None, Some(w)) = (r.image.as_deref(), r.workspace.as_deref()) {
+            let agent = r.agent.as_deref().unwrap_or(super::SHELL);
+            match self.workspace_image(p, w, agent).await {
+                Ok(i) => ask.image = i,
+                Err(e) => return self.rejected(p, A, None, e).await,
+            }
+        }
         let id = new.id.clone();
         // over a workspace: held for this session until it ends
         let held = match r.workspace.as_deref() {
@@ -282,10 +289,8 @@ impl Service {
             None => None,
             Some(rp) => Some(check_repo(&self.roots, rp)?),
         };
-        let image = match r.image.as_deref().or(profile.image.as_deref()) {
-            None => None,
-            Some(name) => Some(self.resolve_image(name, r.image.is_some())?),
-        };
+        // over a workspace: chosen in open_session
+        let image = self.asked_image(profile, r.image.as_deref(), r.workspace.is_some())?;
         Ok((
             NewSession {
                 id: new_session_id(),

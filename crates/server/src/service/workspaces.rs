@@ -109,6 +109,7 @@ impl Service {
             owner: w.owner,
             repo_path: w.repo_path,
             writer: w.writer,
+            image: w.image,
             created_at: w.created_at,
             updated_at: w.updated_at,
         }
@@ -219,6 +220,10 @@ impl Service {
                             owner: p.key.id.clone(),
                             repo_path: repo.to_string_lossy().into_owned(),
                             stack: c.stack,
+                            image: match r.image.as_deref() {
+                                Some(i) => Some(self.resolve_image(i, true)?),
+                                None => from.image.clone(),
+                            },
                         })
                         .await
                         .map_err(|e| store_error("workspace", e));
@@ -240,6 +245,11 @@ impl Service {
                     owner: p.key.id.clone(),
                     repo_path: repo.to_string_lossy().into_owned(),
                     stack,
+                    image: r
+                        .image
+                        .as_deref()
+                        .map(|i| self.resolve_image(i, true))
+                        .transpose()?,
                 })
                 .await
                 .map_err(|e| store_error("workspace", e))
