@@ -15,6 +15,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# images build --debian, with the real tool, as root
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap debian-archive-keyring)
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 command -v pip3 >/dev/null 2>&1 || python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

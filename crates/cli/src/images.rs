@@ -18,6 +18,26 @@ pub struct ImagesArgs {
     cmd: ImagesCmd,
 }
 
+/// How much an image may hold, for import and build.
+#[derive(Args, Debug)]
+struct LimitArgs {
+    /// Refuse an image whose files hold more than this (e.g. 8G).
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = agentvm_proto::units::parse_size)]
+    max_size: u64,
+    /// Refuse an image of more entries than this.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_entries: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            bytes: self.max_size,
+            entries: self.max_entries,
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum ImagesCmd {
     /// Import an OCI image layout (a directory or its tar) or a `docker
@@ -29,14 +49,42 @@ enum ImagesCmd {
         /// archive's RepoTags).
         #[arg(long)]
         tag: Option<String>,
-        /// Refuse an image whose files hold more than this (e.g. 8G).
-        #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = agentvm_proto::units::parse_size)]
-        max_size: u64,
-        /// Refuse an image of more entries than this.
-        #[arg(long, value_name = "N", default_value_t = 1_000_000)]
-        max_entries: u64,
+        #[command(flatten)]
+        limits: LimitArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Build a Debian root filesystem from Debian's packages (mmdebstrap,
+    /// from the mirror the host's apt uses) and store it as image NAME;
+    /// the same build again comes from the cache.
+    Build {
+        /// The Debian suite or codename: bookworm, stable, trixie...
+        #[arg(long, value_name = "SUITE")]
+        debian: String,
+        /// Packages to install beyond the variant's (a,b,c).
+        #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Package lists after the old system's: minimal, standard (a
+        /// toolchain for C, Python and git work) or full (plus Rust, Go,
+        /// Node.js); each holds the one before.
+        #[arg(long, value_name = "NAME", value_delimiter = ',')]
+        preset: Vec<String>,
+        /// The Debian archive to install from (default: the host's apt
+        /// mirror).
+        #[arg(long, value_name = "URL")]
+        mirror: Option<String>,
+        /// mmdebstrap's variant.
+        #[arg(long, default_value = "minbase")]
+        variant: String,
+        /// Build even if the cache has this build.
+        #[arg(long)]
+        rebuild: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[arg(long)]
+        json: bool,
+        /// The image's name (a tag).
+        name: String,
     },
     /// The images in the store, oldest import first.
     List {
@@ -101,6 +149,42 @@ fn line(i: &Image) -> String {
     )
 }
 
+/// What import and build print: the digest on stdout (or the image as
+/// JSON), a summary on stderr.
+fn stored(img: &Image, json: bool, verb: &str) {
+    if json {
+        print_json(img);
+        return;
+    }
+    println!("{}", img.digest);
+    let mut notes = Vec::new();
+    if img.devices_skipped > 0 {
+        notes.push(format!(
+            "{} device nodes or fifos not made",
+            img.devices_skipped
+        ));
+    }
+    if img.setid_dropped > 0 {
+        notes.push(format!("{} setuid/setgid bits dropped", img.setid_dropped));
+    }
+    eprintln!(
+        "agentvm: {verb} {} ({} layers, {} files, {}){}",
+        if img.tags.is_empty() {
+            short(&img.digest).to_string()
+        } else {
+            img.tags.join(", ")
+        },
+        img.layers.len(),
+        img.entries,
+        mib(img.bytes),
+        if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", notes.join(", "))
+        }
+    );
+}
+
 pub fn images(a: ImagesArgs) -> ExitCode {
     let dir = a.data_dir.unwrap_or_else(default_data_dir);
     let store = match Store::open(&dir) {
@@ -111,48 +195,49 @@ pub fn images(a: ImagesArgs) -> ExitCode {
         ImagesCmd::Import {
             file,
             tag,
-            max_size,
-            max_entries,
+            limits,
             json,
         } => {
-            let limits = Limits {
-                bytes: max_size,
-                entries: max_entries,
-            };
+            let limits = limits.limits();
             let mut progress = |l: &str| eprintln!("agentvm: {l}");
             match store.import(&file, tag.as_deref(), limits, &mut progress) {
                 Ok(img) => {
-                    if json {
-                        print_json(&img);
-                    } else {
-                        println!("{}", img.digest);
-                        let mut notes = Vec::new();
-                        if img.devices_skipped > 0 {
-                            notes.push(format!(
-                                "{} device nodes or fifos not made",
-                                img.devices_skipped
-                            ));
-                        }
-                        if img.setid_dropped > 0 {
-                            notes.push(format!("{} setuid/setgid bits dropped", img.setid_dropped));
-                        }
-                        eprintln!(
-                            "agentvm: imported {} ({} layers, {} files, {}){}",
-                            if img.tags.is_empty() {
-                                short(&img.digest).to_string()
-                            } else {
-                                img.tags.join(", ")
-                            },
-                            img.layers.len(),
-                            img.entries,
-                            mib(img.bytes),
-                            if notes.is_empty() {
-                                String::new()
-                            } else {
-                                format!("; {}", notes.join(", "))
-                            }
-                        );
-                    }
+                    stored(&img, json, "imported");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        ImagesCmd::Build {
+            debian,
+            packages,
+            preset,
+            mirror,
+            variant,
+            rebuild,
+            limits,
+            json,
+            name,
+        } => {
+            let spec = match agentvm_image::DebianSpec::new(
+                &debian,
+                &packages,
+                &preset,
+                mirror.as_deref(),
+                Some(&variant),
+            ) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let tool = std::env::var_os("AGENTVM_MMDEBSTRAP")
+                .filter(|t| !t.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("mmdebstrap"));
+            let limits = limits.limits();
+            let mut progress = |l: &str| eprintln!("agentvm: {l}");
+            match store.build_debian(&spec, &name, &tool, rebuild, limits, &mut progress) {
+                Ok(b) => {
+                    stored(&b.image, json, if b.cached { "cached" } else { "built" });
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),
@@ -181,6 +266,9 @@ pub fn images(a: ImagesArgs) -> ExitCode {
                 println!("tags:    {}", i.tags.join(", "));
                 println!("format:  {} ({}/{})", i.format, i.os, i.architecture);
                 println!("files:   {} entries, {}", i.entries, mib(i.bytes));
+                if let Some(b) = &i.built {
+                    println!("built:   {b}");
+                }
                 for (n, l) in i.layers.iter().enumerate() {
                     println!("layer {n}: {l}");
                 }

@@ -10,10 +10,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod build;
 mod formats;
 mod source;
 mod unpack;
 
+pub use build::{host_mirror, preset, Built, DebianSpec, PRESETS};
 pub use unpack::{Limits, Report};
 
 use formats::{plan_docker, plan_oci, LayerIn};
@@ -39,6 +41,9 @@ pub enum ImageError {
     TooLarge(String),
     #[error("no image {0}")]
     NotFound(String),
+    /// The build tool failed.
+    #[error("build: {0}")]
+    Build(String),
     #[error("{0}")]
     Io(String),
 }
@@ -80,6 +85,9 @@ pub struct Image {
     pub format: String,
     /// Unix ms.
     pub imported_at: u64,
+    /// What `images build` made it from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<String>,
 }
 
 /// The store: DATA/images.
@@ -300,15 +308,10 @@ impl Store {
             setid_dropped: total.setid_dropped,
             format: plan.format.into(),
             imported_at: now_ms(),
+            built: None,
         };
-        // a tag names one image: it leaves any other
-        for mut other in self.list_unlocked()? {
-            if other.digest != img.digest && other.tags.iter().any(|t| tags.contains(t)) {
-                other.tags.retain(|t| !tags.contains(t));
-                self.write(&other)?;
-            }
-        }
-        // an image imported again keeps the tags it had
+        self.untag_others(&img.digest, &tags)?;
+        // an image imported again keeps the tags it had, and how it was built
         let mut img = img;
         if let Ok(old) = self.read(&img.digest) {
             for t in old.tags {
@@ -316,8 +319,39 @@ impl Store {
                     img.tags.push(t);
                 }
             }
+            img.built = old.built;
         }
         self.write(&img)?;
+        Ok(img)
+    }
+
+    /// A tag names one image: `tags` leave every image but `digest`.
+    fn untag_others(&self, digest: &str, tags: &[String]) -> Result<(), ImageError> {
+        for mut other in self.list_unlocked()? {
+            if other.digest != digest && other.tags.iter().any(|t| tags.contains(t)) {
+                other.tags.retain(|t| !tags.contains(t));
+                self.write(&other)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Name the stored image `digest` `tag` too (taking it from any other).
+    pub fn add_tag(&self, digest: &str, tag: &str) -> Result<Image, ImageError> {
+        if !valid_tag(tag) {
+            return Err(ImageError::BadArchive(format!(
+                "tag {}: letters, digits and ._-/:@ only, at most 255, not a digest",
+                bounded(tag)
+            )));
+        }
+        let _l = self.lock()?;
+        let mut img = self.read(digest)?;
+        let tags = vec![tag.to_string()];
+        self.untag_others(digest, &tags)?;
+        if !img.tags.iter().any(|t| t == tag) {
+            img.tags.push(tag.to_string());
+            self.write(&img)?;
+        }
         Ok(img)
     }
 
@@ -549,6 +583,15 @@ impl Store {
         let tmp = self.root.join("tmp");
         for e in std::fs::read_dir(&tmp).map_err(io(tmp.display()))? {
             let e = e.map_err(io(tmp.display()))?;
+            // NAME.PID.MS: a build still running (it holds no lock while
+            // mmdebstrap works) keeps its scratch
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| {
+                p != std::process::id() && Path::new(&format!("/proc/{p}")).exists()
+            }) {
+                continue;
+            }
             std::fs::remove_dir_all(e.path()).map_err(io(e.path().display()))?;
             g.unfinished_removed += 1;
         }

@@ -590,13 +590,24 @@ fn gc_keeps_what_images_use() {
     t.store
         .import(&t.base.join("b"), None, Limits::default(), &mut quiet())
         .unwrap();
-    // an import that died half way
-    std::fs::create_dir_all(t.data.join("images/tmp/deadbeef.1.2/x")).unwrap();
+    // an import that died half way (no process has a pid past pid_max),
+    // and a build whose process still runs
+    std::fs::create_dir_all(t.data.join("images/tmp/deadbeef.4194305.2/x")).unwrap();
+    let mut live = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let running = t.data.join(format!("images/tmp/build.{}.2", live.id()));
+    std::fs::create_dir_all(&running).unwrap();
     let g = t.store.gc().unwrap();
     assert_eq!(
         (g.layers_removed, g.layers_kept, g.unfinished_removed),
         (0, 3, 1)
     );
+    assert!(running.is_dir(), "a running build keeps its scratch");
+    live.kill().unwrap();
+    live.wait().unwrap();
+    assert_eq!(t.store.gc().unwrap().unfinished_removed, 1);
     t.store.remove("a").unwrap();
     assert!(matches!(t.store.find("a"), Err(ImageError::NotFound(_))));
     let g = t.store.gc().unwrap();

@@ -388,3 +388,106 @@ fn server_jobs_sessions_and_workspaces_run_on_an_image() {
     let done = s.wait(v["id"].as_str().unwrap_or(""));
     assert_eq!(done["status"], "failed", "{done}");
 }
+
+/// `images build --debian` with the real mmdebstrap, from the mirror the
+/// host's apt uses (the one the suite's own packages come from): a
+/// minbase of the host's suite plus jq, run on, then the same build again
+/// from the cache.
+#[test]
+fn a_debian_image_is_built_from_debians_packages_and_cached() {
+    if !is_root() {
+        skip(
+            "images build --debian with the real mmdebstrap",
+            "run as root (mmdebstrap's unprivileged mode needs subordinate ids)",
+        );
+        return;
+    }
+    if !sh(Path::new("/"), "command -v mmdebstrap").status.success() {
+        skip(
+            "images build --debian with the real mmdebstrap",
+            "apt-get install mmdebstrap (scripts/install-test-tools.sh does)",
+        );
+        return;
+    }
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let suite = os
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .unwrap_or("bookworm")
+        .trim_matches('"')
+        .to_string();
+    let t = tempdir();
+    let data = t.path().join("data").to_string_lossy().into_owned();
+    let build = [
+        "images",
+        "build",
+        "--debian",
+        &suite,
+        "--packages",
+        "jq",
+        "debtools",
+    ];
+    let o = agentvm(Who::Me, &with_data(&data, &build));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{o:?}");
+    assert!(err.contains("mmdebstrap: I:"), "no progress: {err}");
+    assert!(err.contains("agentvm: built debtools"), "{err}");
+    let o = agentvm(
+        Who::Me,
+        &[
+                "run",
+                "--image",
+                "debtools",
+                "--data-dir",
+                &data,
+                "--",
+                "sh",
+                "-c",
+                "jq --version; cat /etc/debian_version; command -v git || echo NO-GIT; echo '{\"a\":7}' | jq .a",
+            ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.starts_with("jq-"), "{out}");
+    assert!(out.contains("NO-GIT\n7\n"), "minbase plus jq only: {out}");
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "show", "debtools"]));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains(&format!("built:   debian {suite} minbase +jq")),
+        "{o:?}"
+    );
+    // the same build again, under another name: from the cache
+    let mut again = build;
+    again[6] = "debtools2";
+    let o = agentvm(Who::Me, &with_data(&data, &again));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        err.contains("agentvm: cached debtools, debtools2 (1 layers"),
+        "{err}"
+    );
+    assert!(!err.contains("mmdebstrap: I:"), "ran again: {err}");
+    // a package Debian lacks: mmdebstrap's own words, nothing stored
+    let o = agentvm(
+        Who::Me,
+        &with_data(
+            &data,
+            &[
+                "images",
+                "build",
+                "--debian",
+                &suite,
+                "--packages",
+                "no-such-package-agentvm",
+                "bad",
+            ],
+        ),
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mmdebstrap failed"),
+        "{o:?}"
+    );
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "show", "bad"]));
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
