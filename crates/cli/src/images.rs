@@ -86,6 +86,28 @@ enum ImagesCmd {
         /// The image's name (a tag).
         name: String,
     },
+    /// Pull an image from a registry (the OCI distribution API): every
+    /// blob checked against its digest, then imported as `import` does.
+    /// REF is [REGISTRY/]REPO[:TAG][@sha256:DIGEST]; the @ pin is checked.
+    Pull {
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Name it (else REF without its pin).
+        #[arg(long)]
+        tag: Option<String>,
+        /// The registry's credentials, in the docker/podman auth file
+        /// format (else $REGISTRY_AUTH_FILE, else ~/.docker/config.json).
+        #[arg(long, value_name = "FILE")]
+        auth_file: Option<PathBuf>,
+        /// Speak plain HTTP to the registry (a registry on your own
+        /// machine or network without TLS).
+        #[arg(long)]
+        plain_http: bool,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// The images in the store, oldest import first.
     List {
         #[arg(long)]
@@ -203,6 +225,39 @@ pub fn images(a: ImagesArgs) -> ExitCode {
             match store.import(&file, tag.as_deref(), limits, &mut progress) {
                 Ok(img) => {
                     stored(&img, json, "imported");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        ImagesCmd::Pull {
+            reference,
+            tag,
+            auth_file,
+            plain_http,
+            limits,
+            json,
+        } => {
+            let r = match crate::pull::Reference::parse(&reference) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let opts = crate::pull::PullOpts {
+                plain_http,
+                auth_file,
+                tag,
+                limits: limits.limits(),
+            };
+            let mut progress = |l: &str| eprintln!("agentvm: {l}");
+            match crate::pull::pull(&store, &r, &opts, &mut progress) {
+                Ok(img) => {
+                    if r.digest.is_none() && !json {
+                        eprintln!(
+                            "agentvm: pin it with {}/{}@{}",
+                            r.registry, r.repo, img.digest
+                        );
+                    }
+                    stored(&img, json, "pulled");
                     ExitCode::SUCCESS
                 }
                 Err(e) => fail(e),

@@ -3,6 +3,7 @@
 mod agents;
 mod client;
 mod images;
+mod pull;
 mod serve;
 
 use std::process::ExitCode;

@@ -166,7 +166,7 @@ impl DebianSpec {
             packages: all,
             mirror,
             variant: variant.into(),
-            architecture: debian_arch().into(),
+            architecture: host_arch().into(),
         })
     }
 
@@ -207,7 +207,8 @@ fn check_mirror(m: &str) -> Result<String, ImageError> {
     Ok(m.to_string())
 }
 
-fn debian_arch() -> &'static str {
+/// This machine's architecture as Debian and OCI name it (amd64, arm64).
+pub fn host_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -320,11 +321,7 @@ impl Store {
                 });
             }
         }
-        let scratch =
-            self.root
-                .join("tmp")
-                .join(format!("build.{}.{}", std::process::id(), now_ms()));
-        std::fs::create_dir(&scratch).map_err(io(scratch.display()))?;
+        let scratch = self.scratch("build")?;
         let made = self.build_in(&scratch, spec, tag, tool, limits, progress);
         let _ = std::fs::remove_dir_all(&scratch);
         let mut image = made?;
@@ -355,10 +352,7 @@ impl Store {
             return None;
         }
         let img = self.read(&rec.digest).ok()?;
-        let whole = img
-            .layers
-            .iter()
-            .all(|l| self.layer_dir(l).is_ok_and(|d| d.is_dir()));
+        let whole = img.layers.iter().all(|l| self.has_layer(l));
         whole.then_some(img)
     }
 

@@ -8,24 +8,25 @@ use serde::Deserialize;
 use crate::source::Source;
 use crate::{bounded, hex_of, sha256, ImageError, JSON_MAX};
 
+/// An OCI content descriptor (also what `images pull` reads).
 #[derive(Deserialize)]
-struct Descriptor {
+pub struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
     #[serde(default)]
-    annotations: std::collections::BTreeMap<String, String>,
+    pub annotations: std::collections::BTreeMap<String, String>,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub platform: Option<Platform>,
 }
 
 #[derive(Deserialize)]
-struct Platform {
+pub struct Platform {
     #[serde(default)]
-    architecture: String,
+    pub architecture: String,
     #[serde(default)]
-    os: String,
+    pub os: String,
 }
 
 #[derive(Deserialize)]
@@ -149,13 +150,9 @@ pub(crate) fn plan_oci(src: &Source) -> Result<Plan, ImageError> {
     // multi-platform image) is followed once
     let mut pick = |ms: &[Descriptor]| -> Result<usize, ImageError> {
         let want = |d: &Descriptor| {
-            d.platform.as_ref().is_none_or(|p| {
-                p.os == "linux"
-                    && p.architecture
-                        == std::env::consts::ARCH
-                            .replace("x86_64", "amd64")
-                            .replace("aarch64", "arm64")
-            })
+            d.platform
+                .as_ref()
+                .is_none_or(|p| p.os == "linux" && p.architecture == crate::host_arch())
         };
         let i = match ms.len() {
             0 => {

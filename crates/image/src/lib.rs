@@ -15,7 +15,8 @@ mod formats;
 mod source;
 mod unpack;
 
-pub use build::{host_mirror, preset, Built, DebianSpec, PRESETS};
+pub use build::{host_arch, host_mirror, preset, Built, DebianSpec, PRESETS};
+pub use formats::{Descriptor, Platform};
 pub use unpack::{Limits, Report};
 
 use formats::{plan_docker, plan_oci, LayerIn};
@@ -239,6 +240,25 @@ impl Store {
             )));
         }
         Ok(Locked(f))
+    }
+
+    /// A new scratch directory in the store's tmp/ for work that takes
+    /// long without the lock (a build, a pull): `gc` leaves it while this
+    /// process lives. The caller removes it.
+    pub fn scratch(&self, what: &str) -> Result<PathBuf, ImageError> {
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{what}.{}.{}", std::process::id(), now_ms()));
+        std::fs::create_dir(&p).map_err(io(p.display()))?;
+        Ok(p)
+    }
+
+    /// Whether the store holds the unpacked layer `diff_id` (with its
+    /// record), so an import need not read its blob.
+    pub fn has_layer(&self, diff_id: &str) -> bool {
+        self.layer_dir(diff_id)
+            .is_ok_and(|d| d.is_dir() && d.with_extension("json").is_file())
     }
 
     /// Where the unpacked layer `diff_id` is.

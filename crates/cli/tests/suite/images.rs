@@ -491,3 +491,181 @@ fn a_debian_image_is_built_from_debians_packages_and_cached() {
     let o = agentvm(Who::Me, &with_data(&data, &["images", "show", "bad"]));
     assert_eq!(o.status.code(), Some(2), "{o:?}");
 }
+
+/// A registry on loopback (crates/cli/tests/registry.py) serving the
+/// test image's layout behind a Bearer token service that wants Basic
+/// credentials; stopped when dropped.
+struct TestRegistry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl TestRegistry {
+    fn start(layout: &Path, user: &str, password: &str) -> TestRegistry {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/registry.py");
+        let port_file = layout.with_extension("port");
+        let child = std::process::Command::new("python3")
+            .arg(script)
+            .arg(layout)
+            .arg(&port_file)
+            .args([user, password])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut port = None;
+        for _ in 0..200 {
+            if let Ok(p) = std::fs::read_to_string(&port_file) {
+                port = p.trim().parse().ok();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let port = port.unwrap_or_else(|| panic!("the test registry did not start"));
+        TestRegistry { child, port }
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_image_is_pulled_from_a_registry_with_its_digests_checked() {
+    let t = tempdir();
+    build_image(t.path());
+    let password = "pw-7d1c0ffee-secret";
+    let reg = TestRegistry::start(&t.path().join("layout"), "tester", password);
+    let data = t.path().join("data").to_string_lossy().into_owned();
+    let host = format!("127.0.0.1:{}", reg.port);
+    let auth = t.path().join("auth.json");
+    let b64 = base64_of(&format!("tester:{password}"));
+    std::fs::write(
+        &auth,
+        format!(r#"{{"auths": {{"{host}": {{"auth": "{b64}"}}}}}}"#),
+    )
+    .unwrap();
+    let auth = auth.to_string_lossy().into_owned();
+    let pull = |extra: &[&str]| {
+        let mut a = vec!["images", "pull", "--plain-http"];
+        a.extend_from_slice(extra);
+        agentvm_with(
+            Who::Me,
+            &with_data(&data, &a),
+            &[("REGISTRY_AUTH_FILE", ""), ("HOME", "/nonexistent")],
+            None,
+        )
+    };
+    let reference = format!("{host}/team/tiny:tiny");
+    let o = pull(&["--auth-file", &auth, &reference]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{o:?}");
+    assert!(!err.contains(password), "the password was printed: {err}");
+    assert!(err.contains("layer 2/2"), "no progress: {err}");
+    assert!(err.contains("pin it with"), "{err}");
+    let digest = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--image",
+            &reference,
+            "--data-dir",
+            &data,
+            "--",
+            "only-in-image",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("FOO=from-image"),
+        "{o:?}"
+    );
+
+    // pinned: the same digest; its layers are not fetched again
+    let pinned = format!("{host}/team/tiny@{digest}");
+    let o = pull(&["--auth-file", &auth, "--tag", "pinned", &pinned]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), digest);
+    assert!(err.contains("already in the store"), "{err}");
+    // a digest the registry lacks; a registry that answers a pin with
+    // another manifest
+    let zeros = "0".repeat(64);
+    let o = pull(&[
+        "--auth-file",
+        &auth,
+        "--tag",
+        "wrong",
+        &format!("{host}/team/tiny@sha256:{zeros}"),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("404"), "{o:?}");
+    let wrong = format!("{host}/lying/tiny@sha256:{zeros}");
+    let o = pull(&["--auth-file", &auth, "--tag", "wrong", &wrong]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("digest mismatch"),
+        "{o:?}"
+    );
+    // layers changed on the way, into a store that lacks them
+    let other = t.path().join("data2").to_string_lossy().into_owned();
+    let o = agentvm_with(
+        Who::Me,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--auth-file",
+            &auth,
+            "--data-dir",
+            &other,
+            &format!("{host}/tampered/tiny:tiny"),
+        ],
+        &[],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("arrived as"),
+        "{o:?}"
+    );
+    let o = agentvm(Who::Me, &["images", "list", "--json", "--data-dir", &other]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]", "{o:?}");
+    // without credentials, and with wrong ones: said, and never echoed
+    let o = pull(&["--tag", "x", &reference]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--auth-file"),
+        "{o:?}"
+    );
+    let bad = t.path().join("bad.json");
+    let b64 = base64_of("tester:not-the-password-9f");
+    std::fs::write(
+        &bad,
+        format!(r#"{{"auths": {{"{host}": {{"auth": "{b64}"}}}}}}"#),
+    )
+    .unwrap();
+    let o = pull(&[
+        "--auth-file",
+        &bad.to_string_lossy(),
+        "--tag",
+        "x",
+        &reference,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(err.contains("refused"), "{err}");
+    assert!(!err.contains("not-the-password-9f"), "{err}");
+    let o = agentvm(Who::Me, &with_data(&data, &["images", "list", "--json"]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    assert_eq!(v.as_array().map(|a| a.len()), Some(1), "{v}");
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
