@@ -8,7 +8,10 @@
 #              /etc/os-release ID=agentvm-test-image, /etc/passwd of its own
 #   l2.tar     a whiteout of /usr/bin/ls, /opt/second-layer, and
 #              $PAD_FILES small files under /opt/pad (default 0)
-# The config's Env: PATH=/usr/bin:/opt/tool FOO=from-image HOME=/nope.
+# The config's Env: PATH=/usr/bin:/opt/tool FOO=from-image HOME=/nope; its
+# User: $IMAGE_USER (default none: root); $IMAGE_CONFIG_EXTRA, if set, is
+# more of the config (',"WorkingDir":"/opt"' say). Its /etc/passwd has root and
+# builder (1234, group 1300).
 # Used by the test suite (crates/cli/tests/suite/images.rs) and bench/images.py.
 set -e
 R=rootfs; L=layout
@@ -25,7 +28,7 @@ ln -s dash $R/usr/bin/sh
 printf '#!/bin/sh\necho "only in the image: FOO=$FOO BAR=$BAR"\n' > $R/opt/tool/only-in-image
 chmod 755 $R/opt/tool/only-in-image
 echo 'ID=agentvm-test-image' > $R/etc/os-release
-echo 'image passwd' > $R/etc/passwd
+printf 'root:x:0:0:image passwd:/:/bin/sh\nbuilder:x:1234:1300:image passwd:/home/builder:/bin/sh\n' > $R/etc/passwd
 : > two/usr/bin/.wh.ls
 echo second > two/opt/second-layer
 n=${PAD_FILES:-0}
@@ -40,8 +43,8 @@ tar -C $R -cf l1.tar . ; tar -C two -cf l2.tar .
 gzip -kfn l1.tar
 sum() { sha256sum "$1" | cut -d' ' -f1; }
 for f in l1.tar.gz l2.tar; do cp $f $L/blobs/sha256/$(sum $f); done
-printf '{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/bin:/opt/tool","FOO=from-image","HOME=/nope"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s"]}}' \
-  $(sum l1.tar) $(sum l2.tar) > config.json
+printf '{"architecture":"amd64","os":"linux","config":{"User":"%s"%s,"Env":["PATH=/usr/bin:/opt/tool","FOO=from-image","HOME=/nope"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s"]}}' \
+  "${IMAGE_USER:-}" "${IMAGE_CONFIG_EXTRA:-}" $(sum l1.tar) $(sum l2.tar) > config.json
 cp config.json $L/blobs/sha256/$(sum config.json)
 printf '{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s},{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
   $(sum config.json) $(stat -c %s config.json) $(sum l1.tar.gz) $(stat -c %s l1.tar.gz) $(sum l2.tar) $(stat -c %s l2.tar) > manifest.json

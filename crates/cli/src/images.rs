@@ -377,12 +377,48 @@ pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
             .iter()
             .map(|l| s.layer_dir(l))
             .collect::<Result<Vec<_>, _>>()?;
+        let user = s.user_of(&img)?;
+        let working_dir = match img.config.working_dir.as_str() {
+            _ if !args.image_entrypoint => None,
+            "" => None,
+            w if w.starts_with('/') && !w.contains('\0') => Some(PathBuf::from(w)),
+            w => {
+                return Err(ImageError::BadArchive(format!(
+                    "the image's WorkingDir {w:?} is not an absolute path"
+                )))
+            }
+        };
         Ok(agentvm_proto::run::ImageRun {
+            working_dir,
             digest: img.digest,
             layers,
             env: img.config.env,
+            user: user.map(|u| agentvm_proto::run::RunUser {
+                name: u.name,
+                uid: u.uid,
+                gid: u.gid,
+            }),
         })
     });
+    let mut args = args;
+    if args.image_entrypoint {
+        let cfg = match Store::open(&dir).and_then(|s| s.find(&name)) {
+            Ok(i) => i.config,
+            Err(_) => Default::default(),
+        };
+        let rest: Vec<std::ffi::OsString> = if args.command.is_empty() {
+            cfg.cmd.iter().map(Into::into).collect()
+        } else {
+            std::mem::take(&mut args.command)
+        };
+        let mut argv: Vec<std::ffi::OsString> = cfg.entrypoint.iter().map(Into::into).collect();
+        argv.extend(rest);
+        if argv.is_empty() && found.is_ok() {
+            eprintln!("agentvm: --image-entrypoint: the image {name} has neither Entrypoint nor Cmd; give a COMMAND");
+            return ExitCode::from(agentvm_runner::EXIT_SETUP);
+        }
+        args.command = argv;
+    }
     match found {
         Ok(img) => agentvm_runner::run::main_on(args, Some(img)),
         Err(e) => {

@@ -14,10 +14,12 @@ mod build;
 mod formats;
 mod source;
 mod unpack;
+mod user;
 
 pub use build::{host_arch, host_mirror, preset, Built, DebianSpec, PRESETS};
 pub use formats::{Descriptor, Platform};
 pub use unpack::{Limits, Report};
+pub use user::User;
 
 use formats::{plan_docker, plan_oci, LayerIn};
 use source::Source;

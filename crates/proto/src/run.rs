@@ -269,6 +269,22 @@ pub struct ImageRun {
     /// variables and --env.
     #[serde(default)]
     pub env: Vec<String>,
+    /// The config's `User`, resolved against the image's own passwd and
+    /// group: who the command runs as inside (None: root inside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<RunUser>,
+    /// Where the command starts when it is the image's own (the config's
+    /// WorkingDir); None: /workspace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<PathBuf>,
+}
+
+/// A user inside the sandbox other than root.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl RunRequest {

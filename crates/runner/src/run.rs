@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// `agentvm serve`'s).
     #[arg(long, value_name = "DIR", env = "AGENTVM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Run the image's own Entrypoint, then its Cmd (or COMMAND, which
+    /// replaces the Cmd as with `docker run`), in its WorkingDir.
+    #[arg(long, requires = "image")]
+    pub image_entrypoint: bool,
     /// Write every change under /workspace as a git-style patch (empty when nothing changed).
     #[arg(long, value_name = "FILE")]
     patch_out: Option<PathBuf>,
@@ -116,8 +120,12 @@ pub struct RunArgs {
     #[arg(long, hide = true)]
     die_with_parent: bool,
     /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
-    command: Vec<OsString>,
+    #[arg(
+        last = true,
+        required_unless_present = "image_entrypoint",
+        value_name = "COMMAND"
+    )]
+    pub command: Vec<OsString>,
 }
 
 impl RunArgs {
@@ -239,12 +247,20 @@ const ENV_PASS_THROUGH: [&str; 9] = [
 ];
 const SANDBOX_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Who the command runs as inside: root, or its image's user.
+fn user_name(args: &RunRequest) -> &str {
+    args.image
+        .as_ref()
+        .and_then(|i| i.user.as_ref())
+        .map_or("root", |u| u.name.as_str())
+}
+
 fn build_env(args: &RunRequest) -> Result<Vec<(OsString, OsString)>, String> {
     let mut env: Vec<(String, OsString)> = vec![
         ("PATH".into(), SANDBOX_PATH.into()),
         ("HOME".into(), HOME_DIR.into()),
-        ("USER".into(), "root".into()),
-        ("LOGNAME".into(), "root".into()),
+        ("USER".into(), user_name(args).into()),
+        ("LOGNAME".into(), user_name(args).into()),
         ("SHELL".into(), "/bin/sh".into()),
         ("TMPDIR".into(), "/tmp".into()),
         ("PWD".into(), WORKSPACE_DIR.into()),
@@ -590,6 +606,14 @@ pub fn execute(args: RunRequest) -> ExitCode {
         proxy_socket: None,
         ports_listener: None,
         control: None,
+        cwd: args.image.as_ref().and_then(|i| i.working_dir.clone()),
+        user: args.image.as_ref().and_then(|i| i.user.as_ref()).map(|u| {
+            agentvm_sandbox::InnerUser {
+                name: u.name.clone(),
+                uid: u.uid,
+                gid: u.gid,
+            }
+        }),
         protected: scan.paths,
     };
     let mut result = RunResult::setup_failed(&args, EXIT_SETUP as i32);

@@ -81,6 +81,8 @@ mod tests {
             proxy_socket: None,
             ports_listener: None,
             control: None,
+            user: None,
+            cwd: None,
             cgroup_parent: None,
             stack: Vec::new(),
             image: Vec::new(),

@@ -192,6 +192,8 @@ pub fn check(cgroup_parent: Option<&Path>) -> Report {
         proxy_socket: None,
         ports_listener: None,
         control: None,
+        user: None,
+        cwd: None,
         protected: Vec::new(),
     };
     let (sandbox_ok, detail) = match crate::backend::Namespaces.run(&spec) {

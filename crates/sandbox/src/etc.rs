@@ -14,7 +14,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Layer, SetupError};
-use crate::spec::{HOME_DIR, HOSTNAME};
+use crate::spec::{InnerUser, HOME_DIR, HOSTNAME};
 
 /// Bump when the layout of the cache changes.
 const FORMAT: u32 = 1;
@@ -30,13 +30,23 @@ pub struct EtcView {
 }
 
 /// The files of /etc that are the sandbox's own, whatever is under them.
-pub(crate) fn synthesized() -> [(&'static str, String); 4] {
+pub(crate) fn synthesized(user: Option<&InnerUser>) -> [(&'static str, String); 4] {
+    let (mut passwd, mut group) = (
+        format!("root:x:0:0:agent:{HOME_DIR}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+        "root:x:0:\nnogroup:x:65534:\n".to_string(),
+    );
+    // checked (InnerUser::check) before the sandbox is made: no `:` or
+    // newline in the name
+    if let Some(u) = user {
+        passwd.push_str(&format!(
+            "{}:x:{}:{}:agent:{HOME_DIR}:/bin/sh\n",
+            u.name, u.uid, u.gid
+        ));
+        group.push_str(&format!("{}:x:{}:\n", u.name, u.gid));
+    }
     [
-        (
-            "passwd",
-            format!("root:x:0:0:agent:{HOME_DIR}:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
-        ),
-        ("group", "root:x:0:\nnogroup:x:65534:\n".to_string()),
+        ("passwd", passwd),
+        ("group", group),
         ("hostname", format!("{HOSTNAME}\n")),
         (
             "hosts",
@@ -98,7 +108,7 @@ fn cache_base() -> Result<PathBuf, SetupError> {
 }
 
 /// Prepare the /etc view, building the cache if the host's files changed.
-pub fn prepare() -> Result<EtcView, SetupError> {
+pub fn prepare(user: Option<&InnerUser>) -> Result<EtcView, SetupError> {
     // The key covers what each source is (kind, size, mtime, inode), so an
     // edit of the host's /etc yields a fresh copy.
     let mut h = DefaultHasher::new();
@@ -120,7 +130,7 @@ pub fn prepare() -> Result<EtcView, SetupError> {
             .hash(&mut h);
         entries.push((name, src, md));
     }
-    for (n, c) in synthesized() {
+    for (n, c) in synthesized(user) {
         (n, c).hash(&mut h);
     }
     let base = cache_base()?;
@@ -157,7 +167,7 @@ pub fn prepare() -> Result<EtcView, SetupError> {
                     .map_err(|e| err("chmod", e))?;
             }
         }
-        for (n, c) in synthesized() {
+        for (n, c) in synthesized(user) {
             let dst = tmp.join(n);
             fs::write(&dst, c).map_err(|e| err(format!("writing {}", dst.display()), e))?;
             fs::set_permissions(&dst, fs::Permissions::from_mode(0o644))

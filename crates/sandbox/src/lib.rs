@@ -29,4 +29,6 @@ pub use backend::Backend;
 pub use error::{ExecFailure, Layer, RunError, SetupError};
 pub use ns::{control, receive_console, PORT_OPEN, PORT_REFUSED};
 pub use ns::{Ended, Outcome};
-pub use spec::{Layers, Limits, Network, RoBind, SandboxSpec, StackLayer, Stdio, MAX_STACK};
+pub use spec::{
+    InnerUser, Layers, Limits, Network, RoBind, SandboxSpec, StackLayer, Stdio, MAX_STACK,
+};

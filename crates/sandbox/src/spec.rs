@@ -108,6 +108,41 @@ pub struct RoBind {
     pub dst: PathBuf,
 }
 
+/// A user inside the sandbox other than root.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InnerUser {
+    /// Its name in the sandbox's /etc/passwd.
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl InnerUser {
+    /// A user name /etc/passwd can hold as it is (no `:` or newline can
+    /// add an entry), not root's ids, not the overflow id.
+    pub fn check(&self) -> Result<(), String> {
+        let b = self.name.as_bytes();
+        let name_ok = !b.is_empty()
+            && b.len() <= 32
+            && (b[0].is_ascii_lowercase() || b[0] == b'_')
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(c));
+        if !name_ok {
+            return Err(format!(
+                "user name {:?}: lowercase letters, digits and _-. only, at most 32",
+                self.name.chars().take(40).collect::<String>()
+            ));
+        }
+        if self.uid == 0 || self.gid == 0 {
+            return Err("a user inside other than root must not have uid or gid 0".into());
+        }
+        if self.uid == u32::MAX || self.gid == u32::MAX {
+            return Err("uid and gid 4294967295 cannot be mapped".into());
+        }
+        Ok(())
+    }
+}
+
 /// One sandbox, fully described.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
@@ -154,6 +189,15 @@ pub struct SandboxSpec {
     /// loopback (see `ns::ports`). Refused with `Network::Host`, where
     /// that loopback is the host's.
     pub ports_listener: Option<std::os::fd::RawFd>,
+    /// Who the command runs as inside the sandbox's user namespace (an
+    /// image's `User`); root inside when None. Either way it is the one id
+    /// mapped, to the same host id root inside would be: a user inside
+    /// changes what the command is called and that it holds no
+    /// capability, never what it can reach on the host.
+    pub user: Option<InnerUser>,
+    /// Where the command starts, an absolute path inside the sandbox;
+    /// None: /workspace.
+    pub cwd: Option<PathBuf>,
     /// One end of the caller's SEQPACKET socket pair (close-on-exec): the
     /// supervisor reads pause and resume requests from it and answers
     /// each (see `ns::control`). The sandbox gets a freezer cgroup for it.

@@ -416,6 +416,21 @@ fn a_debian_image_is_built_from_debians_packages_and_cached() {
         .unwrap_or("bookworm")
         .trim_matches('"')
         .to_string();
+    // the mirror apt uses must answer (it does wherever apt-get works)
+    let mirror =
+        agentvm_image::host_mirror().unwrap_or_else(|| "http://deb.debian.org/debian".into());
+    let release = format!("{}/dists/{suite}/Release", mirror.trim_end_matches('/'));
+    let answers = sh(
+        Path::new("/"),
+        &format!("curl -fsS --max-time 20 -o /dev/null '{release}'"),
+    );
+    if !answers.status.success() {
+        skip(
+            "images build --debian with the real mmdebstrap",
+            &format!("the Debian mirror did not answer ({release}); run where apt-get reaches it"),
+        );
+        return;
+    }
     let t = tempdir();
     let data = t.path().join("data").to_string_lossy().into_owned();
     let build = [
@@ -668,4 +683,152 @@ fn an_image_is_pulled_from_a_registry_with_its_digests_checked() {
 fn base64_of(s: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// An image whose config names a `User`: the command runs as that user
+/// inside the sandbox's user namespace (resolved from the image's own
+/// passwd), with no capability, still writing /workspace and HOME, still
+/// unable to mount or unshare; as root and as uid 65534.
+#[test]
+fn an_images_user_runs_the_command_inside_the_user_namespace() {
+    let t = tempdir();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
+    let o = sh(
+        t.path(),
+        &format!(
+            "IMAGE_USER=builder sh '{}' '{}'",
+            script.display(),
+            probe_path().display()
+        ),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    for who in runners() {
+        let data = t.path().join(format!("data-{who:?}"));
+        std::fs::create_dir(&data).unwrap();
+        if who != Who::Me {
+            std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+        }
+        let data = data.to_string_lossy().into_owned();
+        let o = agentvm(
+            who,
+            &with_data(&data, &["images", "import", &tar, "--tag", "as-builder"]),
+        );
+        assert!(o.status.success(), "{who:?} {o:?}");
+        let repo = fixture_repo(who);
+        let out = out_dir(who);
+        let patch = out
+            .path()
+            .join("changes.patch")
+            .to_string_lossy()
+            .into_owned();
+        let o = agentvm(
+            who,
+            &[
+                "run", "--image", "as-builder", "--data-dir", &data,
+                "--repo", &repo.path().to_string_lossy(), "--patch-out", &patch, "--",
+                "sh", "-c",
+                "while read k v rest; do case $k in Uid:|Gid:|CapEff:) echo $k $v;; esac; done < /proc/self/status; \
+                 echo USER=$USER; while IFS=: read n x u g rest; do [ $n = builder ] && echo PW=$u:$g; done < /etc/passwd; \
+                 echo made > /workspace/by-builder && echo WROTE; echo h > $HOME/h && echo HOME-OK",
+            ],
+        );
+        let s = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{who:?} {o:?}");
+        assert_eq!(
+            s,
+            "Uid: 1234\nGid: 1300\nCapEff: 0000000000000000\nUSER=builder\nPW=1234:1300\nWROTE\nHOME-OK\n",
+            "{who:?}"
+        );
+        let p = std::fs::read_to_string(&patch).unwrap_or_default();
+        assert!(
+            p.contains("+++ b/by-builder"),
+            "the user's write is not in the patch: {p}"
+        );
+        let img: &[&str] = &["--image", "as-builder", "--data-dir", &data];
+        for (check, arg) in [
+            ("mount", None),
+            ("unshare", None),
+            ("nested-userns", None),
+            ("write-outside", None),
+        ] {
+            let (code, v, all) = probe(who, img, check, arg);
+            assert_eq!(
+                v["blocked"], true,
+                "{who:?} {check} as the image's user: not blocked\n{all}"
+            );
+            assert_eq!(code, 0, "{who:?} {check}: exit {code}\n{all}");
+        }
+    }
+}
+
+/// `--image-entrypoint`: the image's Entrypoint and Cmd (a COMMAND
+/// replaces the Cmd), in its WorkingDir; without it neither is used.
+#[test]
+fn the_images_entrypoint_runs_only_when_asked() {
+    let t = tempdir();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
+    let extra =
+        r#","WorkingDir":"/opt","Entrypoint":["/bin/sh","-c"],"Cmd":["echo from-cmd; pwd"]"#;
+    let o = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(probe_path())
+        .env("IMAGE_CONFIG_EXTRA", extra)
+        .current_dir(t.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let data = t.path().join("data").to_string_lossy().into_owned();
+    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    let o = agentvm(
+        Who::Me,
+        &with_data(&data, &["images", "import", &tar, "--tag", "ep"]),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let run = |extra: &[&str]| {
+        let mut a = vec!["run", "--image", "ep", "--data-dir", &data];
+        a.extend_from_slice(extra);
+        agentvm(Who::Me, &a)
+    };
+    let o = run(&["--image-entrypoint"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "from-cmd\n/opt\n");
+    let o = run(&["--image-entrypoint", "--", "echo replaced; pwd"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "replaced\n/opt\n",
+        "{o:?}"
+    );
+    // not asked: the command given, in /workspace
+    let o = run(&["--", "sh", "-c", "pwd"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "/workspace\n", "{o:?}");
+    // an image with neither: said
+    let plain = tempdir();
+    build_image(plain.path());
+    let tar = plain
+        .path()
+        .join("image.tar")
+        .to_string_lossy()
+        .into_owned();
+    let o = agentvm(
+        Who::Me,
+        &with_data(&data, &["images", "import", &tar, "--tag", "plain"]),
+    );
+    assert!(o.status.success(), "{o:?}");
+    let o = agentvm(
+        Who::Me,
+        &[
+            "run",
+            "--image",
+            "plain",
+            "--data-dir",
+            &data,
+            "--image-entrypoint",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(125), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("neither Entrypoint nor Cmd"),
+        "{o:?}"
+    );
 }

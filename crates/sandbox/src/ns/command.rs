@@ -41,7 +41,13 @@ pub(super) fn command_setup(
     if let Some(n) = pty {
         attach_secondary(n)?;
     }
-    chdir(WORKSPACE_DIR).map_err(os(Layer::Mounts, "chdir /workspace"))?;
+    match &spec.cwd {
+        None => chdir(WORKSPACE_DIR).map_err(os(Layer::Mounts, "chdir /workspace"))?,
+        Some(d) => chdir(d.as_path()).map_err(os(
+            Layer::Mounts,
+            format!("chdir {} (the image's WorkingDir)", d.display()),
+        ))?,
+    }
     // Only stdin, stdout and stderr cross the exec.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
     unsafe {

@@ -102,9 +102,14 @@ pub(super) fn init_inner(p: &Prepared, sock: &OwnedFd, host_root: bool) -> Resul
     if host_root {
         nix::unistd::setgroups(&[]).map_err(os(Layer::UserNamespace, "setgroups"))?;
     }
-    nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+    // An image's user is already who we are (the only id mapped): the
+    // calls change nothing then, and keep the capabilities init holds as
+    // the namespace's creator for the setup below; the command's exec as
+    // a user other than root gains none.
+    let (uid, gid) = p.spec.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid));
+    nix::unistd::setresgid(gid.into(), gid.into(), gid.into())
         .map_err(os(Layer::UserNamespace, "setresgid"))?;
-    nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+    nix::unistd::setresuid(uid.into(), uid.into(), uid.into())
         .map_err(os(Layer::UserNamespace, "setresuid"))?;
     // A change of credentials clears the parent-death signal: arm it again.
     // (Should the supervisor already be gone, the next report to it fails

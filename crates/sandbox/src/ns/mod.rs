@@ -221,6 +221,10 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
             })
         })
         .collect::<Result<_, _>>()?;
+    if let Some(u) = &spec.user {
+        u.check()
+            .map_err(|m| SetupError::new(Layer::Spec, format!("the user inside: {m}")))?;
+    }
     if spec.ports_listener.is_some() && spec.network == Network::Host {
         return Err(SetupError::new(
             Layer::Network,
@@ -273,7 +277,7 @@ pub fn run(spec: &SandboxSpec) -> Result<Outcome, RunError> {
         envp,
         filters,
         last_cap: caps::probe_last_cap(),
-        etc: crate::etc::prepare()?,
+        etc: crate::etc::prepare(spec.user.as_ref())?,
         proc_rules: crate::policy::proc_rules()?,
         system_dirs: read_system_dirs(),
     };

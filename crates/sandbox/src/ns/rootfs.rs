@@ -495,7 +495,7 @@ fn image_root(p: &Prepared, root: &Path, ro: u64) -> Result<(), SetupError> {
     // /etc: the sandbox's own files over the image's
     let own = Path::new("/etc-own");
     mkdir_p(own)?;
-    for (name, text) in crate::etc::synthesized() {
+    for (name, text) in crate::etc::synthesized(p.spec.user.as_ref()) {
         std::fs::write(own.join(name), text)
             .map_err(|e| SetupError::os(Layer::Mounts, format!("writing /etc/{name}"), e))?;
     }

@@ -155,6 +155,8 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
         let _ = waitpid(child, None);
     };
 
+    // the one id inside: root, or the image's user
+    let (iu, ig) = spec.user.as_ref().map_or((0, 0), |u| (u.uid, u.gid));
     let setup = (|| -> Result<(), SetupError> {
         if euid == 0 {
             let id = spec.root_maps_to;
@@ -164,12 +166,12 @@ pub(super) fn supervise(p: &Prepared, cgroup: Option<&Cgroup>) -> Result<Outcome
                     "root inside the sandbox must not map to the host's root",
                 ));
             }
-            write_map(pid, "uid_map", &format!("0 {id} 1"))?;
-            write_map(pid, "gid_map", &format!("0 {id} 1"))?;
+            write_map(pid, "uid_map", &format!("{iu} {id} 1"))?;
+            write_map(pid, "gid_map", &format!("{ig} {id} 1"))?;
         } else {
             write_map(pid, "setgroups", "deny")?;
-            write_map(pid, "uid_map", &format!("0 {euid} 1"))?;
-            write_map(pid, "gid_map", &format!("0 {egid} 1"))?;
+            write_map(pid, "uid_map", &format!("{iu} {euid} 1"))?;
+            write_map(pid, "gid_map", &format!("{ig} {egid} 1"))?;
         }
         if let Some(cg) = cgroup {
             cg.add(pid)?;

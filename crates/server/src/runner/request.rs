@@ -191,10 +191,21 @@ impl Runner {
                 l.display()
             ));
         }
+        let user = store
+            .user_of(&img)
+            .map_err(|e| format!("{e}; nothing ran"))?;
         Ok(agentvm_proto::run::ImageRun {
             digest: img.digest,
             layers,
             env: img.config.env,
+            user: user.map(|u| agentvm_proto::run::RunUser {
+                name: u.name,
+                uid: u.uid,
+                gid: u.gid,
+            }),
+            // a job's command is its profile's: the image's Entrypoint,
+            // Cmd and WorkingDir are not used
+            working_dir: None,
         })
     }
 
