@@ -90,7 +90,8 @@ pub(crate) struct LayerIn {
     pub(crate) name: String,
     /// (digest, size) of the blob as stored (compressed or not).
     pub(crate) blob: Option<(String, u64)>,
-    pub(crate) gzip: Option<bool>,
+    /// None: sniffed from the blob's first bytes.
+    pub(crate) compression: Option<Compression>,
     pub(crate) diff_id: String,
 }
 
@@ -103,20 +104,26 @@ pub(crate) struct Plan {
     pub(crate) format: &'static str,
 }
 
-fn gzip_of(media_type: &str) -> Result<Option<bool>, ImageError> {
+/// How a layer blob is compressed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+fn compression_of(media_type: &str) -> Result<Option<Compression>, ImageError> {
     if media_type.is_empty() {
         return Ok(None);
     }
     if media_type.ends_with("+zstd") || media_type.ends_with(".zstd") {
-        return Err(ImageError::BadArchive(format!(
-            "layer media type {media_type}: zstd layers are not supported yet (re-export with gzip)"
-        )));
+        return Ok(Some(Compression::Zstd));
     }
     if media_type.ends_with("+gzip") || media_type.ends_with(".gzip") {
-        return Ok(Some(true));
+        return Ok(Some(Compression::Gzip));
     }
     if media_type.ends_with(".tar") || media_type.ends_with("tar") {
-        return Ok(Some(false));
+        return Ok(Some(Compression::None));
     }
     Err(ImageError::BadArchive(format!(
         "layer media type {} is not a tar",
@@ -198,7 +205,7 @@ pub(crate) fn plan_oci(src: &Source) -> Result<Plan, ImageError> {
         layers.push(LayerIn {
             name: blob_name(&l.digest)?,
             blob: Some((l.digest.clone(), l.size)),
-            gzip: gzip_of(&l.media_type)?,
+            compression: compression_of(&l.media_type)?,
             diff_id: diff.clone(),
         });
     }
@@ -254,7 +261,7 @@ pub(crate) fn plan_docker(src: &Source) -> Result<Plan, ImageError> {
         layers.push(LayerIn {
             name: l.clone(),
             blob: blob.map(|d| (d, u64::MAX)),
-            gzip: None,
+            compression: None,
             diff_id: diff.clone(),
         });
     }

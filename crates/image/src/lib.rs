@@ -15,13 +15,14 @@ mod formats;
 mod source;
 mod unpack;
 mod user;
+mod zstd;
 
 pub use build::{host_arch, host_mirror, preset, Built, DebianSpec, PRESETS};
 pub use formats::{Descriptor, Platform};
 pub use unpack::{Limits, Report};
 pub use user::User;
 
-use formats::{plan_docker, plan_oci, LayerIn};
+use formats::{plan_docker, plan_oci, Compression, LayerIn};
 use source::Source;
 use unpack::{Budget, Unpacker};
 
@@ -404,11 +405,17 @@ impl Store {
             u64::MAX,
             "the layer",
         );
-        let gzip = match l.gzip {
-            Some(g) => g,
+        let compression = match l.compression {
+            Some(c) => c,
             None => {
                 let head = std::io::BufRead::fill_buf(&mut blob.inner).map_err(io(&l.name))?;
-                head.starts_with(&[0x1f, 0x8b])
+                if head.starts_with(&[0x1f, 0x8b]) {
+                    Compression::Gzip
+                } else if head.starts_with(&zstd::MAGIC) {
+                    Compression::Zstd
+                } else {
+                    Compression::None
+                }
             }
         };
         // the uncompressed stream may be the files plus their headers: a
@@ -437,25 +444,26 @@ impl Store {
             // SAFETY: open just returned this descriptor; we own it.
             let root = unsafe { OwnedFd::from_raw_fd(fd) };
             let mut un = Unpacker::new(root);
-            let diff = if gzip {
-                let mut plain = Hashing::new(
-                    flate2::read::GzDecoder::new(&mut blob),
-                    cap,
+            let (stream, what): (Box<dyn Read + '_>, _) = match compression {
+                Compression::Gzip => (
+                    Box::new(flate2::read::GzDecoder::new(&mut blob)),
                     "the layer, uncompressed,",
-                );
-                unpack_into(&mut plain, &mut un, budget)?;
-                plain
-                    .drain()
-                    .map_err(|e| ImageError::TooLarge(format!("layer {}: {e}", l.diff_id)))?;
-                plain.digest().0
-            } else {
-                let mut plain = Hashing::new(&mut blob, cap, "the layer");
-                unpack_into(&mut plain, &mut un, budget)?;
-                plain
-                    .drain()
-                    .map_err(|e| ImageError::TooLarge(format!("layer {}: {e}", l.diff_id)))?;
-                plain.digest().0
+                ),
+                Compression::Zstd => (
+                    Box::new(zstd::Frames::new(std::io::BufReader::with_capacity(
+                        64 << 10,
+                        &mut blob,
+                    ))),
+                    "the layer, uncompressed,",
+                ),
+                Compression::None => (Box::new(&mut blob), "the layer"),
             };
+            let mut plain = Hashing::new(stream, cap, what);
+            unpack_into(&mut plain, &mut un, budget)?;
+            plain
+                .drain()
+                .map_err(|e| ImageError::TooLarge(format!("layer {}: {e}", l.diff_id)))?;
+            let diff = plain.digest().0;
             Ok((un.finish()?, diff))
         })();
         let result = made.and_then(|(report, diff)| {
