@@ -62,10 +62,34 @@ pub fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
-/// The secret a request presents: `X-API-Key`, or `Authorization: Bearer`.
+/// The WebSocket subprotocol a browser offers with the key (a browser
+/// cannot set a header on a WebSocket, and the key must not go in a URL):
+/// `new WebSocket(url, ["agentvm", "agentvm.key." + key])`. The server
+/// answers choosing `agentvm`, never the entry holding the key.
+pub const WS_PROTOCOL: &str = "agentvm";
+pub const WS_KEY_PREFIX: &str = "agentvm.key.";
+
+/// The secret a request presents: `X-API-Key`, or `Authorization: Bearer`,
+/// or, on a WebSocket upgrade only, a `Sec-WebSocket-Protocol` entry
+/// `agentvm.key.SECRET`.
 pub fn presented(headers: &axum::http::HeaderMap) -> Option<String> {
     if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
         return Some(v.trim().to_string());
+    }
+    let upgrade = headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if upgrade {
+        let offered = headers
+            .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix(WS_KEY_PREFIX).map(str::to_string));
+        if offered.is_some() {
+            return offered;
+        }
     }
     let auth = headers
         .get(axum::http::header::AUTHORIZATION)?

@@ -132,7 +132,10 @@ pub async fn attach_session(
     let viewer = st
         .attach(&caller, &id, "ws", q.read_only.unwrap_or(false))
         .await?;
+    // a browser that sent its key as a subprotocol must see one of its
+    // offers chosen: `agentvm`, never the one that holds the key
     Ok(ws
+        .protocols([crate::auth::WS_PROTOCOL])
         .max_message_size(MAX_WS_MESSAGE)
         .max_frame_size(MAX_WS_MESSAGE)
         .write_buffer_size(0)
@@ -435,6 +438,8 @@ pub async fn session_recording(
 const NOT_FORWARDED: &[&str] = &[
     "authorization",
     "x-api-key",
+    // a browser's key rides in the WebSocket subprotocol list
+    "sec-websocket-protocol",
     "cookie",
     "connection",
     "keep-alive",

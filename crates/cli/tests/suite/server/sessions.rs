@@ -32,6 +32,44 @@ pub(super) fn ws(s: &Server, key: &str, id: &str, query: &str) -> Result<Ws, (u1
     }
 }
 
+/// Attach as a browser must: no header of its own, the key offered as
+/// the subprotocol `agentvm.key.KEY` beside `agentvm`; the protocol the
+/// server chose, or the refusal.
+pub(super) fn ws_as_browser(
+    s: &Server,
+    key: &str,
+    id: &str,
+) -> Result<(Ws, String), (u16, String)> {
+    let url = format!(
+        "{}/v1/sessions/{id}/attach",
+        s.url.replacen("http://", "ws://", 1)
+    );
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("agentvm, agentvm.key.{key}").parse().unwrap(),
+    );
+    let host = s.url.trim_start_matches("http://").to_string();
+    let tcp = TcpStream::connect(&host).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    match tungstenite::client::client(req, tcp) {
+        Ok((w, resp)) => {
+            let chosen = resp
+                .headers()
+                .get("sec-websocket-protocol")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            Ok((w, chosen))
+        }
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => Err((
+            r.status().as_u16(),
+            String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+        )),
+        Err(e) => panic!("attach: {e}"),
+    }
+}
+
 /// The next text message as JSON (binary messages before it are skipped
 /// into `out`).
 pub(super) fn next_text(w: &mut Ws, out: &mut Vec<u8>) -> Value {
@@ -718,4 +756,39 @@ fn the_cli_shell_follows_the_terminal() {
         out.lines().any(|l| l.trim() == "icanon"),
         "the terminal is restored: {out}"
     );
+}
+
+/// A browser cannot put a header on a WebSocket, and the key must stay
+/// out of URLs: it offers the key as a subprotocol, and the server answers
+/// with `agentvm`, never echoing the key. The subprotocol is a credential
+/// only on an upgrade.
+#[test]
+fn a_browser_attaches_with_its_key_as_a_subprotocol() {
+    let (_t, _repo, s) = setup(&[]);
+    let v = create(&s, json!({"command": ["sh"]}));
+    let id = v["id"].as_str().unwrap_or("").to_string();
+    let (mut w, chosen) = ws_as_browser(&s, &s.key, &id).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(chosen, "agentvm", "the key was echoed or nothing chosen");
+    let mut out = Vec::new();
+    let hello = next_text(&mut w, &mut out);
+    assert_eq!(hello["type"], "hello", "{hello}");
+    type_in(&mut w, "echo via-$((6*7))\n");
+    assert!(read_until(&mut w, "via-42").contains("via-42"));
+    drop(w);
+    // a wrong key: refused like any other
+    assert_eq!(
+        ws_as_browser(&s, "avm_wrong", &id).err().map(|e| e.0),
+        Some(401)
+    );
+    // not an upgrade: the header is no credential
+    let r = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/sessions", s.url))
+        .header("sec-websocket-protocol", format!("agentvm.key.{}", s.key))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // the attach is audited, the key nowhere in the trail
+    let (_, _, audit) = s.req("GET", "/v1/audit", Some(&s.key.clone()), None);
+    assert!(audit.contains("attach"), "{audit}");
+    assert!(!audit.contains(&s.key), "the key reached the audit trail");
 }
