@@ -11,7 +11,8 @@
 # The config's Env: PATH=/usr/bin:/opt/tool FOO=from-image HOME=/nope; its
 # User: $IMAGE_USER (default none: root); $IMAGE_CONFIG_EXTRA, if set, is
 # more of the config (',"WorkingDir":"/opt"' say). Its /etc/passwd has root and
-# builder (1234, group 1300).
+# builder (1234, group 1300). With $ETC_LINK set, layer 2 also makes etc a
+# symlink to it (an attack: the sandbox must not follow it).
 # Used by the test suite (crates/cli/tests/suite/images.rs) and bench/images.py.
 set -e
 R=rootfs; L=layout
@@ -30,6 +31,8 @@ chmod 755 $R/opt/tool/only-in-image
 echo 'ID=agentvm-test-image' > $R/etc/os-release
 printf 'root:x:0:0:image passwd:/:/bin/sh\nbuilder:x:1234:1300:image passwd:/home/builder:/bin/sh\n' > $R/etc/passwd
 : > two/usr/bin/.wh.ls
+# an attack image for the tests: layer 2 makes /etc a symlink
+[ -n "${ETC_LINK:-}" ] && ln -s "$ETC_LINK" two/etc
 echo second > two/opt/second-layer
 n=${PAD_FILES:-0}
 if [ "$n" -gt 0 ]; then

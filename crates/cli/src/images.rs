@@ -79,6 +79,14 @@ enum ImagesCmd {
         /// Build even if the cache has this build.
         #[arg(long)]
         rebuild: bool,
+        /// A cached build older than this many days is built again (so
+        /// its packages' security fixes come in).
+        #[arg(long, value_name = "DAYS", default_value_t = 7)]
+        max_age: u64,
+        /// Install from the suite alone, without SUITE-updates and
+        /// SUITE-security (a mirror that has neither).
+        #[arg(long)]
+        no_updates: bool,
         #[command(flatten)]
         limits: LimitArgs,
         #[arg(long)]
@@ -270,6 +278,8 @@ pub fn images(a: ImagesArgs) -> ExitCode {
             mirror,
             variant,
             rebuild,
+            max_age,
+            no_updates,
             limits,
             json,
             name,
@@ -281,6 +291,7 @@ pub fn images(a: ImagesArgs) -> ExitCode {
                 mirror.as_deref(),
                 Some(&variant),
             ) {
+                Ok(s) if no_updates => s.without_updates(),
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
@@ -288,9 +299,13 @@ pub fn images(a: ImagesArgs) -> ExitCode {
                 .filter(|t| !t.is_empty())
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("mmdebstrap"));
-            let limits = limits.limits();
+            let opts = agentvm_image::BuildOpts {
+                rebuild,
+                max_age: std::time::Duration::from_secs(max_age.saturating_mul(86_400)),
+                limits: limits.limits(),
+            };
             let mut progress = |l: &str| eprintln!("agentvm: {l}");
-            match store.build_debian(&spec, &name, &tool, rebuild, limits, &mut progress) {
+            match store.build_debian(&spec, &name, &tool, &opts, &mut progress) {
                 Ok(b) => {
                     stored(&b.image, json, if b.cached { "cached" } else { "built" });
                     ExitCode::SUCCESS
@@ -370,6 +385,7 @@ pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
         return agentvm_runner::run::main(args);
     };
     let dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
+    // one lookup: the root, the user and the entrypoint all of one image
     let found = Store::open(&dir).and_then(|s| {
         let img = s.find(&name)?;
         let layers = img
@@ -388,7 +404,7 @@ pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
                 )))
             }
         };
-        Ok(agentvm_proto::run::ImageRun {
+        let run = agentvm_proto::run::ImageRun {
             working_dir,
             digest: img.digest,
             layers,
@@ -398,26 +414,26 @@ pub fn run(args: agentvm_runner::run::RunArgs) -> ExitCode {
                 uid: u.uid,
                 gid: u.gid,
             }),
-        })
+        };
+        Ok((run, img.config.entrypoint, img.config.cmd))
     });
     let mut args = args;
-    if args.image_entrypoint {
-        let cfg = match Store::open(&dir).and_then(|s| s.find(&name)) {
-            Ok(i) => i.config,
-            Err(_) => Default::default(),
-        };
-        let rest: Vec<std::ffi::OsString> = if args.command.is_empty() {
-            cfg.cmd.iter().map(Into::into).collect()
-        } else {
-            std::mem::take(&mut args.command)
-        };
-        let mut argv: Vec<std::ffi::OsString> = cfg.entrypoint.iter().map(Into::into).collect();
-        argv.extend(rest);
-        if argv.is_empty() && found.is_ok() {
-            eprintln!("agentvm: --image-entrypoint: the image {name} has neither Entrypoint nor Cmd; give a COMMAND");
-            return ExitCode::from(agentvm_runner::EXIT_SETUP);
+    let found = found.map(|(run, entrypoint, cmd)| {
+        if args.image_entrypoint {
+            let rest: Vec<std::ffi::OsString> = if args.command.is_empty() {
+                cmd.iter().map(Into::into).collect()
+            } else {
+                std::mem::take(&mut args.command)
+            };
+            let mut argv: Vec<std::ffi::OsString> = entrypoint.iter().map(Into::into).collect();
+            argv.extend(rest);
+            args.command = argv;
         }
-        args.command = argv;
+        run
+    });
+    if found.is_ok() && args.command.is_empty() {
+        eprintln!("agentvm: --image-entrypoint: the image {name} has neither Entrypoint nor Cmd; give a COMMAND");
+        return ExitCode::from(agentvm_runner::EXIT_SETUP);
     }
     match found {
         Ok(img) => agentvm_runner::run::main_on(args, Some(img)),

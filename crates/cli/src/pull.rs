@@ -276,7 +276,13 @@ impl Registry {
                 req = req.basic_auth(&c.user, Some(&c.password));
             }
             let r = req.send().await.map_err(net(&self.registry))?;
-            if r.status() == reqwest::StatusCode::UNAUTHORIZED && !tried_auth {
+            // a challenge from where a redirect led (a CDN, another
+            // host) is not the registry's: its credentials are not for it
+            let same_origin = r.url().origin()
+                == reqwest::Url::parse(&url)
+                    .map(|u| u.origin())
+                    .unwrap_or_else(|_| r.url().origin());
+            if r.status() == reqwest::StatusCode::UNAUTHORIZED && !tried_auth && same_origin {
                 tried_auth = true;
                 let challenge = r
                     .headers()
@@ -454,15 +460,29 @@ struct RootFs {
     diff_ids: Vec<String>,
 }
 
-fn blob_path(blobs: &Path, digest: &str) -> Result<PathBuf, ImageError> {
+/// The most layers a pulled image may have (the sandbox stacks them
+/// with overlayfs, which takes a few hundred at most).
+const MAX_LAYERS: usize = 128;
+
+/// A registry's digest, checked: `sha256:` and 64 lowercase hex digits
+/// (shown escaped when it is not, since it came from the network).
+fn check_digest(digest: &str) -> Result<&str, ImageError> {
     let hex = digest.strip_prefix("sha256:").unwrap_or("");
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return Err(bad(format!(
-            "digest {} is not sha256",
+            "digest {:?} is not sha256",
             digest.chars().take(100).collect::<String>()
         )));
     }
-    Ok(blobs.join(hex))
+    Ok(hex)
+}
+
+fn blob_path(blobs: &Path, digest: &str) -> Result<PathBuf, ImageError> {
+    Ok(blobs.join(check_digest(digest)?))
 }
 
 /// Pull `r` into `store`. `progress` hears a line per step.
@@ -573,6 +593,7 @@ async fn fetch(
             })
             .or(if ms.len() == 1 { ms.first() } else { None })
             .ok_or_else(|| bad(format!("no linux/{} image in the index", host_arch())))?;
+        check_digest(&d.digest)?;
         progress(&format!(
             "index {digest}: linux/{} is {}",
             host_arch(),
@@ -597,6 +618,24 @@ async fn fetch(
     };
     std::fs::write(blob_path(&blobs, &digest)?, &body)
         .map_err(|e| ImageError::Io(format!("{}: {e}", layout.display())))?;
+    // every digest is checked before it names a URL or reaches the
+    // terminal; the layers are bounded before anything is fetched
+    check_digest(&config.digest)?;
+    for l in &layers {
+        check_digest(&l.digest)?;
+    }
+    if layers.len() > MAX_LAYERS {
+        return Err(ImageError::TooLarge(format!(
+            "the manifest lists {} layers; at most {MAX_LAYERS}",
+            layers.len()
+        )));
+    }
+    let total = layers.iter().fold(0u64, |a, l| a.saturating_add(l.size));
+    if total > o.limits.bytes.saturating_add(64 << 20) {
+        return Err(ImageError::TooLarge(format!(
+            "the layers are {total} bytes, past the image's limit (--max-size)"
+        )));
+    }
     progress(&format!("manifest {digest}: {} layers", layers.len()));
 
     let resp = reg.get(&format!("blobs/{}", config.digest), "*/*").await?;

@@ -9,7 +9,8 @@ usage: registry.py LAYOUT PORT_FILE USER PASSWORD
 GET /v2/REPO/manifests/TAG|DIGEST and /v2/REPO/blobs/DIGEST serve the
 layout's blobs (a tag is the ref.name annotation in index.json); a REPO
 that starts with "tampered/" gets every layer with one byte changed, one
-that starts with "lying/" the tagged manifest whatever it asks for.
+that starts with "lying/" the tagged manifest whatever it asks for, one
+that starts with "huge/" a manifest whose layers claim a terabyte each.
 GET /token?scope=... answers {"token": ...} to the right credentials.
 The chosen port is written to PORT_FILE; the server stops when its
 parent (the test) closes its stdin."""
@@ -74,7 +75,13 @@ class H(BaseHTTPRequestHandler):
                 if d is None:
                     return self.send(404)
                 return self.send(200, d, json.loads(d).get("mediaType", "application/json"))
-            return self.send(200, blob(desc["digest"]), desc["mediaType"])
+            body = blob(desc["digest"])
+            if repo.startswith("huge/"):
+                m = json.loads(body)
+                for l in m["layers"]:
+                    l["size"] = 1 << 40
+                body = json.dumps(m).encode()
+            return self.send(200, body, desc["mediaType"])
         if kind == "blobs":
             d = blob(ref)
             if d is None:

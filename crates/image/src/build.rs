@@ -77,6 +77,36 @@ pub struct DebianSpec {
     /// mmdebstrap's variant: minbase unless asked.
     pub variant: String,
     pub architecture: String,
+    /// The security archive (the host's, else Debian's own), used with
+    /// `SUITE-updates` from the mirror unless `updates` is false.
+    #[serde(default)]
+    pub security: Option<String>,
+    #[serde(default = "yes")]
+    pub updates: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Suites that have no -updates or -security archive.
+const ROLLING: &[&str] = &["sid", "unstable", "experimental", "rc-buggy"];
+
+/// A URL without its user:password@, to be shown or recorded.
+fn shown(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let (auth, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            match auth.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://{host}{path}"),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
 }
 
 const VARIANTS: &[&str] = &[
@@ -149,9 +179,10 @@ impl DebianSpec {
                 all.len()
             )));
         }
+        let (host_main, host_security) = host_sources_in(Path::new("/etc/apt"));
         let mirror = match mirror {
             Some(m) => Some(check_mirror(m)?),
-            None => host_mirror(),
+            None => host_main,
         };
         let variant = variant.unwrap_or("minbase");
         if !VARIANTS.contains(&variant) {
@@ -167,7 +198,36 @@ impl DebianSpec {
             mirror,
             variant: variant.into(),
             architecture: host_arch().into(),
+            security: host_security,
+            updates: true,
         })
+    }
+
+    /// Build from the suite's main archive only (no -updates, no
+    /// -security): for a mirror that has nothing else.
+    pub fn without_updates(mut self) -> DebianSpec {
+        self.updates = false;
+        self
+    }
+
+    /// What mmdebstrap is given as its mirrors: sources.list lines for the
+    /// suite, its -updates and its -security (mmdebstrap adds those two
+    /// itself only when it is given no mirror at all).
+    pub fn sources(&self) -> Vec<String> {
+        let main = self
+            .mirror
+            .clone()
+            .unwrap_or_else(|| "http://deb.debian.org/debian".into());
+        let mut v = vec![format!("deb {main} {} main", self.suite)];
+        if self.updates && !ROLLING.contains(&self.suite.as_str()) {
+            v.push(format!("deb {main} {}-updates main", self.suite));
+            let sec = self
+                .security
+                .clone()
+                .unwrap_or_else(|| "http://deb.debian.org/debian-security".into());
+            v.push(format!("deb {sec} {}-security main", self.suite));
+        }
+        v
     }
 
     /// The cache key: the hash of everything the build depends on that
@@ -184,7 +244,10 @@ impl DebianSpec {
             s.push_str(&format!(" +{}", self.packages.join(",")));
         }
         if let Some(m) = &self.mirror {
-            s.push_str(&format!(" from {m}"));
+            s.push_str(&format!(" from {}", shown(m)));
+        }
+        if !self.updates {
+            s.push_str(" (no updates)");
         }
         s
     }
@@ -226,10 +289,14 @@ pub fn host_arch() -> &'static str {
 /// sources.list files. None if there is none to find (mmdebstrap then
 /// uses its own default, deb.debian.org).
 pub fn host_mirror() -> Option<String> {
-    host_mirror_in(Path::new("/etc/apt"))
+    host_sources_in(Path::new("/etc/apt")).0
 }
 
-fn host_mirror_in(etc_apt: &Path) -> Option<String> {
+/// The host apt's Debian archive and its security archive: the first
+/// URI of a source that is not the security archive, and the first that
+/// is, from deb822 .sources or one-line sources.list files.
+fn host_sources_in(etc_apt: &Path) -> (Option<String>, Option<String>) {
+    let (mut main, mut security) = (None, None);
     let mut files = vec![etc_apt.join("sources.list")];
     if let Ok(rd) = std::fs::read_dir(etc_apt.join("sources.list.d")) {
         let mut more: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
@@ -257,14 +324,40 @@ fn host_mirror_in(etc_apt: &Path) -> Option<String> {
                     r.split_whitespace().next()
                 })
             };
-            if let Some(u) = uri {
-                if !u.contains("security") && check_mirror(u).is_ok() {
-                    return Some(u.to_string());
+            if let Some(u) = uri.filter(|u| check_mirror(u).is_ok()) {
+                let slot = if u.contains("security") {
+                    &mut security
+                } else {
+                    &mut main
+                };
+                if slot.is_none() {
+                    *slot = Some(u.to_string());
                 }
             }
         }
     }
-    None
+    (main, security)
+}
+
+/// How `build_debian` treats its cache and what it may make.
+#[derive(Debug, Clone)]
+pub struct BuildOpts {
+    /// Build even if the cache has it.
+    pub rebuild: bool,
+    /// A cached build older than this is built again (its packages have
+    /// had security fixes since, most likely).
+    pub max_age: std::time::Duration,
+    pub limits: Limits,
+}
+
+impl Default for BuildOpts {
+    fn default() -> Self {
+        BuildOpts {
+            rebuild: false,
+            max_age: std::time::Duration::from_secs(7 * 86_400),
+            limits: Limits::default(),
+        }
+    }
 }
 
 /// What `build_debian` gave.
@@ -296,8 +389,7 @@ impl Store {
         spec: &DebianSpec,
         tag: &str,
         tool: &Path,
-        rebuild: bool,
-        limits: Limits,
+        o: &BuildOpts,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Built, ImageError> {
         if !valid_tag(tag) {
@@ -307,12 +399,13 @@ impl Store {
             )));
         }
         let rec_path = self.builds()?.join(format!("{}.json", spec.key()));
-        if !rebuild {
-            if let Some(img) = self.cached(&rec_path, spec) {
+        if !o.rebuild {
+            if let Some((img, built_at)) = self.cached(&rec_path, spec, o.max_age) {
                 progress(&format!(
-                    "cached: {} is {} (--rebuild builds it again)",
+                    "cached: {} is {}, built {} h ago (--rebuild builds it again)",
                     spec.describe(),
-                    img.digest
+                    img.digest,
+                    now_ms().saturating_sub(built_at) / 3_600_000
                 ));
                 let image = self.add_tag(&img.digest, tag)?;
                 return Ok(Built {
@@ -322,7 +415,7 @@ impl Store {
             }
         }
         let scratch = self.scratch("build")?;
-        let made = self.build_in(&scratch, spec, tag, tool, limits, progress);
+        let made = self.build_in(&scratch, spec, tag, tool, o.limits, progress);
         let _ = std::fs::remove_dir_all(&scratch);
         let mut image = made?;
         image.built = Some(spec.describe());
@@ -345,15 +438,21 @@ impl Store {
 
     /// The cached image for `spec`, if it and all its layers are still
     /// in the store.
-    fn cached(&self, rec_path: &Path, spec: &DebianSpec) -> Option<Image> {
+    fn cached(
+        &self,
+        rec_path: &Path,
+        spec: &DebianSpec,
+        max_age: std::time::Duration,
+    ) -> Option<(Image, u64)> {
         let b = std::fs::read(rec_path).ok()?;
         let rec: CacheRecord = serde_json::from_slice(&b).ok()?;
-        if &rec.spec != spec {
+        let age = now_ms().saturating_sub(rec.built_at);
+        if &rec.spec != spec || u128::from(age) > max_age.as_millis() {
             return None;
         }
         let img = self.read(&rec.digest).ok()?;
         let whole = img.layers.iter().all(|l| self.has_layer(l));
-        whole.then_some(img)
+        whole.then_some((img, rec.built_at))
     }
 
     fn build_in(
@@ -377,9 +476,9 @@ impl Store {
             cmd.arg(format!("--include={}", spec.packages.join(",")));
         }
         cmd.arg(&spec.suite).arg(&tarball);
-        if let Some(m) = &spec.mirror {
-            cmd.arg(m);
-        }
+        // whole sources.list lines (checked parts only): the suite, its
+        // updates and its security fixes
+        cmd.args(spec.sources());
         progress(&format!(
             "building {} with {} (this downloads from the mirror; minutes)",
             spec.describe(),
@@ -631,19 +730,52 @@ mod tests {
     }
 
     #[test]
+    fn sources_carry_updates_and_security_and_no_credentials_are_shown() {
+        let s = DebianSpec::new(
+            "bookworm",
+            &[],
+            &[],
+            Some("https://u:tok3n@m.example/debian"),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let src = s.sources();
+        assert_eq!(src.len(), 3, "{src:?}");
+        assert_eq!(
+            src[1],
+            "deb https://u:tok3n@m.example/debian bookworm-updates main"
+        );
+        assert!(src[2].ends_with("bookworm-security main"), "{src:?}");
+        assert!(!s.describe().contains("tok3n"), "{}", s.describe());
+        assert!(s.describe().contains("from https://m.example/debian"));
+        assert_eq!(s.clone().without_updates().sources().len(), 1);
+        assert_ne!(s.clone().without_updates().key(), s.key());
+        let sid = DebianSpec::new("sid", &[], &[], Some("http://m/debian"), None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            sid.sources(),
+            vec!["deb http://m/debian sid main".to_string()]
+        );
+    }
+
+    #[test]
     fn the_host_mirror_is_read_from_either_sources_format() {
         let d = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let etc = d.path();
         std::fs::create_dir(etc.join("sources.list.d")).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(host_mirror_in(etc), None);
+        assert_eq!(host_sources_in(etc).0, None);
         std::fs::write(
             etc.join("sources.list.d/debian.sources"),
             "Types: deb\nURIs: http://security.debian.org/debian-security\nSuites: bookworm-security\n\nTypes: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            host_mirror_in(etc).as_deref(),
+            host_sources_in(etc).0.as_deref(),
             Some("http://mirror.example/debian")
+        );
+        assert_eq!(
+            host_sources_in(etc).1.as_deref(),
+            Some("http://security.debian.org/debian-security")
         );
         std::fs::write(
             etc.join("sources.list"),
@@ -651,7 +783,7 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            host_mirror_in(etc).as_deref(),
+            host_sources_in(etc).0.as_deref(),
             Some("http://one.example/debian")
         );
     }

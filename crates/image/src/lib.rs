@@ -17,7 +17,7 @@ mod unpack;
 mod user;
 mod zstd;
 
-pub use build::{host_arch, host_mirror, preset, Built, DebianSpec, PRESETS};
+pub use build::{host_arch, host_mirror, preset, BuildOpts, Built, DebianSpec, PRESETS};
 pub use formats::{Descriptor, Platform};
 pub use unpack::{Limits, Report};
 pub use user::User;

@@ -18,6 +18,9 @@ pub struct User {
     pub gid: u32,
 }
 
+/// Names the sandbox's passwd and group give root and nobody already.
+const RESERVED: &[&str] = &["root", "nobody", "nogroup"];
+
 /// The largest passwd or group file read.
 const FILE_MAX: u64 = 1 << 20;
 
@@ -41,41 +44,61 @@ fn openat(dir: Option<&OwnedFd>, path: &Path, flags: OFlag) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `etc/NAME` of the topmost layer that has it as a regular file; None
-/// if the topmost that has it at all has something else there (a
-/// whiteout, a symlink).
+/// `etc/NAME` as the stacked layers show it: from the topmost layer
+/// that has it, unless a layer above hides it (an `etc` that is not a
+/// directory, an opaque `etc`, a whiteout or a symlink in its place):
+/// None then, as for a file no layer has.
 fn etc_file(layers_top_first: &[PathBuf], name: &str) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    let present = |dir: &OwnedFd, n: &str| {
+        nix::sys::stat::fstatat(
+            Some(dir.as_raw_fd()),
+            n,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .ok()
+    };
     for l in layers_top_first {
-        let Some(root) = openat(None, l, OFlag::O_RDONLY | OFlag::O_DIRECTORY) else {
+        let root = openat(None, l, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        if present(&root, "etc").is_none() {
             continue;
-        };
-        let Some(etc) = openat(
+        }
+        // there, but not a directory (a symlink, a whiteout): it hides
+        // every lower etc
+        let etc = openat(
             Some(&root),
             Path::new("etc"),
             OFlag::O_RDONLY | OFlag::O_DIRECTORY,
-        ) else {
-            continue;
-        };
-        let Some(f) = openat(
+        )?;
+        match present(&etc, name) {
+            None => {
+                // an opaque etc hides the lower layers' files too
+                let mut v = [0u8; 1];
+                // SAFETY: fgetxattr on a descriptor we own, into a
+                // buffer of the length given.
+                let n = unsafe {
+                    libc::fgetxattr(
+                        etc.as_raw_fd(),
+                        c"user.overlay.opaque".as_ptr(),
+                        v.as_mut_ptr().cast(),
+                        v.len(),
+                    )
+                };
+                if n == 1 && v[0] == b'y' {
+                    return None;
+                }
+                continue;
+            }
+            Some(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => return None,
+            Some(_) => {}
+        }
+        let f = openat(
             Some(&etc),
             Path::new(name),
             OFlag::O_RDONLY | OFlag::O_NONBLOCK,
-        ) else {
-            // absent here (or a symlink, which O_NOFOLLOW refuses)
-            let present = nix::sys::stat::fstatat(
-                Some(std::os::fd::AsRawFd::as_raw_fd(&etc)),
-                name,
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .is_ok();
-            if present {
-                return None;
-            }
-            continue;
-        };
+        )?;
         let f = std::fs::File::from(f);
-        let regular = f.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if !regular {
+        if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
             return None;
         }
         let mut s = String::new();
@@ -162,7 +185,7 @@ pub fn resolve(spec: &str, layers_top_first: &[PathBuf]) -> Result<Option<User>,
     Ok(Some(User {
         // the sandbox writes this name into its own passwd
         name: name
-            .filter(|n| name_ok(n))
+            .filter(|n| name_ok(n) && !RESERVED.contains(&n.as_str()))
             .unwrap_or_else(|| "agent".into()),
         uid,
         gid,
@@ -251,6 +274,40 @@ mod tests {
         assert!(resolve("evil", std::slice::from_ref(&l)).is_err());
         // and it hides the lower layer's file as any other entry would
         assert!(resolve("evil", &[l, low]).is_err());
+        // an etc that is a symlink, or opaque, hides the lower passwd
+        let link = t.path().join("link");
+        std::fs::create_dir(&link).unwrap_or_else(|e| panic!("{e}"));
+        std::os::unix::fs::symlink("/etc", link.join("etc")).unwrap_or_else(|e| panic!("{e}"));
+        let lower = layer(
+            &t.path().join("lower"),
+            Some("evil:x:88:88::/:/bin/sh\n"),
+            None,
+        );
+        assert!(resolve("evil", &[link, lower.clone()]).is_err());
+        let opaque = layer(&t.path().join("opaque"), None, None);
+        let path = std::ffi::CString::new(opaque.join("etc").as_os_str().as_encoded_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // SAFETY: setxattr with NUL-terminated strings and a 1-byte value.
+        let r = unsafe {
+            libc::setxattr(
+                path.as_ptr(),
+                c"user.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+        assert!(resolve("evil", &[opaque, lower.clone()]).is_err());
+        let plain = layer(&t.path().join("plain"), None, None);
+        assert_eq!(ok("evil", &[plain, lower]), Some(("evil".into(), 88, 88)));
+        // a user other than root may not borrow root's or nobody's name
+        let r = layer(
+            &t.path().join("r"),
+            Some("nobody:x:1234:1234::/:/bin/sh\n"),
+            None,
+        );
+        assert_eq!(ok("1234", &[r]), Some(("agent".into(), 1234, 1234)));
         // a name that would add a passwd entry is not written as it is
         let odd = layer(
             &t.path().join("odd"),

@@ -9,7 +9,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use agentvm_image::{DebianSpec, ImageError, Limits, Store};
+use agentvm_image::{BuildOpts, DebianSpec, ImageError, Limits, Store};
 
 /// A fake mmdebstrap in `dir`: records its argv (one per line) in
 /// dir/argv.N, then writes the tar `dir/tree` makes (or the one in
@@ -70,7 +70,11 @@ fn build(
     tool: &Path,
     rebuild: bool,
 ) -> Result<agentvm_image::Built, ImageError> {
-    store.build_debian(spec, tag, tool, rebuild, Limits::default(), &mut |_| {})
+    let o = BuildOpts {
+        rebuild,
+        ..Default::default()
+    };
+    store.build_debian(spec, tag, tool, &o, &mut |_| {})
 }
 
 fn tmp_entries(data: &Path) -> usize {
@@ -89,8 +93,7 @@ fn a_build_runs_mmdebstrap_with_checked_arguments_and_imports_what_it_made() {
             &spec(&["jq", "git"]),
             "tools",
             &tool,
-            false,
-            Limits::default(),
+            &BuildOpts::default(),
             &mut |l| lines.push(l.to_string()),
         )
         .unwrap();
@@ -101,9 +104,17 @@ fn a_build_runs_mmdebstrap_with_checked_arguments_and_imports_what_it_made() {
     assert!(argv.contains(&"--format=tar"), "{argv:?}");
     assert!(argv.contains(&"--include=git,jq"), "{argv:?}");
     let pos: Vec<&&str> = argv.iter().filter(|a| !a.starts_with("--")).collect();
-    assert_eq!(pos.len(), 3, "suite, target, mirror: {argv:?}");
+    assert_eq!(pos.len(), 5, "suite, target and three sources: {argv:?}");
     assert_eq!(*pos[0], "bookworm");
-    assert_eq!(*pos[2], "http://mirror.test/debian");
+    assert_eq!(*pos[2], "deb http://mirror.test/debian bookworm main");
+    assert_eq!(
+        *pos[3],
+        "deb http://mirror.test/debian bookworm-updates main"
+    );
+    assert!(
+        pos[4].ends_with(" bookworm-security main") && pos[4].starts_with("deb http"),
+        "{argv:?}"
+    );
     // mmdebstrap's own lines are passed on as progress
     assert!(
         lines.iter().any(|l| l.contains("mmdebstrap: I: success")),
@@ -151,11 +162,22 @@ fn the_same_build_comes_from_the_cache_and_rebuild_makes_the_same_layer() {
     assert!(!three.cached);
     assert_eq!(calls(t.path()), 3);
     assert_eq!(three.image.layers, one.image.layers);
+    // a build past its max age is made again
+    let old = BuildOpts {
+        max_age: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let again = store
+        .build_debian(&spec(&["jq"]), "a", &tool, &old, &mut |_| {})
+        .unwrap();
+    assert!(!again.cached);
+    assert_eq!(calls(t.path()), 4);
     // a cache record whose image was removed builds again
     store.remove("a").unwrap();
     let four = build(&store, &spec(&["jq"]), "a", &tool, false).unwrap();
     assert!(!four.cached);
-    assert_eq!(calls(t.path()), 4);
+    assert_eq!(calls(t.path()), 5);
 }
 
 #[test]
@@ -181,8 +203,10 @@ fn a_failed_build_says_why_and_leaves_the_store_as_it_was() {
             &spec(&["jq"]),
             "x",
             &t.path().join("none"),
-            true,
-            Limits::default(),
+            &BuildOpts {
+                rebuild: true,
+                ..Default::default()
+            },
             &mut |_| {},
         )
         .unwrap_err();
@@ -223,10 +247,12 @@ fn what_the_tool_makes_passes_the_import_checks() {
             &spec(&["jq"]),
             "big",
             &tool,
-            false,
-            Limits {
-                bytes: 4,
-                entries: 1000,
+            &BuildOpts {
+                limits: Limits {
+                    bytes: 4,
+                    entries: 1000,
+                },
+                ..Default::default()
             },
             &mut |_| {},
         )

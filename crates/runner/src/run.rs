@@ -263,7 +263,13 @@ fn build_env(args: &RunRequest) -> Result<Vec<(OsString, OsString)>, String> {
         ("LOGNAME".into(), user_name(args).into()),
         ("SHELL".into(), "/bin/sh".into()),
         ("TMPDIR".into(), "/tmp".into()),
-        ("PWD".into(), WORKSPACE_DIR.into()),
+        (
+            "PWD".into(),
+            args.image
+                .as_ref()
+                .and_then(|i| i.working_dir.as_ref())
+                .map_or_else(|| WORKSPACE_DIR.into(), |d| d.as_os_str().to_owned()),
+        ),
         ("HOSTNAME".into(), agentvm_sandbox::spec::HOSTNAME.into()),
     ];
     let mut set = |k: &str, v: OsString| {

@@ -19,6 +19,38 @@ pub(crate) fn build_image(dir: &Path) {
     assert!(o.status.success(), "building the test image: {o:?}");
 }
 
+/// `build_image` with variables for scripts/tiny-image.sh (IMAGE_USER,
+/// IMAGE_CONFIG_EXTRA, ETC_LINK).
+fn build_image_with(dir: &Path, env: &[(&str, &str)]) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
+    let o = std::process::Command::new("sh")
+        .arg(&script)
+        .arg(probe_path())
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "building the test image: {o:?}");
+}
+
+/// Import `dir`/image.tar as `tag` into a store of `who`'s own under
+/// `dir`; that data directory.
+fn import_as(who: Who, dir: &Path, tag: &str) -> String {
+    let data = dir.join(format!("data-{who:?}"));
+    std::fs::create_dir(&data).unwrap();
+    if who != Who::Me {
+        std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    }
+    let data = data.to_string_lossy().into_owned();
+    let tar = dir.join("image.tar").to_string_lossy().into_owned();
+    let o = agentvm(
+        who,
+        &with_data(&data, &["images", "import", &tar, "--tag", tag]),
+    );
+    assert!(o.status.success(), "{who:?} {o:?}");
+    data
+}
+
 fn with_data<'a>(data: &'a str, args: &[&'a str]) -> Vec<&'a str> {
     let mut v = args.to_vec();
     v.extend_from_slice(&["--data-dir", data]);
@@ -628,26 +660,34 @@ fn an_image_is_pulled_from_a_registry_with_its_digests_checked() {
     );
     // layers changed on the way, into a store that lacks them
     let other = t.path().join("data2").to_string_lossy().into_owned();
-    let o = agentvm_with(
-        Who::Me,
-        &[
-            "images",
-            "pull",
-            "--plain-http",
-            "--auth-file",
-            &auth,
-            "--data-dir",
-            &other,
-            &format!("{host}/tampered/tiny:tiny"),
-        ],
-        &[],
-        None,
-    );
+    let pull_into = |data: &str, r: &str| {
+        agentvm(
+            Who::Me,
+            &[
+                "images",
+                "pull",
+                "--plain-http",
+                "--auth-file",
+                &auth,
+                "--data-dir",
+                data,
+                r,
+            ],
+        )
+    };
+    let o = pull_into(&other, &format!("{host}/tampered/tiny:tiny"));
     assert_eq!(o.status.code(), Some(1), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("arrived as"),
         "{o:?}"
     );
+    // layers that claim more than the image may hold: refused before a
+    // byte of them is fetched
+    let o = pull_into(&other, &format!("{host}/huge/tiny:tiny"));
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("past the image's limit"), "{err}");
+    assert!(!err.contains("layer 1/"), "fetched before refusing: {err}");
     let o = agentvm(Who::Me, &["images", "list", "--json", "--data-dir", &other]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]", "{o:?}");
     // without credentials, and with wrong ones: said, and never echoed
@@ -692,29 +732,9 @@ fn base64_of(s: &str) -> String {
 #[test]
 fn an_images_user_runs_the_command_inside_the_user_namespace() {
     let t = tempdir();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
-    let o = sh(
-        t.path(),
-        &format!(
-            "IMAGE_USER=builder sh '{}' '{}'",
-            script.display(),
-            probe_path().display()
-        ),
-    );
-    assert!(o.status.success(), "{o:?}");
-    let tar = t.path().join("image.tar").to_string_lossy().into_owned();
+    build_image_with(t.path(), &[("IMAGE_USER", "builder")]);
     for who in runners() {
-        let data = t.path().join(format!("data-{who:?}"));
-        std::fs::create_dir(&data).unwrap();
-        if who != Who::Me {
-            std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
-        }
-        let data = data.to_string_lossy().into_owned();
-        let o = agentvm(
-            who,
-            &with_data(&data, &["images", "import", &tar, "--tag", "as-builder"]),
-        );
-        assert!(o.status.success(), "{who:?} {o:?}");
+        let data = import_as(who, t.path(), "as-builder");
         let repo = fixture_repo(who);
         let out = out_dir(who);
         let patch = out
@@ -767,17 +787,8 @@ fn an_images_user_runs_the_command_inside_the_user_namespace() {
 #[test]
 fn the_images_entrypoint_runs_only_when_asked() {
     let t = tempdir();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/tiny-image.sh");
-    let extra =
-        r#","WorkingDir":"/opt","Entrypoint":["/bin/sh","-c"],"Cmd":["echo from-cmd; pwd"]"#;
-    let o = std::process::Command::new("sh")
-        .arg(&script)
-        .arg(probe_path())
-        .env("IMAGE_CONFIG_EXTRA", extra)
-        .current_dir(t.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{o:?}");
+    let extra = r#","WorkingDir":"/opt","Entrypoint":["/bin/sh","-c"],"Cmd":["echo from-cmd; pwd; echo PWD=$PWD"]"#;
+    build_image_with(t.path(), &[("IMAGE_CONFIG_EXTRA", extra)]);
     let data = t.path().join("data").to_string_lossy().into_owned();
     let tar = t.path().join("image.tar").to_string_lossy().into_owned();
     let o = agentvm(
@@ -792,7 +803,10 @@ fn the_images_entrypoint_runs_only_when_asked() {
     };
     let o = run(&["--image-entrypoint"]);
     assert!(o.status.success(), "{o:?}");
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "from-cmd\n/opt\n");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "from-cmd\n/opt\nPWD=/opt\n"
+    );
     let o = run(&["--image-entrypoint", "--", "echo replaced; pwd"]);
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
@@ -831,4 +845,71 @@ fn the_images_entrypoint_runs_only_when_asked() {
         String::from_utf8_lossy(&o.stderr).contains("neither Entrypoint nor Cmd"),
         "{o:?}"
     );
+}
+
+/// An image whose /etc is a symlink to a host directory (`/oldroot/...`,
+/// the host's root as the sandbox's setup sees it, or `../oldroot/...`):
+/// the sandbox must show its own /etc files only, never what the link
+/// names. Found by review: the /etc overlay once took the image's etc by
+/// a path the kernel resolved through the symlink.
+#[test]
+fn an_images_etc_symlink_does_not_reach_the_host() {
+    let t = tempdir();
+    // what an attacker wants to read: a host directory with a secret
+    let secret = t.path().join("host-secret");
+    std::fs::create_dir(&secret).unwrap();
+    std::fs::write(secret.join("stolen"), "HOST-SECRET-7f3a\n").unwrap();
+    sh(
+        t.path(),
+        "chmod 755 . host-secret; chmod 644 host-secret/stolen",
+    );
+    for (n, link) in [
+        format!("/oldroot{}", secret.display()),
+        format!("../oldroot{}", secret.display()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dir = t.path().join(format!("img{n}"));
+        std::fs::create_dir(&dir).unwrap();
+        build_image_with(&dir, &[("ETC_LINK", link)]);
+        for who in runners() {
+            let data = import_as(who, &dir, "evil");
+            // first: this runs inside a sandbox (its namespaces are not ours)
+            let (code, v, all) = probe(
+                who,
+                &["--image", "evil", "--data-dir", &data],
+                "status",
+                None,
+            );
+            assert_eq!(
+                (code, v["blocked"].clone()),
+                (0, serde_json::json!(true)),
+                "{all}"
+            );
+            let o = agentvm(
+                who,
+                &[
+                    "run",
+                    "--image",
+                    "evil",
+                    "--data-dir",
+                    &data,
+                    "--",
+                    "sh",
+                    "-c",
+                    "cat /etc/stolen 2>&1; cat /etc/hostname",
+                ],
+            );
+            let out = String::from_utf8_lossy(&o.stdout);
+            assert!(
+                !out.contains("HOST-SECRET"),
+                "{who:?} {link}: the host directory showed as /etc: {out}"
+            );
+            assert!(
+                out.contains("agentvm"),
+                "{who:?} {link}: the sandbox's own /etc is missing: {o:?}"
+            );
+        }
+    }
 }

@@ -506,7 +506,13 @@ fn image_root(p: &Prepared, root: &Path, ro: u64) -> Result<(), SetupError> {
     }
     let etc = root.join("etc");
     mkdir_p(&etc)?;
-    if image.join("etc").is_dir() {
+    // Not `is_dir()`: it follows a symlink, and here, before the pivot,
+    // `etc -> /oldroot/...` (or `../oldroot/...`) names a host directory,
+    // which the overlay below would then show as /etc. The image is a
+    // read-only mount of ours, so what lstat sees is what overlayfs gets;
+    // an etc that is not a directory is not shown at all.
+    let image_etc = std::fs::symlink_metadata(image.join("etc")).is_ok_and(|m| m.is_dir());
+    if image_etc {
         do_mount(
             Some(Path::new("overlay")),
             &etc,
