@@ -15,6 +15,8 @@ command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# the web UI's browser test: Debian's Chromium (driven by playwright-core, below)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 # images build --debian, with the real tool, as root
 command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap debian-archive-keyring)
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
@@ -68,3 +70,11 @@ if [ ! -x "$OPENCODE/node_modules/.bin/opencode" ]; then
   chmod -R a+rX /opt/agentvm-agents
 fi
 
+# playwright-core (no browser download: it drives Debian's Chromium) for
+# the web UI's test in a real browser
+WEB=/opt/agentvm-web-tests
+if [ ! -d "$WEB/node_modules/playwright-core" ]; then
+  mkdir -p "$WEB"
+  (cd "$WEB" && npm install --silent --no-audit --no-fund "playwright-core@1.64.1")
+  chmod -R a+rX "$WEB"
+fi

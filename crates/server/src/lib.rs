@@ -21,6 +21,7 @@ pub mod service;
 pub mod session;
 pub mod settings;
 pub mod ssh;
+pub mod ui;
 pub mod verdict;
 pub use agentvm_proto::units;
 
@@ -290,10 +291,15 @@ pub fn router(st: Arc<api::AppState>) -> Router {
             "content-security-policy",
             "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
         ));
+    // the web UI: no key needed to load it (it asks for one), its own CSP
+    let ui = Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/{name}", get(ui::asset));
     let limit = st.cfg.body_limit;
     Router::new()
         .merge(api)
         .merge(docs)
+        .merge(ui)
         .layer(axum::middleware::from_fn_with_state(st.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(hdr("x-content-type-options", "nosniff"))

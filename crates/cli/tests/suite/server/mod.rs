@@ -21,6 +21,7 @@ mod secrets;
 mod sessions;
 mod ssh;
 mod tls;
+mod web;
 mod workspaces;
 
 pub struct Server {

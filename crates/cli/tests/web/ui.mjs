@@ -1,0 +1,133 @@
+// The web UI in a real browser: Playwright (playwright-core) driving
+// Debian's Chromium against `agentvm serve` on loopback, started by
+// crates/cli/tests/suite/server/web.rs, which passes:
+//   AGENTVM_URL, AGENTVM_KEY, AGENTVM_REPO (a git repo under the allowed
+//   root), CHROMIUM (its binary), SHOTS (a directory for screenshots, or
+//   empty).
+// Prints one line per step; any failure, console error or warning, or a
+// script that ran from injected text, exits non-zero.
+import { chromium } from "playwright-core";
+
+const { AGENTVM_URL: url, AGENTVM_KEY: key, AGENTVM_REPO: repo, CHROMIUM: exe, SHOTS: shots } = process.env;
+const problems = [];
+const step = (s) => console.log(`step: ${s}`);
+function check(ok, what) {
+  if (!ok) throw new Error(`failed: ${what}`);
+}
+
+const browser = await chromium.launch({
+  executablePath: exe,
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync"],
+});
+let code = 0;
+try {
+  const ctx = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await ctx.newPage();
+  // the browser logs every answer of 400 and above as a console error:
+  // the two the steps ask for (a refused key, a refused form) are not
+  // problems of the page
+  let expected = [];
+  page.on("console", (m) => {
+    if (m.type() !== "error" && m.type() !== "warning") return;
+    const t = m.text();
+    const i = expected.findIndex((code) => t.startsWith("Failed to load resource") && t.includes(`status of ${code} `));
+    if (i >= 0) expected.splice(i, 1);
+    else problems.push(`console ${m.type()}: ${t}`);
+  });
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.setDefaultTimeout(30000);
+  const shot = async (name) => {
+    if (shots) await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
+  };
+
+  step("sign in: a wrong key is refused, the right one lists jobs");
+  await page.goto(url);
+  expected.push(401);
+  await page.getByLabel("API key").fill("avm_wrong");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByText("That key was refused.").waitFor();
+  check((await page.evaluate(() => sessionStorage.getItem("agentvm.key"))) === null, "a refused key was kept");
+  await shot("signin");
+  await page.getByLabel("API key").fill(key);
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.getByRole("heading", { name: "Jobs" }).waitFor();
+  check(!page.url().includes(key), "the key is in the URL");
+  check((await ctx.cookies()).length === 0, "a cookie was set");
+
+  step("the server's validation messages show beside the fields");
+  await page.getByRole("link", { name: "New job", exact: true }).first().click();
+  await page.getByLabel("Repository (a path under the server's allowed roots)").fill("/definitely/not/allowed");
+  await page.getByLabel("Prompt").fill("true");
+  expected.push(422);
+  await page.getByRole("button", { name: "Start" }).click();
+  await page.locator("#err-repo_path").filter({ hasText: /./ }).waitFor();
+  await shot("new-job");
+
+  step("a job whose output, file name and prompt carry HTML and script");
+  const evil = `<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script>`;
+  const prompt = `echo '${evil}'; echo hi > '<b>bold<img src=y onerror=window.__pwned=3>.txt'; echo done-marker`;
+  await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
+  await page.getByLabel("Prompt").fill(prompt);
+  await page.getByRole("button", { name: "Start" }).click();
+  await page.locator("#log").filter({ hasText: "done-marker" }).waitFor();
+  const logText = await page.locator("#log").textContent();
+  check(logText.includes(evil), `the output did not show literally: ${logText}`);
+  check((await page.locator("#log img, #log script").count()) === 0, "output became elements");
+  await page.locator("#patch .diff").filter({ hasText: "<b>bold<img src=y onerror=window.__pwned=3>.txt" }).waitFor();
+  check((await page.locator("#patch b, #patch img").count()) === 0, "a file name became markup");
+  check((await page.locator('dd[data-field="prompt"]').textContent()) === prompt, "the prompt did not show literally");
+  check((await page.evaluate(() => window.__pwned)) === undefined, "injected script ran");
+  await shot("job");
+
+  step("apply: the patch lands on a new branch");
+  await page.getByRole("button", { name: "Apply to a new branch" }).click();
+  await page.locator("#apply-result").filter({ hasText: "agentvm/" }).waitFor();
+  const applied = await page.locator("#apply-result").textContent();
+  check(applied.startsWith("Applied on branch agentvm/"), applied);
+
+  step("cancel a long job, then find it by its status");
+  await page.getByRole("link", { name: "New job", exact: true }).first().click();
+  await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
+  await page.getByLabel("Prompt").fill("echo started-long; sleep 300");
+  await page.getByRole("button", { name: "Start" }).click();
+  await page.locator("#log").filter({ hasText: "started-long" }).waitFor();
+  await page.getByRole("button", { name: "Cancel" }).click();
+  await page.locator('dd[data-field="status"]').filter({ hasText: "cancelled" }).waitFor();
+  const jobUrl = page.url();
+  const cancelledId = decodeURIComponent(jobUrl.split("#/jobs/")[1]);
+  await page.getByRole("link", { name: "Jobs", exact: true }).click();
+  await page.getByLabel("Status").selectOption("cancelled");
+  await page.getByRole("link", { name: cancelledId }).waitFor();
+  check((await page.locator("tbody tr").count()) === 1, "the filter shows other jobs");
+  await page.getByLabel("Status").selectOption("");
+  await page.locator("tbody tr").nth(1).waitFor();
+  await shot("jobs");
+
+  step("phone width: the list still reads");
+  await page.setViewportSize({ width: 390, height: 800 });
+  await page.getByRole("heading", { name: "Jobs" }).waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
+  check(!overflow, "the page scrolls sideways at phone width");
+  await page.setViewportSize({ width: 1280, height: 800 });
+
+  step("sign out forgets the key");
+  await page.getByRole("button", { name: "Sign out" }).click();
+  await page.getByRole("heading", { name: "Sign in" }).waitFor();
+  check((await page.evaluate(() => sessionStorage.getItem("agentvm.key"))) === null, "the key was kept");
+
+  check(problems.length === 0, `console: ${problems.join("; ")}`);
+  step("all passed");
+} catch (e) {
+  console.error(String(e && e.stack ? e.stack : e));
+  try {
+    const pages = browser.contexts().flatMap((c) => c.pages());
+    if (pages.length) console.error(`page text: ${await pages[0].locator("main").innerText()}`);
+  } catch {}
+  if (problems.length) console.error(problems.join("\n"));
+  code = 1;
+} finally {
+  await browser.close();
+}
+process.exit(code);

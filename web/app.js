@@ -1,0 +1,390 @@
+// The AgentVM web UI: plain ES modules, no build step, no third-party code
+// yet. Every piece of text from the server (output, prompts, file names,
+// branch names, errors) reaches the page through textContent or a text
+// node, never innerHTML. The API key lives in sessionStorage only and is
+// sent as the X-API-Key header.
+
+const KEY = "agentvm.key";
+const main = document.getElementById("main");
+const nav = document.getElementById("nav");
+const statusLine = document.getElementById("status");
+// what the current page must stop when the user leaves it
+let leave = [];
+
+function key() {
+  return sessionStorage.getItem(KEY);
+}
+
+/** An element: el("a", {href: "#/x"}, "text", child...). */
+function el(tag, attrs = {}, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (v === true) e.setAttribute(k, "");
+    else e.setAttribute(k, String(v));
+  }
+  for (const k of kids) {
+    if (k === undefined || k === null) continue;
+    e.append(k instanceof Node ? k : document.createTextNode(String(k)));
+  }
+  return e;
+}
+
+function say(text) {
+  statusLine.textContent = text;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super(typeof body?.detail === "string" ? body.detail : `HTTP ${status}`);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+/** A call to the API with the key; JSON in and out unless `raw`. */
+async function api(path, { method = "GET", body, raw = false, signal, signIn = false } = {}) {
+  const headers = { "X-API-Key": key() || "" };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const r = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal,
+    cache: "no-store",
+    credentials: "omit",
+  });
+  if (r.status === 401) {
+    // signing in says so itself; anywhere else the key has gone bad
+    if (!signIn) signOut("The server did not accept the key; sign in again.");
+    throw new ApiError(401, null);
+  }
+  if (raw && r.ok) return r;
+  const text = await r.text();
+  let v = null;
+  try {
+    v = text ? JSON.parse(text) : null;
+  } catch {
+    v = text;
+  }
+  if (!r.ok) throw new ApiError(r.status, v);
+  return v;
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  location.hash = "#/signin";
+  if (message) say(message);
+}
+
+function age(ms) {
+  if (!ms) return "";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 90) return `${s}s`;
+  if (s < 5400) return `${Math.round(s / 60)}m`;
+  if (s < 129600) return `${Math.round(s / 3600)}h`;
+  return `${Math.round(s / 86400)}d`;
+}
+
+function duration(j) {
+  if (!j.started_at) return "";
+  const end = j.finished_at || Date.now();
+  return `${((end - j.started_at) / 1000).toFixed(1)}s`;
+}
+
+// ---- pages ----
+
+function signInPage() {
+  nav.hidden = true;
+  const input = el("input", { type: "password", id: "key", name: "key", autocomplete: "off", required: true });
+  const err = el("p", { class: "error", id: "signin-error", role: "alert" });
+  const form = el(
+    "form",
+    {
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        sessionStorage.setItem(KEY, input.value.trim());
+        try {
+          await api("/v1/jobs?limit=1", { signIn: true });
+          location.hash = "#/jobs";
+        } catch (e) {
+          sessionStorage.removeItem(KEY);
+          err.textContent = e.status === 401 ? "That key was refused." : `Could not reach the server: ${e.message}`;
+        }
+      },
+    },
+    el("h1", {}, "Sign in"),
+    el("label", { for: "key" }, "API key"),
+    input,
+    el("p", { class: "muted" }, "Kept in this tab only (sessionStorage), sent as a header."),
+    err,
+    el("button", { type: "submit" }, "Sign in"),
+  );
+  main.replaceChildren(form);
+  input.focus();
+}
+
+const STATUSES = ["", "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "interrupted"];
+
+function jobsPage(params) {
+  const filter = el(
+    "select",
+    { id: "status-filter", "aria-label": "Status" },
+    ...STATUSES.map((s) => el("option", { value: s, selected: s === (params.get("status") || "") }, s || "any status")),
+  );
+  const body = el("tbody");
+  const table = el(
+    "table",
+    { "aria-label": "Jobs" },
+    el(
+      "thead",
+      {},
+      el("tr", {}, el("th", {}, "Job"), el("th", {}, "Status"), el("th", { class: "agent" }, "Agent"), el("th", {}, "Repository or workspace"),
+        el("th", { class: "age" }, "Age"), el("th", { class: "dur" }, "Duration")),
+    ),
+    body,
+  );
+  const more = el("button", { type: "button", id: "more", hidden: true }, "More");
+  let cursor = null;
+  const row = (j) =>
+    el(
+      "tr",
+      {},
+      el("td", {}, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}` }, j.id)),
+      el("td", { class: `status-${j.status}` }, j.status),
+      el("td", { class: "agent" }, j.agent),
+      el("td", { class: "repo" }, j.workspace || j.repo_path || ""),
+      el("td", { class: "age" }, age(j.created_at)),
+      el("td", { class: "dur" }, duration(j)),
+    );
+  async function load(append) {
+    const q = new URLSearchParams({ limit: "50" });
+    if (filter.value) q.set("status", filter.value);
+    if (append && cursor) q.set("cursor", cursor);
+    const v = await api(`/v1/jobs?${q}`);
+    if (append) body.append(...v.jobs.map(row));
+    else body.replaceChildren(...v.jobs.map(row));
+    cursor = v.next_cursor;
+    more.hidden = !cursor;
+    if (!append) say(`${v.jobs.length}${cursor ? "+" : ""} jobs`);
+  }
+  filter.addEventListener("change", () => {
+    location.hash = filter.value ? `#/jobs?status=${encodeURIComponent(filter.value)}` : "#/jobs";
+  });
+  more.addEventListener("click", () => load(true).catch(showError));
+  main.replaceChildren(el("h1", {}, "Jobs"), el("div", { class: "toolbar" }, filter, el("a", { href: "#/new" }, "New job")), table, more);
+  load(false).catch(showError);
+  // live without reload: the first page again every two seconds
+  const t = setInterval(() => {
+    if (!cursor || body.children.length <= 50) load(false).catch(() => {});
+  }, 2000);
+  leave.push(() => clearInterval(t));
+}
+
+function newJobPage() {
+  const field = (name, label, input) => {
+    const err = el("p", { class: "error", id: `err-${name}`, role: "alert" });
+    input.id = `f-${name}`;
+    input.name = name;
+    input.setAttribute("aria-describedby", err.id);
+    return { box: el("div", {}, el("label", { for: input.id }, label), input, err), err, input };
+  };
+  const f = {
+    agent: field("agent", "Agent", el("input", { type: "text", value: "shell", list: "agents" })),
+    repo_path: field("repo_path", "Repository (a path under the server's allowed roots)", el("input", { type: "text" })),
+    workspace: field("workspace", "or a workspace (id or name)", el("input", { type: "text" })),
+    prompt: field("prompt", "Prompt", el("textarea", {})),
+    timeout: field("timeout", "Timeout (seconds, optional)", el("input", { type: "text", inputmode: "numeric" })),
+    network: field("network", "Network", el("select", {}, el("option", { value: "" }, "the profile's"), el("option", { value: "none" }, "none"),
+      el("option", { value: "host" }, "host"))),
+  };
+  const general = el("p", { class: "error", role: "alert", id: "form-error" });
+  const form = el(
+    "form",
+    {
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        for (const x of Object.values(f)) x.err.textContent = "";
+        general.textContent = "";
+        const body = { agent: f.agent.input.value.trim(), prompt: f.prompt.input.value };
+        if (f.repo_path.input.value.trim()) body.repo_path = f.repo_path.input.value.trim();
+        if (f.workspace.input.value.trim()) body.workspace = f.workspace.input.value.trim();
+        if (f.timeout.input.value.trim()) body.timeout = Number(f.timeout.input.value.trim());
+        if (f.network.input.value) body.network = f.network.input.value;
+        try {
+          const j = await api("/v1/jobs", { method: "POST", body });
+          location.hash = `#/jobs/${encodeURIComponent(j.id)}`;
+        } catch (e) {
+          // the server's own messages, beside the fields they are about
+          const detail = e.body?.detail;
+          if (Array.isArray(detail)) {
+            for (const d of detail) {
+              const name = Array.isArray(d.loc) ? d.loc[d.loc.length - 1] : "";
+              (f[name]?.err || general).textContent = d.msg;
+            }
+          } else {
+            general.textContent = e.message;
+          }
+        }
+      },
+    },
+    el("h1", {}, "New job"),
+    el("datalist", { id: "agents" }, ...["shell", "claude", "codex", "opencode", "aider"].map((a) => el("option", { value: a }))),
+    ...Object.values(f).map((x) => x.box),
+    general,
+    el("button", { type: "submit" }, "Start"),
+  );
+  main.replaceChildren(form);
+}
+
+/** The patch as a unified diff: a line per span, classed, as text. */
+function renderPatch(text) {
+  const pre = el("pre", { class: "diff", "aria-label": "Patch" });
+  for (const line of text.split("\n")) {
+    let cls = "";
+    if (line.startsWith("diff --git") || line.startsWith("+++ ") || line.startsWith("--- ")) cls = "file";
+    else if (line.startsWith("@@")) cls = "hunk";
+    else if (line.startsWith("+")) cls = "add";
+    else if (line.startsWith("-")) cls = "del";
+    pre.append(cls ? el("span", { class: cls }, line) : document.createTextNode(line + "\n"));
+  }
+  return pre;
+}
+
+/** Follow a job's output (server-sent events read with fetch, since
+ * EventSource cannot send the key as a header) into `pre`. */
+async function follow(id, pre, onEnd, signal) {
+  const r = await api(`/v1/jobs/${encodeURIComponent(id)}/logs?follow=true`, { raw: true, signal });
+  const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  let live = true;
+  const back = el("button", { type: "button", hidden: true }, "Back to live");
+  back.addEventListener("click", () => {
+    live = true;
+    back.hidden = true;
+    pre.scrollTop = pre.scrollHeight;
+  });
+  // auto-scroll stops when the reader scrolls up, and comes back with
+  // the button or by scrolling to the end
+  pre.addEventListener("scroll", () => {
+    live = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    back.hidden = live;
+  });
+  pre.after(back);
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += value;
+    let i;
+    while ((i = buf.indexOf("\n\n")) >= 0) {
+      const ev = buf.slice(0, i);
+      buf = buf.slice(i + 2);
+      let type = "message";
+      const data = [];
+      for (const l of ev.split("\n")) {
+        if (l.startsWith("event:")) type = l.slice(6).trim();
+        else if (l.startsWith("data:")) data.push(l.slice(5).replace(/^ /, ""));
+      }
+      if (type === "stdout" || type === "stderr") {
+        pre.append(document.createTextNode(data.join("\n") + "\n"));
+        if (live) pre.scrollTop = pre.scrollHeight;
+      } else if (type === "end") {
+        onEnd();
+      }
+    }
+  }
+}
+
+async function jobPage(id) {
+  const j = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+  const info = el("dl", {});
+  const show = (j) => {
+    info.replaceChildren(
+      ...[["Status", j.status], ["Agent", j.agent], ["Repository", j.repo_path], ["Workspace", j.workspace], ["Prompt", j.prompt],
+        ["Error", j.error], ["Branch", j.branch]]
+        .filter(([, v]) => v !== undefined && v !== null && v !== "")
+        .flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k.toLowerCase() }, v)]),
+    );
+  };
+  show(j);
+  const log = el("pre", { class: "log", id: "log", "aria-label": "Output", tabindex: "0" });
+  const patchBox = el("section", { id: "patch" });
+  const result = el("p", { id: "apply-result", role: "status" });
+  const cancel = el("button", { type: "button", id: "cancel" }, "Cancel");
+  const apply = el("button", { type: "button", id: "apply", hidden: true }, "Apply to a new branch");
+  cancel.addEventListener("click", async () => {
+    try {
+      await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
+      say("Cancelling");
+    } catch (e) {
+      showError(e);
+    }
+  });
+  apply.addEventListener("click", async () => {
+    try {
+      const v = await api(`/v1/jobs/${encodeURIComponent(id)}/apply`, { method: "POST" });
+      result.textContent = `Applied on branch ${v.branch} (commit ${v.commit})`;
+      apply.disabled = true;
+    } catch (e) {
+      result.textContent = e.message;
+    }
+  });
+  const ended = async () => {
+    const now = await api(`/v1/jobs/${encodeURIComponent(id)}`);
+    show(now);
+    cancel.hidden = true;
+    try {
+      const r = await api(`/v1/jobs/${encodeURIComponent(id)}/patch`, { raw: true });
+      const text = await r.text();
+      patchBox.replaceChildren(el("h2", {}, "Patch"), text ? renderPatch(text) : el("p", { class: "muted" }, "No changes."));
+      apply.hidden = !text;
+    } catch (e) {
+      patchBox.replaceChildren(el("p", { class: "error" }, e.message));
+    }
+  };
+  main.replaceChildren(
+    el("h1", {}, `Job ${j.id}`),
+    info,
+    el("div", { class: "toolbar" }, cancel, apply),
+    result,
+    el("h2", {}, "Output"),
+    log,
+    patchBox,
+  );
+  const ctl = new AbortController();
+  leave.push(() => ctl.abort());
+  follow(id, log, () => ended().catch(showError), ctl.signal).catch((e) => {
+    if (e.name !== "AbortError") showError(e);
+  });
+}
+
+function showError(e) {
+  if (e && e.status === 401) return;
+  say(e && e.message ? e.message : String(e));
+}
+
+// ---- routing ----
+
+async function route() {
+  for (const f of leave) f();
+  leave = [];
+  say("");
+  const [path, query] = location.hash.replace(/^#/, "").split("?");
+  const params = new URLSearchParams(query || "");
+  if (!key() || path === "/signin") return signInPage();
+  nav.hidden = false;
+  const m = path.match(/^\/jobs\/([^/]+)$/);
+  try {
+    if (m) await jobPage(decodeURIComponent(m[1]));
+    else if (path === "/new") newJobPage();
+    else jobsPage(params);
+  } catch (e) {
+    showError(e);
+  }
+  main.focus({ preventScroll: true });
+}
+
+document.getElementById("signout").addEventListener("click", () => signOut("Signed out."));
+window.addEventListener("hashchange", route);
+route();
