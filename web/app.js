@@ -359,6 +359,152 @@ async function jobPage(id) {
   });
 }
 
+// ---- admin ----
+
+async function keysPage() {
+  const list = el("tbody");
+  const shown = el("section", { id: "new-key", "aria-live": "polite" });
+  const err = el("p", { class: "error", role: "alert", id: "key-error" });
+  async function load() {
+    const keys = await api("/v1/keys");
+    list.replaceChildren(
+      ...keys.map((k) =>
+        el(
+          "tr",
+          {},
+          el("td", {}, k.id),
+          el("td", {}, k.name),
+          el("td", {}, (k.scopes || []).join(", ")),
+          el("td", {}, k.revoked_at ? `revoked ${age(k.revoked_at)} ago` : "active"),
+          el(
+            "td",
+            {},
+            k.revoked_at
+              ? ""
+              : el("button", {
+                  type: "button",
+                  "aria-label": `Revoke ${k.name}`,
+                  onclick: async () => {
+                    if (!confirm(`Revoke the key ${k.name}? Clients using it stop working at once.`)) return;
+                    try {
+                      await api(`/v1/keys/${encodeURIComponent(k.id)}`, { method: "DELETE" });
+                      await load();
+                    } catch (e) {
+                      err.textContent = e.message;
+                    }
+                  },
+                }, "Revoke"),
+          ),
+        ),
+      ),
+    );
+  }
+  const name = el("input", { type: "text", id: "f-key-name", required: true });
+  const scope = el("select", { id: "f-key-scope" }, ...["read", "run", "admin"].map((s) => el("option", { value: s, selected: s === "run" }, s)));
+  const form = el(
+    "form",
+    {
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        err.textContent = "";
+        try {
+          const k = await api("/v1/keys", { method: "POST", body: { name: name.value.trim(), scopes: [scope.value] } });
+          const secret = el("code", { id: "secret" }, k.key);
+          const copy = el("button", { type: "button", id: "copy" }, "Copy");
+          copy.addEventListener("click", async () => {
+            try {
+              await navigator.clipboard.writeText(k.key);
+              copy.textContent = "Copied";
+            } catch {
+              copy.textContent = "Select the key and copy it";
+            }
+          });
+          shown.replaceChildren(el("p", {}, `The key ${k.name}, shown this once:`), el("p", {}, secret, " ", copy));
+          name.value = "";
+          await load();
+        } catch (e) {
+          const d = e.body?.detail;
+          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+        }
+      },
+    },
+    el("h2", {}, "New key"),
+    el("label", { for: name.id }, "Name"),
+    name,
+    el("label", { for: scope.id }, "Scope"),
+    scope,
+    " ",
+    el("button", { type: "submit" }, "Create"),
+    err,
+  );
+  main.replaceChildren(
+    el("h1", {}, "Keys"),
+    el("table", { "aria-label": "Keys" }, el("thead", {}, el("tr", {}, el("th", {}, "Id"), el("th", {}, "Name"), el("th", {}, "Scopes"), el("th", {}, "State"), el("th", {}, ""))), list),
+    form,
+    shown,
+  );
+  await load();
+}
+
+async function auditPage(params) {
+  const inputs = {};
+  const fields = [["job", "Job"], ["key_id", "Key id"], ["action", "Action"]];
+  const form = el(
+    "form",
+    {
+      class: "toolbar",
+      onsubmit: (ev) => {
+        ev.preventDefault();
+        const q = new URLSearchParams();
+        for (const [n] of fields) if (inputs[n].value.trim()) q.set(n, inputs[n].value.trim());
+        location.hash = `#/audit?${q}`;
+      },
+    },
+    ...fields.flatMap(([n, label]) => {
+      inputs[n] = el("input", { type: "text", id: `f-audit-${n}`, value: params.get(n) || "" });
+      return [el("label", { for: `f-audit-${n}` }, label), inputs[n]];
+    }),
+    el("button", { type: "submit" }, "Filter"),
+  );
+  const body = el("tbody");
+  const more = el("button", { type: "button", hidden: true }, "More");
+  let cursor = null;
+  const load = async (append) => {
+    const q = new URLSearchParams({ limit: "100" });
+    for (const [n] of fields) if (params.get(n)) q.set(n, params.get(n));
+    if (append && cursor) q.set("cursor", cursor);
+    const v = await api(`/v1/audit?${q}`);
+    const rows = v.events.map((e) =>
+      el("tr", {}, el("td", {}, new Date(e.ts).toISOString()), el("td", {}, e.key_id || ""), el("td", {}, e.action), el("td", {}, e.target || ""),
+        el("td", {}, e.outcome), el("td", {}, e.detail || "")),
+    );
+    if (append) body.append(...rows);
+    else body.replaceChildren(...rows);
+    cursor = v.next_cursor;
+    more.hidden = !cursor;
+  };
+  more.addEventListener("click", () => load(true).catch(showError));
+  main.replaceChildren(
+    el("h1", {}, "Audit"),
+    form,
+    el("table", { "aria-label": "Audit" }, el("thead", {}, el("tr", {}, ...["When", "Key", "Action", "Target", "Outcome", "Detail"].map((h) => el("th", {}, h)))), body),
+    more,
+  );
+  await load(false);
+}
+
+/** Show the admin pages' links to admin keys only. */
+async function probeAdmin() {
+  let admin = false;
+  try {
+    await api("/v1/keys");
+    admin = true;
+  } catch {
+    admin = false;
+  }
+  for (const a of document.querySelectorAll("nav .admin")) a.hidden = !admin;
+}
+
 function showError(e) {
   if (e && e.status === 401) return;
   say(e && e.message ? e.message : String(e));
@@ -373,11 +519,14 @@ async function route() {
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const params = new URLSearchParams(query || "");
   if (!key() || path === "/signin") return signInPage();
+  if (nav.hidden) probeAdmin();
   nav.hidden = false;
   const m = path.match(/^\/jobs\/([^/]+)$/);
   try {
     if (m) await jobPage(decodeURIComponent(m[1]));
     else if (path === "/new") newJobPage();
+    else if (path === "/keys") await keysPage();
+    else if (path === "/audit") await auditPage(params);
     else jobsPage(params);
   } catch (e) {
     showError(e);

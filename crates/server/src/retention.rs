@@ -184,7 +184,10 @@ mod tests {
             Some(b"p".to_vec())
         );
         assert!(store.get_session("ended").await.unwrap().is_some());
-        let audit = store.list_audit(None, 10).await.unwrap();
+        let audit = store
+            .list_audit(None, 10, &agentvm_store::AuditFilter::default())
+            .await
+            .unwrap();
         let removed: Vec<_> = audit
             .iter()
             .filter(|e| e.action == "recording.remove")

@@ -29,6 +29,7 @@ where
         job_lifecycle_and_recovery,
         patches_are_stored_in_parts_and_read_back_whole,
         audit_fields_are_bounded,
+        audit_filters_by_key_action_and_job,
         jobs_list_by_owner_and_logs_by_page,
         hostile_strings_are_data,
         sessions_lifecycle_names_and_recovery,
@@ -205,12 +206,107 @@ pub async fn audit_fields_are_bounded(s: &Store, _scratch: &Path) {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
-    let ev = s.list_audit(None, 1).await.unwrap_or_default();
+    let ev = s
+        .list_audit(None, 1, &AuditFilter::default())
+        .await
+        .unwrap_or_default();
     let e = &ev[0];
     assert!(e.target.as_deref().unwrap_or("").len() <= AUDIT_TARGET_MAX);
     assert!(e.detail.as_deref().unwrap_or("").len() <= AUDIT_DETAIL_MAX);
     assert!(e.action.len() <= 64 && e.outcome.len() <= 512);
     assert!(e.target.as_deref().unwrap_or("").ends_with("..."));
+}
+
+pub async fn audit_filters_by_key_action_and_job(s: &Store, _scratch: &Path) {
+    let add = |k: &'static str,
+               a: &'static str,
+               t: Option<&'static str>,
+               d: Option<&'static str>| async move {
+        s.audit(Some(k), a, t, None, "ok", d)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    };
+    add("k1", "job.create", Some("job_a1"), None).await;
+    add(
+        "k1",
+        "egress",
+        Some("CONNECT h:443"),
+        Some("job job_a1; 0 B up, 0 B down"),
+    )
+    .await;
+    add("k2", "job.create", Some("job_b2"), None).await;
+    // a job whose id is another's prefix, and one that LIKE would match
+    add(
+        "k2",
+        "egress",
+        Some("CONNECT h:443"),
+        Some("job job_a12; 1 B up, 0 B down"),
+    )
+    .await;
+    add(
+        "k2",
+        "egress",
+        Some("CONNECT h:443"),
+        Some("job jobXa1; 1 B up, 0 B down"),
+    )
+    .await;
+    let f = |k: Option<&str>, a: Option<&str>, j: Option<&str>| AuditFilter {
+        key_id: k.map(String::from),
+        action: a.map(String::from),
+        job: j.map(String::from),
+    };
+    let seqs = |v: Vec<crate::AuditEvent>| {
+        v.iter()
+            .map(|e| (e.key_id.clone().unwrap_or_default(), e.action.clone()))
+            .collect::<Vec<_>>()
+    };
+    let all = s
+        .list_audit(None, 100, &f(None, None, None))
+        .await
+        .unwrap_or_default();
+    assert_eq!(all.len(), 5);
+    let k1 = s
+        .list_audit(None, 100, &f(Some("k1"), None, None))
+        .await
+        .unwrap_or_default();
+    assert_eq!(k1.len(), 2);
+    let creates = s
+        .list_audit(None, 100, &f(None, Some("job.create"), None))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        seqs(creates),
+        [
+            ("k2".to_string(), "job.create".to_string()),
+            ("k1".into(), "job.create".into())
+        ]
+    );
+    let a1 = s
+        .list_audit(None, 100, &f(None, None, Some("job_a1")))
+        .await
+        .unwrap_or_default();
+    assert_eq!(
+        seqs(a1),
+        [
+            ("k1".to_string(), "egress".to_string()),
+            ("k1".into(), "job.create".into())
+        ]
+    );
+    let both = s
+        .list_audit(None, 100, &f(Some("k2"), Some("egress"), Some("job_a1")))
+        .await
+        .unwrap_or_default();
+    assert!(both.is_empty());
+    // paging goes on under a filter
+    let first = s
+        .list_audit(None, 1, &f(None, None, Some("job_a1")))
+        .await
+        .unwrap_or_default();
+    let next = s
+        .list_audit(Some(first[0].seq), 10, &f(None, None, Some("job_a1")))
+        .await
+        .unwrap_or_default();
+    assert_eq!(next.len(), 1);
 }
 
 pub async fn jobs_list_by_owner_and_logs_by_page(s: &Store, _scratch: &Path) {

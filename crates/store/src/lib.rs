@@ -105,6 +105,16 @@ pub struct ApiKey {
     pub network: Option<NetworkMode>,
 }
 
+/// Which audit events a listing keeps: all of these that are set.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub key_id: Option<String>,
+    pub action: Option<String>,
+    /// A job: the events whose target is it, and its egress decisions
+    /// (whose detail starts `job ID;`).
+    pub job: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct AuditEvent {
     pub seq: i64,
@@ -253,8 +263,13 @@ pub trait Audit: Send + Sync {
         outcome: &str,
         detail: Option<&str>,
     ) -> Result<()>;
-    /// Audit events newest first, before `cursor`.
-    async fn list_audit(&self, cursor: Option<i64>, limit: i64) -> Result<Vec<AuditEvent>>;
+    /// Audit events newest first, before `cursor`, those `filter` keeps.
+    async fn list_audit(
+        &self,
+        cursor: Option<i64>,
+        limit: i64,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditEvent>>;
 }
 
 /// A session as it is started.

@@ -482,12 +482,25 @@ impl Audit for SqliteStore {
         Ok(())
     }
 
-    async fn list_audit(&self, cursor: Option<i64>, limit: i64) -> Result<Vec<AuditEvent>> {
+    async fn list_audit(
+        &self,
+        cursor: Option<i64>,
+        limit: i64,
+        filter: &AuditFilter,
+    ) -> Result<Vec<AuditEvent>> {
+        // the job's own events, and its egress decisions ("job ID; ..."),
+        // matched by prefix without LIKE (an id's _ would be a wildcard)
         let rows = sqlx::query(
-            "SELECT * FROM audit WHERE (?1 IS NULL OR seq < ?1) ORDER BY seq DESC LIMIT ?2",
+            "SELECT * FROM audit WHERE (?1 IS NULL OR seq < ?1) \
+             AND (?3 IS NULL OR key_id = ?3) AND (?4 IS NULL OR action = ?4) \
+             AND (?5 IS NULL OR target = ?5 OR substr(detail, 1, length(?5) + 5) = 'job ' || ?5 || ';') \
+             ORDER BY seq DESC LIMIT ?2",
         )
         .bind(cursor)
         .bind(limit)
+        .bind(filter.key_id.as_deref())
+        .bind(filter.action.as_deref())
+        .bind(filter.job.as_deref())
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

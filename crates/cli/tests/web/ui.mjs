@@ -37,6 +37,7 @@ try {
     else problems.push(`console ${m.type()}: ${t}`);
   });
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("dialog", (d) => d.accept());
   page.setDefaultTimeout(30000);
   const shot = async (name) => {
     if (shots) await page.screenshot({ path: `${shots}/${name}.png`, fullPage: true });
@@ -111,6 +112,29 @@ try {
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth > window.innerWidth + 1);
   check(!overflow, "the page scrolls sideways at phone width");
   await page.setViewportSize({ width: 1280, height: 800 });
+
+  step("admin: create a key (shown once), revoke it; the audit trail filtered by action and by job");
+  await page.getByRole("link", { name: "Keys", exact: true }).click();
+  await page.getByLabel("Name").fill("ci-bot");
+  await page.getByRole("button", { name: "Create" }).click();
+  const secret = await page.locator("#secret").textContent();
+  check(secret.startsWith("avm_") && secret.length > 20, `the new key: ${secret}`);
+  await page.getByRole("row").filter({ hasText: "ci-bot" }).getByText("active").waitFor();
+  await shot("keys");
+  await page.getByRole("button", { name: "Revoke ci-bot" }).click();
+  await page.getByRole("row").filter({ hasText: "ci-bot" }).getByText(/revoked/).waitFor();
+  await page.getByRole("link", { name: "Audit", exact: true }).click();
+  await page.getByLabel("Action").fill("key.revoke");
+  await page.getByRole("button", { name: "Filter" }).click();
+  await page.locator("tbody tr").first().filter({ hasText: "key.revoke" }).waitFor();
+  check((await page.locator("tbody tr").count()) === 1, "the action filter kept other events");
+  await page.getByLabel("Action").fill("");
+  await page.getByLabel("Job").fill(cancelledId);
+  await page.getByRole("button", { name: "Filter" }).click();
+  await page.locator("tbody tr").filter({ hasText: "job.cancel" }).waitFor();
+  const rows = await page.locator("tbody tr").allTextContents();
+  check(rows.every((r) => r.includes(cancelledId)), `another job's events: ${rows.join(" | ")}`);
+  await shot("audit");
 
   step("sign out forgets the key");
   await page.getByRole("button", { name: "Sign out" }).click();

@@ -6,6 +6,12 @@ use super::*;
 pub struct AuditQuery {
     pub(super) limit: Option<i64>,
     pub(super) cursor: Option<String>,
+    /// Only this key's events.
+    pub(super) key_id: Option<String>,
+    /// Only this action (`job.create`, `egress`, `key.revoke`, ...).
+    pub(super) action: Option<String>,
+    /// Only this job's events and its egress decisions.
+    pub(super) job: Option<String>,
 }
 
 /// The audit trail, newest first (admin).
@@ -21,7 +27,12 @@ pub async fn list_audit(
     caller.need(Scope::Admin)?;
     let Query(q) = q.map_err(|e| ApiError::field("query", "query", e.body_text()))?;
     let (limit, cursor) = service::page_params(q.limit, q.cursor.as_deref())?;
-    let (ev, next_cursor) = st.audit_page(&caller, limit, cursor).await?;
+    let filter = agentvm_store::AuditFilter {
+        key_id: q.key_id,
+        action: q.action,
+        job: q.job,
+    };
+    let (ev, next_cursor) = st.audit_page(&caller, limit, cursor, &filter).await?;
     Ok(Json(AuditPage {
         events: ev
             .into_iter()

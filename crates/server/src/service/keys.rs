@@ -104,9 +104,25 @@ impl Service {
         p: &Principal,
         limit: i64,
         cursor: Option<i64>,
+        filter: &agentvm_store::AuditFilter,
     ) -> Result<(Vec<AuditEvent>, Option<String>)> {
         p.need(Scope::Admin)?;
-        let ev = self.store.list_audit(cursor, limit + 1).await?;
+        for (name, v) in [
+            ("key_id", &filter.key_id),
+            ("action", &filter.action),
+            ("job", &filter.job),
+        ] {
+            if let Some(v) = v {
+                if v.is_empty() || v.len() > 128 || v.chars().any(|c| c.is_control()) {
+                    return Err(Error::invalid(
+                        "query",
+                        name,
+                        format!("{name}: 1 to 128 characters, none a control character"),
+                    ));
+                }
+            }
+        }
+        let ev = self.store.list_audit(cursor, limit + 1, filter).await?;
         Ok(paged(ev, limit, |e| e.seq))
     }
 }
