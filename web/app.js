@@ -359,6 +359,180 @@ async function jobPage(id) {
   });
 }
 
+// ---- workspaces ----
+
+function layerCount(l) {
+  return String(Array.isArray(l) ? l.length : (l ?? ""));
+}
+
+function mib(b) {
+  return b === undefined || b === null ? "" : `${(b / 1048576).toFixed(1)} MiB`;
+}
+
+/** A form whose one text field posts to `path`; `then` gets the answer. */
+function oneFieldForm(id, label, button, send, then) {
+  const input = el("input", { type: "text", id, required: true });
+  const err = el("p", { class: "error", role: "alert" });
+  return el(
+    "form",
+    {
+      class: "toolbar",
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        err.textContent = "";
+        try {
+          await then(await send(input.value.trim()));
+          input.value = "";
+        } catch (e) {
+          const d = e.body?.detail;
+          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+        }
+      },
+    },
+    el("label", { for: id }, label),
+    input,
+    el("button", { type: "submit" }, button),
+    err,
+  );
+}
+
+async function workspacesPage() {
+  const v = await api("/v1/workspaces");
+  const rows = v.workspaces.map((w) =>
+    el("tr", {}, el("td", {}, el("a", { href: `#/workspaces/${encodeURIComponent(w.id)}` }, w.name)), el("td", { class: "repo" }, w.repo_path || ""),
+      el("td", {}, layerCount(w.layers)), el("td", {}, mib(w.used_bytes)), el("td", {}, w.writer || "")),
+  );
+  const repo = el("input", { type: "text", id: "f-ws-repo", required: true });
+  const name = el("input", { type: "text", id: "f-ws-name", required: true });
+  const err = el("p", { class: "error", role: "alert" });
+  const form = el(
+    "form",
+    {
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        try {
+          const w = await api("/v1/workspaces", { method: "POST", body: { name: name.value.trim(), repo_path: repo.value.trim() } });
+          location.hash = `#/workspaces/${encodeURIComponent(w.id)}`;
+        } catch (e) {
+          const d = e.body?.detail;
+          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+        }
+      },
+    },
+    el("h2", {}, "New workspace"),
+    el("label", { for: name.id }, "Name"),
+    name,
+    el("label", { for: repo.id }, "Repository"),
+    repo,
+    err,
+    el("button", { type: "submit" }, "Create workspace"),
+  );
+  main.replaceChildren(
+    el("h1", {}, "Workspaces"),
+    el("table", { "aria-label": "Workspaces" },
+      el("thead", {}, el("tr", {}, ...["Name", "Repository", "Layers", "Used", "Writer"].map((h) => el("th", {}, h)))), el("tbody", {}, ...rows)),
+    form,
+  );
+}
+
+async function workspacePage(id) {
+  const base = `/v1/workspaces/${encodeURIComponent(id)}`;
+  const w = await api(base);
+  const info = el("dl", {});
+  const showInfo = (w) =>
+    info.replaceChildren(
+      ...[["Name", w.name], ["Id", w.id], ["Repository", w.repo_path], ["Layers", layerCount(w.layers)], ["Used", mib(w.used_bytes)],
+        ["Writer", w.writer]]
+        .filter(([, v]) => v !== undefined && v !== null && v !== "")
+        .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]),
+    );
+  showInfo(w);
+  const timeline = el("ol", { class: "timeline", "aria-label": "Checkpoints" });
+  const from = el("select", { id: "f-diff-from" });
+  const to = el("select", { id: "f-diff-to" });
+  const diffBox = el("section", { id: "diff" });
+  const result = el("p", { id: "ws-result", role: "status" });
+  const act = async (what, f) => {
+    result.textContent = "";
+    try {
+      result.textContent = await f();
+    } catch (e) {
+      result.textContent = `${what}: ${e.message}`;
+    }
+  };
+  async function loadCheckpoints() {
+    const v = await api(`${base}/checkpoints`);
+    const opt = (value, label) => el("option", { value }, label);
+    from.replaceChildren(opt("", "the repository"), ...v.checkpoints.map((c) => opt(c.id, c.name)));
+    to.replaceChildren(opt("", "now"), ...v.checkpoints.map((c) => opt(c.id, c.name)));
+    timeline.replaceChildren(
+      ...v.checkpoints.map((c) => {
+        const forkName = el("input", { type: "text", "aria-label": `Name of a fork of ${c.name}` });
+        return el(
+          "li",
+          { "data-checkpoint": c.name },
+          el("strong", {}, c.name),
+          ` ${new Date(c.created_at).toISOString()}, ${mib(c.bytes)} `,
+          el("button", {
+            type: "button",
+            onclick: () =>
+              act("Restore", async () => {
+                showInfo(await api(`${base}/restore`, { method: "POST", body: { checkpoint: c.id } }));
+                return `Restored to ${c.name}`;
+              }),
+          }, `Restore ${c.name}`),
+          " ",
+          forkName,
+          el("button", {
+            type: "button",
+            onclick: () =>
+              act("Fork", async () => {
+                const f = await api("/v1/workspaces", { method: "POST", body: { name: forkName.value.trim(), from_checkpoint: c.id } });
+                location.hash = `#/workspaces/${encodeURIComponent(f.id)}`;
+                return `Forked as ${f.name}`;
+              }),
+          }, `Fork ${c.name}`),
+        );
+      }),
+    );
+  }
+  const checkpoint = oneFieldForm("f-checkpoint", "Checkpoint name", "Checkpoint", (name) => api(`${base}/checkpoints`, { method: "POST", body: { name } }),
+    async () => {
+      await loadCheckpoints();
+    });
+  const diffButton = el("button", { type: "button" }, "Show diff");
+  diffButton.addEventListener("click", () =>
+    act("Diff", async () => {
+      const q = new URLSearchParams();
+      if (from.value) q.set("from", from.value);
+      if (to.value) q.set("to", to.value);
+      const text = await (await api(`${base}/diff?${q}`, { raw: true })).text();
+      diffBox.replaceChildren(text ? renderPatch(text) : el("p", { class: "muted" }, "No difference."));
+      return "";
+    }),
+  );
+  const apply = el("button", { type: "button" }, "Apply to a new branch");
+  apply.addEventListener("click", () =>
+    act("Apply", async () => {
+      const v = await api(`${base}/apply`, { method: "POST" });
+      return `Applied on branch ${v.branch} (commit ${v.commit})`;
+    }),
+  );
+  main.replaceChildren(
+    el("h1", {}, `Workspace ${w.name}`),
+    info,
+    el("div", { class: "toolbar" }, apply),
+    result,
+    el("h2", {}, "Checkpoints"),
+    timeline,
+    checkpoint,
+    el("h2", {}, "Diff"),
+    el("div", { class: "toolbar" }, el("label", { for: from.id }, "From"), from, el("label", { for: to.id }, "To"), to, diffButton),
+    diffBox,
+  );
+  await loadCheckpoints();
+}
+
 // ---- admin ----
 
 async function keysPage() {
@@ -522,10 +696,13 @@ async function route() {
   if (nav.hidden) probeAdmin();
   nav.hidden = false;
   const m = path.match(/^\/jobs\/([^/]+)$/);
+  let w;
   try {
     if (m) await jobPage(decodeURIComponent(m[1]));
     else if (path === "/new") newJobPage();
     else if (path === "/keys") await keysPage();
+    else if (path === "/workspaces") await workspacesPage();
+    else if ((w = path.match(/^\/workspaces\/([^/]+)$/))) await workspacePage(decodeURIComponent(w[1]));
     else if (path === "/audit") await auditPage(params);
     else jobsPage(params);
   } catch (e) {
