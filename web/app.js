@@ -196,8 +196,8 @@ function newJobPage() {
     workspace: field("workspace", "or a workspace (id or name)", el("input", { type: "text" })),
     prompt: field("prompt", "Prompt", el("textarea", {})),
     timeout: field("timeout", "Timeout (seconds, optional)", el("input", { type: "text", inputmode: "numeric" })),
-    network: field("network", "Network", el("select", {}, el("option", { value: "" }, "the profile's"), el("option", { value: "none" }, "none"),
-      el("option", { value: "host" }, "host"))),
+    network: field("network", "Network (empty: the profile's; none, host, or allow:HOST[:PORT],...)",
+      el("input", { type: "text", list: "networks", placeholder: "allow:api.example.com" })),
   };
   const general = el("p", { class: "error", role: "alert", id: "form-error" });
   const form = el(
@@ -211,7 +211,7 @@ function newJobPage() {
         if (f.repo_path.input.value.trim()) body.repo_path = f.repo_path.input.value.trim();
         if (f.workspace.input.value.trim()) body.workspace = f.workspace.input.value.trim();
         if (f.timeout.input.value.trim()) body.timeout = Number(f.timeout.input.value.trim());
-        if (f.network.input.value) body.network = f.network.input.value;
+        if (f.network.input.value.trim()) body.network = f.network.input.value.trim();
         try {
           const j = await api("/v1/jobs", { method: "POST", body });
           location.hash = `#/jobs/${encodeURIComponent(j.id)}`;
@@ -230,6 +230,7 @@ function newJobPage() {
       },
     },
     el("h1", {}, "New job"),
+    el("datalist", { id: "networks" }, el("option", { value: "none" }), el("option", { value: "host" })),
     el("datalist", { id: "agents" }, ...["shell", "claude", "codex", "opencode", "aider"].map((a) => el("option", { value: a }))),
     ...Object.values(f).map((x) => x.box),
     general,
@@ -254,7 +255,7 @@ function renderPatch(text) {
 
 /** Follow a job's output (server-sent events read with fetch, since
  * EventSource cannot send the key as a header) into `pre`. */
-async function follow(id, pre, onEnd, signal) {
+async function follow(id, pre, onEnd, signal, onEgress) {
   const r = await api(`/v1/jobs/${encodeURIComponent(id)}/logs?follow=true`, { raw: true, signal });
   const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
   let buf = "";
@@ -289,6 +290,12 @@ async function follow(id, pre, onEnd, signal) {
       if (type === "stdout" || type === "stderr") {
         pre.append(document.createTextNode(data.join("\n") + "\n"));
         if (live) pre.scrollTop = pre.scrollHeight;
+      } else if (type === "egress") {
+        try {
+          onEgress(JSON.parse(data.join("\n")));
+        } catch {
+          // not JSON: nothing to show
+        }
       } else if (type === "end") {
         onEnd();
       }
@@ -309,6 +316,24 @@ async function jobPage(id) {
   };
   show(j);
   const log = el("pre", { class: "log", id: "log", "aria-label": "Output", tabindex: "0" });
+  // the egress proxy's decisions as they are made: one row per
+  // connection, updated when it closes
+  const egress = el("tbody");
+  const egressBox = el("section", { id: "egress", hidden: true }, el("h2", {}, "Network"),
+    el("table", { "aria-label": "Egress decisions" }, el("thead", {}, el("tr", {}, ...["Connection", "Host", "Decision", "Bytes up / down"].map((h) => el("th", {}, h)))), egress));
+  const conns = new Map();
+  const onEgress = (e) => {
+    egressBox.hidden = false;
+    const row = el("tr", { "data-conn": e.conn },
+      el("td", {}, String(e.conn)),
+      el("td", {}, `${e.method || ""} ${e.host}:${e.port}`),
+      el("td", { class: e.allowed ? "" : "error" }, e.allowed ? (e.phase === "open" ? "allowed, open" : "allowed") : `refused: ${e.reason || ""}`),
+      el("td", {}, `${e.bytes_up ?? 0} / ${e.bytes_down ?? 0}`));
+    const old = conns.get(e.conn);
+    if (old) old.replaceWith(row);
+    else egress.append(row);
+    conns.set(e.conn, row);
+  };
   const patchBox = el("section", { id: "patch" });
   const result = el("p", { id: "apply-result", role: "status" });
   const cancel = el("button", { type: "button", id: "cancel" }, "Cancel");
@@ -350,11 +375,12 @@ async function jobPage(id) {
     result,
     el("h2", {}, "Output"),
     log,
+    egressBox,
     patchBox,
   );
   const ctl = new AbortController();
   leave.push(() => ctl.abort());
-  follow(id, log, () => ended().catch(showError), ctl.signal).catch((e) => {
+  follow(id, log, () => ended().catch(showError), ctl.signal, onEgress).catch((e) => {
     if (e.name !== "AbortError") showError(e);
   });
 }

@@ -88,6 +88,15 @@ try {
   const applied = await page.locator("#apply-result").textContent();
   check(applied.startsWith("Applied on branch agentvm/"), applied);
 
+  step("a job's egress decisions show as they are made");
+  await page.getByRole("link", { name: "New job", exact: true }).first().click();
+  await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
+  await page.getByLabel(/^Network/).fill("allow:127.0.0.1:9");
+  await page.getByLabel("Prompt").fill("curl -s -o /dev/null http://blocked.example/; echo egress-done");
+  await page.getByRole("button", { name: "Start" }).click();
+  await page.locator("#egress tr").filter({ hasText: "blocked.example:80" }).filter({ hasText: "refused: host-not-allowlisted" }).waitFor();
+  await page.locator("#log").filter({ hasText: "egress-done" }).waitFor();
+
   step("cancel a long job, then find it by its status");
   await page.getByRole("link", { name: "New job", exact: true }).first().click();
   await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
