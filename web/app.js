@@ -253,26 +253,74 @@ function renderPatch(text) {
   return pre;
 }
 
+/** A log of any length that stays scrollable: its lines are kept in an
+ * array and only those in view (and a margin) are in the page, in one
+ * text node, so 50 MB of output costs the DOM a screenful. Lines do not
+ * wrap (the view scrolls sideways), so every line has the same height. */
+class LogView {
+  constructor() {
+    this.lines = [""];
+    this.box = el("div", { class: "log", id: "log", role: "log", "aria-label": "Output", tabindex: "0" });
+    this.spacer = el("div", { class: "log-spacer" });
+    this.view = el("pre", { class: "log-lines" });
+    this.box.append(this.spacer, this.view);
+    this.live = true;
+    this.pending = false;
+    this.lineHeight = 0;
+    this.back = el("button", { type: "button", hidden: true }, "Back to live");
+    this.back.addEventListener("click", () => {
+      this.live = true;
+      this.back.hidden = true;
+      this.box.scrollTop = this.box.scrollHeight;
+    });
+    // auto-scroll stops when the reader scrolls up, and comes back with
+    // the button or by scrolling to the end
+    this.box.addEventListener("scroll", () => {
+      this.live = this.box.scrollTop + this.box.clientHeight >= this.box.scrollHeight - 4;
+      this.back.hidden = this.live;
+      this.schedule();
+    });
+  }
+  append(text) {
+    const parts = text.split("\n");
+    this.lines[this.lines.length - 1] += parts[0];
+    for (let i = 1; i < parts.length; i++) this.lines.push(parts[i]);
+    this.schedule();
+  }
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.render();
+    });
+  }
+  render() {
+    if (!this.lineHeight) {
+      this.view.textContent = "x";
+      this.lineHeight = this.view.getBoundingClientRect().height || 18;
+    }
+    const lh = this.lineHeight;
+    const n = this.lines.length;
+    this.spacer.style.height = `${n * lh}px`;
+    if (this.live) this.box.scrollTop = this.box.scrollHeight;
+    const first = Math.max(0, Math.floor(this.box.scrollTop / lh) - 50);
+    const last = Math.min(n, first + Math.ceil(this.box.clientHeight / lh) + 100);
+    this.view.style.transform = `translateY(${first * lh}px)`;
+    this.view.textContent = this.lines.slice(first, last).join("\n");
+  }
+  /** The whole text (for a copy, and for the tests). */
+  text() {
+    return this.lines.join("\n");
+  }
+}
+
 /** Follow a job's output (server-sent events read with fetch, since
  * EventSource cannot send the key as a header) into `pre`. */
-async function follow(id, pre, onEnd, signal, onEgress) {
+async function follow(id, log, onEnd, signal, onEgress) {
   const r = await api(`/v1/jobs/${encodeURIComponent(id)}/logs?follow=true`, { raw: true, signal });
   const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
   let buf = "";
-  let live = true;
-  const back = el("button", { type: "button", hidden: true }, "Back to live");
-  back.addEventListener("click", () => {
-    live = true;
-    back.hidden = true;
-    pre.scrollTop = pre.scrollHeight;
-  });
-  // auto-scroll stops when the reader scrolls up, and comes back with
-  // the button or by scrolling to the end
-  pre.addEventListener("scroll", () => {
-    live = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-    back.hidden = live;
-  });
-  pre.after(back);
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -288,8 +336,7 @@ async function follow(id, pre, onEnd, signal, onEgress) {
         else if (l.startsWith("data:")) data.push(l.slice(5).replace(/^ /, ""));
       }
       if (type === "stdout" || type === "stderr") {
-        pre.append(document.createTextNode(data.join("\n") + "\n"));
-        if (live) pre.scrollTop = pre.scrollHeight;
+        log.append(data.join("\n") + "\n");
       } else if (type === "egress") {
         try {
           onEgress(JSON.parse(data.join("\n")));
@@ -315,7 +362,7 @@ async function jobPage(id) {
     );
   };
   show(j);
-  const log = el("pre", { class: "log", id: "log", "aria-label": "Output", tabindex: "0" });
+  const log = new LogView();
   // the egress proxy's decisions as they are made: one row per
   // connection, updated when it closes
   const egress = el("tbody");
@@ -374,7 +421,8 @@ async function jobPage(id) {
     el("div", { class: "toolbar" }, cancel, apply),
     result,
     el("h2", {}, "Output"),
-    log,
+    log.box,
+    log.back,
     egressBox,
     patchBox,
   );

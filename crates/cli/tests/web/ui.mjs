@@ -97,6 +97,26 @@ try {
   await page.locator("#egress tr").filter({ hasText: "blocked.example:80" }).filter({ hasText: "refused: host-not-allowlisted" }).waitFor();
   await page.locator("#log").filter({ hasText: "egress-done" }).waitFor();
 
+  step("a 50 MB log stays scrollable: only a screenful of it is in the page");
+  await page.getByRole("link", { name: "New job", exact: true }).first().click();
+  await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
+  await page.getByLabel("Prompt").fill("yes 'one line of a long log, the same again and again, to fill fifty MB' | head -c 50000000; echo; echo big-end");
+  await page.getByRole("button", { name: "Start" }).click();
+  await page.locator("#log").filter({ hasText: "big-end" }).waitFor({ timeout: 120000 });
+  const big = await page.evaluate(() => {
+    const box = document.getElementById("log");
+    const inPage = box.querySelector("pre").textContent.length;
+    box.scrollTop = box.scrollHeight / 2;
+    return { inPage, height: box.scrollHeight };
+  });
+  check(big.inPage < 100000, `the page holds ${big.inPage} characters of the log`);
+  check(big.height > 1000000, `the log is ${big.height} px tall: not all of it arrived`);
+  await page.waitForFunction(() => {
+    const t = document.querySelector("#log pre").textContent;
+    return t.includes("one line of a long log") && !t.includes("big-end");
+  });
+  await shot("big-log");
+
   step("cancel a long job, then find it by its status");
   await page.getByRole("link", { name: "New job", exact: true }).first().click();
   await page.getByLabel("Repository (a path under the server's allowed roots)").fill(repo);
