@@ -433,6 +433,111 @@ async function jobPage(id) {
   });
 }
 
+// ---- overview ----
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/** A small bar chart (SVG made with the DOM, text as text): `bars` is
+ * [[label, value]]; its title says what it shows. */
+function barChart(title, bars, unit) {
+  const w = 320;
+  const h = 120;
+  const max = Math.max(1, ...bars.map(([, v]) => v));
+  const bw = w / Math.max(1, bars.length);
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${h + 30}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("class", "chart");
+  const t = document.createElementNS(SVG, "title");
+  t.textContent = `${title}: ${bars.map(([l, v]) => `${l} ${v}`).join(", ")}`;
+  svg.append(t);
+  bars.forEach(([label, v], i) => {
+    const r = document.createElementNS(SVG, "rect");
+    const bh = (v / max) * h;
+    r.setAttribute("x", String(i * bw + 2));
+    r.setAttribute("y", String(h - bh));
+    r.setAttribute("width", String(Math.max(1, bw - 4)));
+    r.setAttribute("height", String(bh));
+    r.setAttribute("class", "bar");
+    r.setAttribute("data-value", String(v));
+    svg.append(r);
+    if (bars.length <= 12 || i === 0 || i === bars.length - 1) {
+      const tx = document.createElementNS(SVG, "text");
+      tx.setAttribute("x", String(bars.length <= 12 ? i * bw + bw / 2 : i === 0 ? 0 : w));
+      tx.setAttribute("y", String(h + 14));
+      tx.setAttribute("text-anchor", bars.length <= 12 ? "middle" : i === 0 ? "start" : "end");
+      tx.setAttribute("class", "axis");
+      tx.textContent = label;
+      svg.append(tx);
+    }
+  });
+  return el("figure", { class: "chart-box" }, el("figcaption", {}, `${title}${unit ? ` (${unit})` : ""}`), svg);
+}
+
+/** A histogram of the Prometheus text: [[upper bound, count in bucket]]. */
+function histogram(text, name) {
+  const out = [];
+  let prev = 0;
+  for (const line of text.split("\n")) {
+    const m = line.match(new RegExp(`^${name}_bucket\\{le="([^"]+)"\\} ([0-9.e+]+)$`));
+    if (!m) continue;
+    const n = Number(m[2]);
+    out.push([m[1] === "+Inf" ? "more" : m[1], n - prev]);
+    prev = n;
+  }
+  return out;
+}
+
+/** Per minute over the last 30 minutes: how many of `times` fall in each. */
+function perMinute(times) {
+  const now = Date.now();
+  const bars = [];
+  for (let i = 29; i >= 0; i--) {
+    const from = now - (i + 1) * 60000;
+    const to = now - i * 60000;
+    bars.push([i === 0 ? "now" : `-${i}m`, times.filter((t) => t > from && t <= to).length]);
+  }
+  return bars;
+}
+
+async function overviewPage() {
+  const [running, queued, failed, recent, sessions, metrics] = await Promise.all([
+    api("/v1/jobs?status=running&limit=50"),
+    api("/v1/jobs?status=queued&limit=50"),
+    api("/v1/jobs?status=failed&limit=10"),
+    api("/v1/jobs?limit=200"),
+    api("/v1/sessions").catch(() => ({ sessions: [] })),
+    api("/metrics", { raw: true }).then((r) => r.text()),
+  ]);
+  const link = (j) => el("li", {}, el("a", { href: `#/jobs/${encodeURIComponent(j.id)}` }, j.id), ` ${j.agent}, ${age(j.created_at)} ago`,
+    j.error ? el("span", { class: "muted" }, ` ${j.error}`) : null);
+  const list = (title, items, empty) => el("section", {}, el("h2", {}, title), items.length ? el("ul", {}, ...items) : el("p", { class: "muted" }, empty));
+  const live = (sessions.sessions || []).filter((s) => s.status === "running");
+  const charts = el("div", { class: "charts" },
+    barChart("Sandbox start-up", histogram(metrics, "agentvm_sandbox_start_seconds"), "jobs per bucket, upper bound in s"),
+    barChart("Job durations", histogram(metrics, "agentvm_job_duration_seconds"), "jobs per bucket, upper bound in s"),
+    barChart("Jobs finished per minute", perMinute(recent.jobs.map((j) => j.finished_at).filter(Boolean)), "the last 30 minutes, newest 200 jobs"));
+  main.replaceChildren(
+    el("h1", {}, "Overview"),
+    el("div", { class: "cards" },
+      list("Running", running.jobs.map(link), "No job is running."),
+      list("Queued", queued.jobs.map(link), "Nothing is queued."),
+      list("Live sessions", live.map((s) => el("li", {}, s.name || s.id, ` ${s.agent || ""}`)), "No live session."),
+      list("Recent failures", failed.jobs.map(link), "No failures.")),
+    charts,
+  );
+  // egress refusals, from the audit trail (admin keys only)
+  if (isAdmin) {
+    const a = await api("/v1/audit?action=egress&limit=200");
+    const refused = a.events.filter((e) => e.outcome.startsWith("refused")).map((e) => e.ts);
+    charts.append(barChart("Egress refusals per minute", perMinute(refused), "the last 30 minutes, newest 200 decisions"));
+  }
+  const t = setTimeout(() => {
+    if (location.hash.startsWith("#/overview")) route();
+  }, 10000);
+  leave.push(() => clearTimeout(t));
+}
+
 // ---- workspaces ----
 
 function layerCount(l) {
@@ -742,15 +847,16 @@ async function auditPage(params) {
 }
 
 /** Show the admin pages' links to admin keys only. */
+let isAdmin = false;
+
 async function probeAdmin() {
-  let admin = false;
   try {
     await api("/v1/keys");
-    admin = true;
+    isAdmin = true;
   } catch {
-    admin = false;
+    isAdmin = false;
   }
-  for (const a of document.querySelectorAll("nav .admin")) a.hidden = !admin;
+  for (const a of document.querySelectorAll("nav .admin")) a.hidden = !isAdmin;
 }
 
 function showError(e) {
@@ -767,7 +873,7 @@ async function route() {
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const params = new URLSearchParams(query || "");
   if (!key() || path === "/signin") return signInPage();
-  if (nav.hidden) probeAdmin();
+  if (nav.hidden) await probeAdmin();
   nav.hidden = false;
   const m = path.match(/^\/jobs\/([^/]+)$/);
   let w;
@@ -775,6 +881,7 @@ async function route() {
     if (m) await jobPage(decodeURIComponent(m[1]));
     else if (path === "/new") newJobPage();
     else if (path === "/keys") await keysPage();
+    else if (path === "/overview") await overviewPage();
     else if (path === "/workspaces") await workspacesPage();
     else if ((w = path.match(/^\/workspaces\/([^/]+)$/))) await workspacePage(decodeURIComponent(w[1]));
     else if (path === "/audit") await auditPage(params);

@@ -190,6 +190,19 @@ try {
   await page.getByRole("button", { name: "Fork second" }).click();
   await page.getByRole("heading", { name: "Workspace ui-fork" }).waitFor();
 
+  step("overview: running, queued, sessions, failures, and charts from the server's metrics");
+  await page.getByRole("link", { name: "Overview", exact: true }).click();
+  await page.getByRole("heading", { name: "Recent failures" }).waitFor();
+  await page.locator("figure", { hasText: "Egress refusals per minute" }).waitFor();
+  const sums = await page.evaluate(() => Object.fromEntries([...document.querySelectorAll("figure.chart-box")].map((f) => [
+    f.querySelector("figcaption").textContent.split(" (")[0],
+    [...f.querySelectorAll("rect")].reduce((a, r) => a + Number(r.dataset.value), 0),
+  ])));
+  check(sums["Sandbox start-up"] >= 5 && sums["Job durations"] >= 5, `charts: ${JSON.stringify(sums)}`);
+  check(sums["Jobs finished per minute"] >= 5, `jobs per minute: ${JSON.stringify(sums)}`);
+  check(sums["Egress refusals per minute"] >= 1, `egress refusals: ${JSON.stringify(sums)}`);
+  await shot("overview");
+
   step("admin: create a key (shown once), revoke it; the audit trail filtered by action and by job");
   await page.getByRole("link", { name: "Keys", exact: true }).click();
   await page.getByLabel("Name").fill("ci-bot");
