@@ -538,6 +538,164 @@ async function overviewPage() {
   leave.push(() => clearTimeout(t));
 }
 
+// ---- sessions ----
+
+/** Load a script or stylesheet of this origin once. */
+const loaded = new Map();
+function load(src) {
+  if (!loaded.has(src)) {
+    loaded.set(
+      src,
+      new Promise((ok, fail) => {
+        const css = src.endsWith(".css");
+        const e = css ? el("link", { rel: "stylesheet", href: src }) : el("script", { src });
+        e.addEventListener("load", () => ok());
+        e.addEventListener("error", () => fail(new Error(`could not load ${src}`)));
+        document.head.append(e);
+      }),
+    );
+  }
+  return loaded.get(src);
+}
+
+/** xterm.js, loaded only when a terminal is opened (the shim first). */
+async function xterm() {
+  await load("/ui/cssom-shim.js");
+  await Promise.all([load("/ui/vendor/xterm.css"), load("/ui/vendor/xterm.js")]);
+  await load("/ui/vendor/addon-fit.js");
+  return { Terminal: window.Terminal, FitAddon: window.FitAddon.FitAddon };
+}
+
+async function sessionsPage() {
+  const v = await api("/v1/sessions");
+  const rows = (v.sessions || []).map((s) =>
+    el("tr", {}, el("td", {}, el("a", { href: `#/sessions/${encodeURIComponent(s.id)}` }, s.name || s.id)), el("td", {}, s.status),
+      el("td", { class: "agent" }, s.agent || (s.command || []).join(" ")), el("td", {}, s.repo_path || s.workspace || ""), el("td", { class: "age" }, age(s.created_at))),
+  );
+  const repo = el("input", { type: "text", id: "f-s-repo" });
+  const command = el("input", { type: "text", id: "f-s-command", value: "sh" });
+  const err = el("p", { class: "error", role: "alert" });
+  const form = el(
+    "form",
+    {
+      onsubmit: async (ev) => {
+        ev.preventDefault();
+        err.textContent = "";
+        const body = { command: command.value.trim().split(/\s+/).filter(Boolean) };
+        if (repo.value.trim()) body.repo_path = repo.value.trim();
+        try {
+          const s = await api("/v1/sessions", { method: "POST", body });
+          location.hash = `#/sessions/${encodeURIComponent(s.id)}`;
+        } catch (e) {
+          const d = e.body?.detail;
+          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+        }
+      },
+    },
+    el("h2", {}, "New session"),
+    el("label", { for: command.id }, "Command"),
+    command,
+    el("label", { for: repo.id }, "Repository (optional)"),
+    repo,
+    err,
+    el("button", { type: "submit" }, "Open session"),
+  );
+  main.replaceChildren(
+    el("h1", {}, "Sessions"),
+    el("table", { "aria-label": "Sessions" },
+      el("thead", {}, el("tr", {}, el("th", {}, "Name"), el("th", {}, "Status"), el("th", { class: "agent" }, "Command"), el("th", {}, "Repository"), el("th", { class: "age" }, "Age"))),
+      el("tbody", {}, ...rows)),
+    form,
+  );
+}
+
+async function sessionPage(id) {
+  const s = await api(`/v1/sessions/${encodeURIComponent(id)}`);
+  const state = el("p", { id: "term-state", role: "status" }, "connecting");
+  const box = el("div", { id: "terminal", class: "terminal" });
+  const detach = el("button", { type: "button", id: "detach" }, "Detach");
+  const attach = el("button", { type: "button", id: "attach", hidden: true }, "Attach");
+  const take = el("button", { type: "button", id: "take-over", hidden: true }, "Take over writing");
+  const end = el("button", { type: "button", id: "end" }, "End session");
+  main.replaceChildren(el("h1", {}, `Session ${s.name || s.id}`), el("div", { class: "toolbar" }, detach, attach, take, end), state, box);
+  const { Terminal, FitAddon } = await xterm();
+  const term = new Terminal({ convertEol: false, cursorBlink: true, fontSize: 14 });
+  const fit = new FitAddon();
+  term.loadAddon(fit);
+  term.open(box);
+  fit.fit();
+  let ws = null;
+  const send = (m) => ws && ws.readyState === 1 && ws.send(JSON.stringify(m));
+  const connect = () => {
+    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/v1/sessions/${encodeURIComponent(id)}/attach`;
+    // a browser cannot set a header here: the key goes as a subprotocol
+    ws = new WebSocket(url, ["agentvm", `agentvm.key.${key()}`]);
+    ws.binaryType = "arraybuffer";
+    ws.addEventListener("message", (ev) => {
+      if (typeof ev.data !== "string") {
+        term.write(new Uint8Array(ev.data));
+        return;
+      }
+      let m;
+      try {
+        m = JSON.parse(ev.data);
+      } catch {
+        return;
+      }
+      if (m.type === "hello") {
+        state.textContent = m.writer ? "attached, writing" : "attached, reading (another viewer writes)";
+        take.hidden = m.writer;
+        send({ type: "resize", rows: term.rows, cols: term.cols });
+      } else if (m.type === "writer") {
+        state.textContent = m.writer ? "attached, writing" : "attached, reading (another viewer took over)";
+        take.hidden = m.writer;
+      } else if (m.type === "paused") {
+        state.textContent = m.paused ? "paused" : "attached";
+      } else if (m.type === "notice") {
+        state.textContent = m.detail;
+      } else if (m.type === "exit") {
+        state.textContent = `ended (exit ${m.exit_code ?? m.status})`;
+        detach.hidden = true;
+        take.hidden = true;
+      }
+    });
+    ws.addEventListener("close", () => {
+      if (!state.textContent.startsWith("ended")) state.textContent = "detached";
+      detach.hidden = true;
+      attach.hidden = state.textContent.startsWith("ended");
+    });
+    detach.hidden = false;
+    attach.hidden = true;
+  };
+  const enc = new TextEncoder();
+  term.onData((d) => ws && ws.readyState === 1 && ws.send(enc.encode(d)));
+  const onResize = () => {
+    fit.fit();
+    send({ type: "resize", rows: term.rows, cols: term.cols });
+  };
+  window.addEventListener("resize", onResize);
+  detach.addEventListener("click", () => {
+    send({ type: "detach" });
+    ws.close();
+  });
+  attach.addEventListener("click", connect);
+  take.addEventListener("click", () => send({ type: "take_over" }));
+  end.addEventListener("click", async () => {
+    try {
+      await api(`/v1/sessions/${encodeURIComponent(id)}`, { method: "DELETE" });
+    } catch (e) {
+      showError(e);
+    }
+  });
+  leave.push(() => {
+    window.removeEventListener("resize", onResize);
+    if (ws) ws.close();
+    term.dispose();
+  });
+  connect();
+  term.focus();
+}
+
 // ---- workspaces ----
 
 function layerCount(l) {
@@ -882,6 +1040,8 @@ async function route() {
     else if (path === "/new") newJobPage();
     else if (path === "/keys") await keysPage();
     else if (path === "/overview") await overviewPage();
+    else if (path === "/sessions") await sessionsPage();
+    else if ((w = path.match(/^\/sessions\/([^/]+)$/))) await sessionPage(decodeURIComponent(w[1]));
     else if (path === "/workspaces") await workspacesPage();
     else if ((w = path.match(/^\/workspaces\/([^/]+)$/))) await workspacePage(decodeURIComponent(w[1]));
     else if (path === "/audit") await auditPage(params);

@@ -294,7 +294,7 @@ pub fn router(st: Arc<api::AppState>) -> Router {
     // the web UI: no key needed to load it (it asks for one), its own CSP
     let ui = Router::new()
         .route("/", get(ui::index))
-        .route("/ui/{name}", get(ui::asset));
+        .route("/ui/{*name}", get(ui::asset));
     let limit = st.cfg.body_limit;
     Router::new()
         .merge(api)

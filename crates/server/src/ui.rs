@@ -29,6 +29,38 @@ const FILES: &[(&str, &str, &[u8])] = &[
         "text/css; charset=utf-8",
         include_bytes!("../../../web/app.css"),
     ),
+    (
+        "cssom-shim.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../../web/cssom-shim.js"),
+    ),
+    // from npm at the versions web/package-lock.json pins, loaded by the
+    // session page only; their licences beside them
+    (
+        "vendor/xterm.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../../web/vendor/xterm.js"),
+    ),
+    (
+        "vendor/xterm.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../../../web/vendor/xterm.css"),
+    ),
+    (
+        "vendor/addon-fit.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../../../web/vendor/addon-fit.js"),
+    ),
+    (
+        "vendor/LICENSE.xterm",
+        "text/plain; charset=utf-8",
+        include_bytes!("../../../web/vendor/LICENSE.xterm"),
+    ),
+    (
+        "vendor/LICENSE.addon-fit",
+        "text/plain; charset=utf-8",
+        include_bytes!("../../../web/vendor/LICENSE.addon-fit"),
+    ),
 ];
 
 fn file(name: &str) -> Response {

@@ -190,6 +190,42 @@ try {
   await page.getByRole("button", { name: "Fork second" }).click();
   await page.getByRole("heading", { name: "Workspace ui-fork" }).waitFor();
 
+  step("a session: a terminal in the browser, typed into, resized, detached and attached again, ended");
+  await page.getByRole("link", { name: "Sessions", exact: true }).click();
+  await page.getByLabel("Repository (optional)").fill(repo);
+  await page.getByRole("button", { name: "Open session" }).click();
+  await page.locator("#term-state").filter({ hasText: "attached, writing" }).waitFor();
+  const rows = page.locator("#terminal .xterm-rows");
+  await page.locator("#terminal").click();
+  await page.keyboard.type("echo via-$((6*7)); printf '\\033[31mred-text\\033[0m\\n'\n");
+  await rows.filter({ hasText: "via-42" }).waitFor();
+  await rows.filter({ hasText: "red-text" }).waitFor();
+  const red = await page.evaluate(() => {
+    const s = [...document.querySelectorAll("#terminal .xterm-rows span")].find((e) => e.textContent.includes("red-text"));
+    return s ? getComputedStyle(s).color : "";
+  });
+  check(/^rgb\((\d+), (\d+), (\d+)\)$/.test(red) && Number(red.match(/\d+/)[0]) > 150, `the terminal's red is ${red}`);
+  await shot("session");
+  // the terminal follows the window, and the program inside sees it
+  await page.setViewportSize({ width: 700, height: 500 });
+  await page.waitForTimeout(300);
+  const size = await page.evaluate(() => {
+    const r = document.querySelector("#terminal .xterm-rows");
+    return r ? r.children.length : 0;
+  });
+  await page.keyboard.type("stty size\n");
+  await page
+    .waitForFunction((n) => new RegExp(`(^|\\n)${n} \\d+`).test(document.querySelector("#terminal .xterm-rows").innerText), size, { timeout: 10000 })
+    .catch(async () => check(false, `stty size after the resize (${size} rows): ${await rows.innerText()}`));
+  await page.setViewportSize({ width: 1280, height: 800 });
+  await page.getByRole("button", { name: "Detach" }).click();
+  await page.locator("#term-state").filter({ hasText: "detached" }).waitFor();
+  await page.getByRole("button", { name: "Attach" }).click();
+  await page.locator("#term-state").filter({ hasText: "attached, writing" }).waitFor();
+  await rows.filter({ hasText: "via-42" }).waitFor();
+  await page.getByRole("button", { name: "End session" }).click();
+  await page.locator("#term-state").filter({ hasText: "ended" }).waitFor();
+
   step("overview: running, queued, sessions, failures, and charts from the server's metrics");
   await page.getByRole("link", { name: "Overview", exact: true }).click();
   await page.getByRole("heading", { name: "Recent failures" }).waitFor();

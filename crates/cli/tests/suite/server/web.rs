@@ -66,3 +66,58 @@ fn the_web_ui_runs_a_job_in_a_real_browser() {
     );
     assert_eq!(s.req("GET", "/ui/nothing.js", None, None).0, 404);
 }
+
+/// The browser libraries in web/vendor are the npm packages
+/// web/package-lock.json pins, byte for byte: `npm ci` of the lockfile
+/// into a scratch directory gives the same files.
+#[test]
+fn vendored_browser_libraries_are_what_the_lockfile_pins() {
+    if !sh(Path::new("/"), "command -v npm").status.success() {
+        skip(
+            "the vendored browser libraries against web/package-lock.json",
+            "apt-get install npm (scripts/install-test-tools.sh does)",
+        );
+        return;
+    }
+    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web");
+    let t = tempdir();
+    for f in ["package.json", "package-lock.json"] {
+        std::fs::copy(web.join(f), t.path().join(f)).unwrap();
+    }
+    let o = sh(
+        t.path(),
+        "npm ci --ignore-scripts --no-audit --no-fund --silent",
+    );
+    assert!(o.status.success(), "npm ci: {o:?}");
+    let m = t.path().join("node_modules/@xterm");
+    for (vendored, from) in [
+        ("xterm.js", "xterm/lib/xterm.js"),
+        ("xterm.css", "xterm/css/xterm.css"),
+        ("addon-fit.js", "addon-fit/lib/addon-fit.js"),
+        ("LICENSE.xterm", "xterm/LICENSE"),
+        ("LICENSE.addon-fit", "addon-fit/LICENSE"),
+    ] {
+        let a = std::fs::read(web.join("vendor").join(vendored)).unwrap();
+        let b = std::fs::read(m.join(from)).unwrap();
+        assert!(
+            a == b,
+            "web/vendor/{vendored} is not {from} of the lockfile's package"
+        );
+    }
+    // and nothing else is vendored
+    let mut names: Vec<String> = std::fs::read_dir(web.join("vendor"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "LICENSE.addon-fit",
+            "LICENSE.xterm",
+            "addon-fit.js",
+            "xterm.css",
+            "xterm.js"
+        ]
+    );
+}
