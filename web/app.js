@@ -385,6 +385,15 @@ async function jobPage(id) {
   const result = el("p", { id: "apply-result", role: "status" });
   const cancel = el("button", { type: "button", id: "cancel" }, "Cancel");
   const apply = el("button", { type: "button", id: "apply", hidden: true }, "Apply to a new branch");
+  const playRec = el("button", { type: "button", id: "play-recording" }, "Play recording");
+  playRec.addEventListener("click", async () => {
+    playRec.disabled = true;
+    try {
+      main.append(await recordingPlayer(`/v1/jobs/${encodeURIComponent(id)}/recording`));
+    } catch (e) {
+      showError(e);
+    }
+  });
   cancel.addEventListener("click", async () => {
     try {
       await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
@@ -418,7 +427,7 @@ async function jobPage(id) {
   main.replaceChildren(
     el("h1", {}, `Job ${j.id}`),
     info,
-    el("div", { class: "toolbar" }, cancel, apply),
+    el("div", { class: "toolbar" }, cancel, apply, playRec),
     result,
     el("h2", {}, "Output"),
     log.box,
@@ -564,6 +573,89 @@ async function xterm() {
   await Promise.all([load("/ui/vendor/xterm.css"), load("/ui/vendor/xterm.js")]);
   await load("/ui/vendor/addon-fit.js");
   return { Terminal: window.Terminal, FitAddon: window.FitAddon.FitAddon };
+}
+
+/** A player for an asciicast v2 recording (a job's or a session's),
+ * drawn by xterm.js: play, pause, and a slider to seek. (Not
+ * asciinema-player: its terminal is WebAssembly, which this CSP does not
+ * let compile.) */
+async function recordingPlayer(path) {
+  const box = el("section", { id: "player", "aria-label": "Recording" });
+  const status = el("span", { id: "player-time" }, "loading");
+  box.append(el("h2", {}, "Recording"), status);
+  const r = await api(path, { raw: true });
+  const lines = (await r.text()).split("\n").filter(Boolean);
+  let header = {};
+  try {
+    header = JSON.parse(lines[0]);
+  } catch {
+    status.textContent = "not an asciicast recording";
+    return box;
+  }
+  // output events only: [seconds, "o", text]
+  const events = [];
+  for (const l of lines.slice(1)) {
+    try {
+      const e = JSON.parse(l);
+      if (Array.isArray(e) && e[1] === "o" && typeof e[2] === "string") events.push([Number(e[0]) || 0, e[2]]);
+    } catch {
+      // a line that is not an event: skipped
+    }
+  }
+  const duration = events.length ? events[events.length - 1][0] : 0;
+  const { Terminal } = await xterm();
+  const screen = el("div", { class: "terminal player-screen" });
+  const play = el("button", { type: "button", id: "player-play" }, "Play");
+  const slider = el("input", { type: "range", id: "player-seek", min: "0", max: String(duration), step: "any", value: "0", "aria-label": "Position" });
+  box.append(el("div", { class: "toolbar" }, play, slider), screen);
+  const term = new Terminal({ cols: header.width || 80, rows: header.height || 24, disableStdin: true, convertEol: false });
+  term.open(screen);
+  let next = 0; // the first event not yet written
+  let pos = 0; // seconds
+  let timer = null;
+  const show = () => {
+    status.textContent = `${pos.toFixed(1)} / ${duration.toFixed(1)} s`;
+    slider.value = String(pos);
+  };
+  const writeUpTo = (t) => {
+    let out = "";
+    while (next < events.length && events[next][0] <= t) out += events[next++][1];
+    if (out) term.write(out);
+  };
+  const seek = (t) => {
+    term.reset();
+    next = 0;
+    pos = Math.max(0, Math.min(duration, t));
+    writeUpTo(pos);
+    show();
+  };
+  const stop = () => {
+    if (timer) clearInterval(timer);
+    timer = null;
+    play.textContent = "Play";
+  };
+  play.addEventListener("click", () => {
+    if (timer) return stop();
+    if (pos >= duration) seek(0);
+    const start = performance.now() - pos * 1000;
+    play.textContent = "Pause";
+    timer = setInterval(() => {
+      pos = Math.min(duration, (performance.now() - start) / 1000);
+      writeUpTo(pos);
+      show();
+      if (pos >= duration) stop();
+    }, 50);
+  });
+  slider.addEventListener("input", () => {
+    stop();
+    seek(Number(slider.value));
+  });
+  leave.push(() => {
+    stop();
+    term.dispose();
+  });
+  show();
+  return box;
 }
 
 async function sessionsPage() {

@@ -82,6 +82,20 @@ try {
   check((await page.evaluate(() => window.__pwned)) === undefined, "injected script ran");
   await shot("job");
 
+  step("play the job's recording, and seek in it");
+  await page.getByRole("button", { name: "Play recording" }).click();
+  await page.getByRole("button", { name: "Play", exact: true }).click();
+  const playerRows = page.locator("#player .xterm-rows");
+  await playerRows.filter({ hasText: "done-marker" }).waitFor();
+  check((await playerRows.innerText()).includes(evil), "the recording does not show the output literally");
+  await page.getByLabel("Position").fill("0");
+  await page
+    .waitForFunction(() => !document.querySelector("#player .xterm-rows").innerText.includes("done-marker"), null, { timeout: 5000 })
+    .catch(() => check(false, "seeking to the start kept the end"));
+  const max = await page.getByLabel("Position").getAttribute("max");
+  await page.getByLabel("Position").fill(max);
+  await playerRows.filter({ hasText: "done-marker" }).waitFor();
+
   step("apply: the patch lands on a new branch");
   await page.getByRole("button", { name: "Apply to a new branch" }).click();
   await page.locator("#apply-result").filter({ hasText: "agentvm/" }).waitFor();
