@@ -239,6 +239,59 @@ function newJobPage() {
   main.replaceChildren(form);
 }
 
+/** The patch side by side: for each hunk, old lines on the left and new
+ * on the right, a removed run beside the added run that replaces it. */
+function renderSideBySide(text) {
+  const table = el("table", { class: "diff side", "aria-label": "Patch, side by side" });
+  const row = (l, r, lc, rc) => el("tr", {}, el("td", { class: lc }, l ?? ""), el("td", { class: rc }, r ?? ""));
+  let dels = [];
+  let adds = [];
+  const flush = () => {
+    for (let i = 0; i < Math.max(dels.length, adds.length); i++) {
+      table.append(row(dels[i], adds[i], dels[i] === undefined ? "" : "del", adds[i] === undefined ? "" : "add"));
+    }
+    dels = [];
+    adds = [];
+  };
+  for (const line of text.split("\n")) {
+    if (line.startsWith("diff --git")) {
+      flush();
+      table.append(el("tr", {}, el("th", { colspan: "2", class: "file" }, line.replace(/^diff --git a\/(.*) b\/.*$/, "$1"))));
+    } else if (line.startsWith("+++ ") || line.startsWith("--- ") || line.startsWith("index ") || line.startsWith("new file") || line.startsWith("deleted file")) {
+      // the file's header: shown as its name above
+    } else if (line.startsWith("@@")) {
+      flush();
+      table.append(el("tr", {}, el("td", { colspan: "2", class: "hunk" }, line)));
+    } else if (line.startsWith("-")) {
+      dels.push(line.slice(1));
+    } else if (line.startsWith("+")) {
+      adds.push(line.slice(1));
+    } else {
+      flush();
+      if (line !== "") table.append(row(line.slice(1), line.slice(1), "", ""));
+    }
+  }
+  flush();
+  return table;
+}
+
+/** Unified or side by side, with a switch between them. */
+function patchView(text) {
+  const box = el("div", {});
+  const unified = el("button", { type: "button", "aria-pressed": "true" }, "Unified");
+  const side = el("button", { type: "button", "aria-pressed": "false" }, "Side by side");
+  const body = el("div", {}, renderPatch(text));
+  const pick = (s) => {
+    unified.setAttribute("aria-pressed", String(!s));
+    side.setAttribute("aria-pressed", String(s));
+    body.replaceChildren(s ? renderSideBySide(text) : renderPatch(text));
+  };
+  unified.addEventListener("click", () => pick(false));
+  side.addEventListener("click", () => pick(true));
+  box.append(el("div", { class: "toolbar" }, unified, side), body);
+  return box;
+}
+
 /** The patch as a unified diff: a line per span, classed, as text. */
 function renderPatch(text) {
   const pre = el("pre", { class: "diff", "aria-label": "Patch" });
@@ -418,7 +471,7 @@ async function jobPage(id) {
     try {
       const r = await api(`/v1/jobs/${encodeURIComponent(id)}/patch`, { raw: true });
       const text = await r.text();
-      patchBox.replaceChildren(el("h2", {}, "Patch"), text ? renderPatch(text) : el("p", { class: "muted" }, "No changes."));
+      patchBox.replaceChildren(el("h2", {}, "Patch"), text ? patchView(text) : el("p", { class: "muted" }, "No changes."));
       apply.hidden = !text;
     } catch (e) {
       patchBox.replaceChildren(el("p", { class: "error" }, e.message));
@@ -709,7 +762,16 @@ async function sessionPage(id) {
   const attach = el("button", { type: "button", id: "attach", hidden: true }, "Attach");
   const take = el("button", { type: "button", id: "take-over", hidden: true }, "Take over writing");
   const end = el("button", { type: "button", id: "end" }, "End session");
-  main.replaceChildren(el("h1", {}, `Session ${s.name || s.id}`), el("div", { class: "toolbar" }, detach, attach, take, end), state, box);
+  const playRec = el("button", { type: "button", id: "play-recording" }, "Play recording");
+  playRec.addEventListener("click", async () => {
+    playRec.disabled = true;
+    try {
+      main.append(await recordingPlayer(`/v1/sessions/${encodeURIComponent(id)}/recording`));
+    } catch (e) {
+      showError(e);
+    }
+  });
+  main.replaceChildren(el("h1", {}, `Session ${s.name || s.id}`), el("div", { class: "toolbar" }, detach, attach, take, end, playRec), state, box);
   const { Terminal, FitAddon } = await xterm();
   const term = new Terminal({ convertEol: false, cursorBlink: true, fontSize: 14 });
   const fit = new FitAddon();

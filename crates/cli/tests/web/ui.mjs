@@ -78,6 +78,11 @@ try {
   check((await page.locator("#log img, #log script").count()) === 0, "output became elements");
   await page.locator("#patch .diff").filter({ hasText: "<b>bold<img src=y onerror=window.__pwned=3>.txt" }).waitFor();
   check((await page.locator("#patch b, #patch img").count()) === 0, "a file name became markup");
+  await page.getByRole("button", { name: "Side by side" }).click();
+  await page.locator("#patch table.side td.add").filter({ hasText: "hi" }).waitFor();
+  await page.locator("#patch table.side th.file").filter({ hasText: "<b>bold<img src=y onerror=window.__pwned=3>.txt" }).waitFor();
+  check((await page.locator("#patch b, #patch img").count()) === 0, "a file name became markup side by side");
+  await page.getByRole("button", { name: "Unified" }).click();
   check((await page.locator('dd[data-field="prompt"]').textContent()) === prompt, "the prompt did not show literally");
   check((await page.evaluate(() => window.__pwned)) === undefined, "injected script ran");
   await shot("job");
@@ -237,6 +242,9 @@ try {
   await page.getByRole("button", { name: "Attach" }).click();
   await page.locator("#term-state").filter({ hasText: "attached, writing" }).waitFor();
   await rows.filter({ hasText: "via-42" }).waitFor();
+  await page.getByRole("button", { name: "Play recording" }).click();
+  await page.getByLabel("Position").fill(await page.getByLabel("Position").getAttribute("max"));
+  await page.locator("#player .xterm-rows").filter({ hasText: "via-42" }).waitFor();
   await page.getByRole("button", { name: "End session" }).click();
   await page.locator("#term-state").filter({ hasText: "ended" }).waitFor();
 
