@@ -438,15 +438,7 @@ async function jobPage(id) {
   const result = el("p", { id: "apply-result", role: "status" });
   const cancel = el("button", { type: "button", id: "cancel" }, "Cancel");
   const apply = el("button", { type: "button", id: "apply", hidden: true }, "Apply to a new branch");
-  const playRec = el("button", { type: "button", id: "play-recording" }, "Play recording");
-  playRec.addEventListener("click", async () => {
-    playRec.disabled = true;
-    try {
-      main.append(await recordingPlayer(`/v1/jobs/${encodeURIComponent(id)}/recording`));
-    } catch (e) {
-      showError(e);
-    }
-  });
+  const playRec = recordingButton(`/v1/jobs/${encodeURIComponent(id)}/recording`);
   cancel.addEventListener("click", async () => {
     try {
       await api(`/v1/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST" });
@@ -711,6 +703,20 @@ async function recordingPlayer(path) {
   return box;
 }
 
+/** A button that opens the player of the recording at `path` below the page. */
+function recordingButton(path) {
+  const b = el("button", { type: "button", id: "play-recording" }, "Play recording");
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try {
+      main.append(await recordingPlayer(path));
+    } catch (e) {
+      showError(e);
+    }
+  });
+  return b;
+}
+
 async function sessionsPage() {
   const v = await api("/v1/sessions");
   const rows = (v.sessions || []).map((s) =>
@@ -762,15 +768,7 @@ async function sessionPage(id) {
   const attach = el("button", { type: "button", id: "attach", hidden: true }, "Attach");
   const take = el("button", { type: "button", id: "take-over", hidden: true }, "Take over writing");
   const end = el("button", { type: "button", id: "end" }, "End session");
-  const playRec = el("button", { type: "button", id: "play-recording" }, "Play recording");
-  playRec.addEventListener("click", async () => {
-    playRec.disabled = true;
-    try {
-      main.append(await recordingPlayer(`/v1/sessions/${encodeURIComponent(id)}/recording`));
-    } catch (e) {
-      showError(e);
-    }
-  });
+  const playRec = recordingButton(`/v1/sessions/${encodeURIComponent(id)}/recording`);
   main.replaceChildren(el("h1", {}, `Session ${s.name || s.id}`), el("div", { class: "toolbar" }, detach, attach, take, end, playRec), state, box);
   const { Terminal, FitAddon } = await xterm();
   const term = new Terminal({ convertEol: false, cursorBlink: true, fontSize: 14 });
