@@ -72,6 +72,12 @@ async function api(path, { method = "GET", body, raw = false, signal, signIn = f
   return v;
 }
 
+/** An API error as one line: the server's field messages, or its detail. */
+function errorText(e) {
+  const d = e.body?.detail;
+  return Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+}
+
 function signOut(message) {
   sessionStorage.removeItem(KEY);
   location.hash = "#/signin";
@@ -738,8 +744,7 @@ async function sessionsPage() {
           const s = await api("/v1/sessions", { method: "POST", body });
           location.hash = `#/sessions/${encodeURIComponent(s.id)}`;
         } catch (e) {
-          const d = e.body?.detail;
-          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+          err.textContent = errorText(e);
         }
       },
     },
@@ -873,8 +878,7 @@ function oneFieldForm(id, label, button, send, then) {
           await then(await send(input.value.trim()));
           input.value = "";
         } catch (e) {
-          const d = e.body?.detail;
-          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+          err.textContent = errorText(e);
         }
       },
     },
@@ -903,8 +907,7 @@ async function workspacesPage() {
           const w = await api("/v1/workspaces", { method: "POST", body: { name: name.value.trim(), repo_path: repo.value.trim() } });
           location.hash = `#/workspaces/${encodeURIComponent(w.id)}`;
         } catch (e) {
-          const d = e.body?.detail;
-          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+          err.textContent = errorText(e);
         }
       },
     },
@@ -1086,8 +1089,7 @@ async function keysPage() {
           name.value = "";
           await load();
         } catch (e) {
-          const d = e.body?.detail;
-          err.textContent = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : e.message;
+          err.textContent = errorText(e);
         }
       },
     },
