@@ -459,13 +459,22 @@ mod tests {
         let term = Terminal::new(primary, screen.clone(), Redactor::new([]), Some(rec)).unwrap();
         let (mut me, _) = screen.attach("me", true).unwrap();
         let pump = tokio::spawn(term.clone().pump());
-        let line = "0123456789".repeat(10);
-        for _ in 0..200 {
-            write_all(&secondary, format!("{line}\r\n").as_bytes());
-            tokio::task::yield_now().await;
+        // the program writes from a thread of its own: a write that fills
+        // the terminal's buffer blocks it until the pump drains, and the
+        // pump runs on this test's one runtime thread, which must stay free
+        let writer = tokio::task::spawn_blocking(move || {
+            let line = "0123456789".repeat(10);
+            for _ in 0..200 {
+                write_all(&secondary, format!("{line}\r\n").as_bytes());
+            }
+            drop(secondary);
+        });
+        while !writer.is_finished() {
             while me.frames.try_recv().is_ok() {}
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        drop(secondary);
+        writer.await.unwrap();
+        while me.frames.try_recv().is_ok() {}
         tokio::time::timeout(Duration::from_secs(10), pump)
             .await
             .unwrap()
